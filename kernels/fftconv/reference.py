@@ -1,0 +1,72 @@
+"""Long convolutions in plain PyTorch: the references the fused kernels are checked against.
+
+Conventions (B batch, H channels, N sequence length):
+
+    u, v, x1, x2: (B, H, N)
+    k:     (H, N)  causal taps: y[t] += k[d] * u[t - d] for offsets d = 0..N-1
+    k_rev: (H, N)  anti-causal taps: y[t] += k_rev[d] * u[t + d]; None for causal convolution
+    D:     (H,)    per-channel skip: y[t] += D * u[t]
+
+Both directions are linear (not circular) convolutions: the FFT has size 2N, so nothing wraps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fft_long_conv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None = None,
+                  D: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear long convolution of u with k (and k_rev) through a size-2N real FFT.
+
+    Args:
+        u: (B, H, N).  k: (H, N).  k_rev: (H, N) or None.  D: (H,) or None.
+
+    Returns:
+        (B, H, N) in u's dtype.
+
+    Example:
+        >>> u, k = torch.randn(2, 3, 5), torch.randn(3, 5)
+        >>> fft_long_conv(u, k).shape
+        torch.Size([2, 3, 5])
+    """
+    n = u.shape[-1]
+    n_fft = 2 * n
+    work = torch.promote_types(u.dtype, torch.float32)
+    k_f = torch.fft.rfft(k.to(work), n=n_fft)                       # (H, N + 1)
+    if k_rev is not None:
+        # Reversing time modulo 2N conjugates the spectrum: the anti-causal half of a 2N-periodic filter.
+        k_f = k_f + torch.fft.rfft(k_rev.to(work), n=n_fft).conj()
+        k_f = k_f - k_rev[..., :1].to(work)                          # offset 0 is counted once, by k
+    u_f = torch.fft.rfft(u.to(work), n=n_fft)                       # (B, H, N + 1)
+    y = torch.fft.irfft(u_f * k_f, n=n_fft)[..., :n]                # (B, H, N)
+    if D is not None:
+        y = y + u.to(work) * D.to(work)[:, None]
+    return y.to(u.dtype)
+
+
+def gated_long_conv(v: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, k: torch.Tensor,
+                    k_rev: torch.Tensor | None = None, D: torch.Tensor | None = None) -> torch.Tensor:
+    """The M2 gated long convolution y = x2 * (conv(v * x1, k, k_rev) + D * (v * x1)).
+
+    Args:
+        v, x1, x2: (B, H, N).  k, k_rev: (H, N).  D: (H,) or None.
+
+    Returns:
+        (B, H, N).
+    """
+    return x2 * fft_long_conv(v * x1, k, k_rev, D)
+
+
+def direct_long_conv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None = None,
+                     D: torch.Tensor | None = None) -> torch.Tensor:
+    """The same convolution as :func:`fft_long_conv` as an O(N^2) sum over offsets (tests only)."""
+    n = u.shape[-1]
+    y = torch.zeros_like(u)
+    for d in range(n):
+        y[..., d:] += k[None, :, d, None] * u[..., : n - d]
+        if k_rev is not None and d > 0:
+            y[..., : n - d] += k_rev[None, :, d, None] * u[..., d:]
+    if D is not None:
+        y = y + u * D[:, None]
+    return y

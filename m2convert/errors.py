@@ -1,0 +1,69 @@
+"""The exceptions m2convert raises. Every one is an :class:`M2Error`.
+
+Messages name the module path, file or value at fault and say what to do about it. Subclasses also
+derive from the matching builtin (``ValueError``, ``RuntimeError``...) so generic handlers still work.
+"""
+
+from __future__ import annotations
+
+
+class M2Error(Exception):
+    """Base class of every error m2convert raises."""
+
+
+class ConfigError(M2Error, ValueError):
+    """A configuration value or argument is out of its valid range."""
+
+
+class ShapeError(M2Error, ValueError):
+    """A tensor or dimension has a shape the operation cannot work with."""
+
+
+class UnsupportedModelError(M2Error, TypeError):
+    """The object handed over is not a model m2convert can work with."""
+
+
+class CaptureError(M2Error, RuntimeError):
+    """torch.export could not capture the model."""
+
+
+class ConversionError(M2Error, RuntimeError):
+    """A site could not be converted (raised for skips under ``strict=True`` and failed applies)."""
+
+
+class CheckpointError(M2Error, ValueError):
+    """A checkpoint or saved directory is corrupt, foreign or does not match the model."""
+
+
+class DataError(M2Error, ValueError):
+    """A data file or batch is malformed."""
+
+
+class TrainingError(M2Error, RuntimeError):
+    """Recovery training cannot go on (non-finite loss, bad stage setup)."""
+
+
+class KernelError(M2Error, RuntimeError):
+    """A fused kernel cannot run on the given inputs or device."""
+
+
+class ModelLoadError(M2Error, OSError):
+    """A model id or directory could not be loaded."""
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """Validate an integer argument and return it; raise :class:`ConfigError` naming the range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else str(low)
+        hi = "inf" if high is None else str(high)
+        raise ConfigError(f"{name}={value} is out of range; valid range is [{lo}, {hi}]")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    """Validate that ``value`` is one of ``choices``; raise :class:`ConfigError` listing them."""
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {sorted(choices)}")
+    return value

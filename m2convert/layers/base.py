@@ -1,0 +1,21 @@
+"""The marker base class of every module m2convert puts in place of an original one."""
+
+from __future__ import annotations
+
+import sympy
+from torch import nn
+
+
+class M2Block(nn.Module):
+    """Base of the M2 replacement modules (MonarchLinear, M2SequenceMixer, attention adapters).
+
+    Recovery finds the modules to train by this class; the plan reads their cost from :meth:`flops`.
+    """
+
+    def flops(self, seq_len=None, batch=None) -> sympy.Expr:
+        """Forward FLOPs as a sympy expression in the symbols ``N`` (tokens per sequence) and ``B``."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its FLOPs")
+
+    def num_parameters(self) -> int:
+        """Number of trainable and frozen parameters of this module."""
+        return sum(p.numel() for p in self.parameters())

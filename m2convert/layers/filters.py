@@ -1,0 +1,84 @@
+"""Implicit long-convolution filters: positional features -> small sin MLP -> exponential decay.
+
+The tap for offset k is a function of k alone (features use k / scale with a fixed ``scale``, never
+k / N), so filters exist for any length N and a prefix's taps never change when N grows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import ShapeError, check_int
+
+
+class Sin(nn.Module):
+    """sin(w * x) with a learned frequency per feature."""
+
+    def __init__(self, dim: int, freq: float = 1.0):
+        super().__init__()
+        self.freq = nn.Parameter(torch.full((dim,), float(freq)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.freq * x)
+
+
+class ImplicitFilter(nn.Module):
+    """Generates ``heads`` filters of (channels, N) taps for any N.
+
+    Args:
+        channels: filters per head (the model width H).
+        heads: independent filters sharing the MLP trunk (2 for forward + reverse).
+        order: width of the filter MLP (default 128).
+        emb_dim: positional features: t = k / scale plus (emb_dim - 1) / 2 sin/cos bands; odd, >= 3.
+        scale: offsets are measured in units of ``scale`` tokens (fixes frequencies and decay rates).
+        fast_decay, slow_decay: the fastest / slowest channel decays to 1% after this many ``scale``s.
+
+    Shapes: forward(n) -> (heads, channels, n).
+
+    Example:
+        >>> ImplicitFilter(8, heads=2)(5).shape
+        torch.Size([2, 8, 5])
+    """
+
+    def __init__(self, channels: int, heads: int = 1, order: int = 128, emb_dim: int = 5,
+                 scale: float = 512.0, fast_decay: float = 0.3, slow_decay: float = 1.5,
+                 sin_freq: float = 1.0, out_std: float = 0.02):
+        super().__init__()
+        check_int("channels", channels, low=1)
+        check_int("heads", heads, low=1)
+        check_int("filter_order", order, low=1)
+        check_int("filter_emb_dim", emb_dim, low=3)
+        if emb_dim % 2 == 0:
+            raise ShapeError(f"filter_emb_dim={emb_dim} must be odd (t plus sin/cos pairs); use {emb_dim + 1}")
+        self.channels, self.heads, self.scale = channels, heads, float(scale)
+        bands = (emb_dim - 1) // 2
+        self.register_buffer("bands", torch.linspace(1e-4, bands - 1, bands) if bands > 1 else torch.ones(1),
+                             persistent=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(emb_dim, order), Sin(order, sin_freq),
+            nn.Linear(order, order), Sin(order, sin_freq),
+            nn.Linear(order, heads * channels, bias=False),
+        )
+        nn.init.normal_(self.mlp[-1].weight, std=out_std)
+        # Per-channel decay rates spread between fast and slow (Hyena's exponential modulation).
+        rates = torch.linspace(math.log(100) / fast_decay, math.log(100) / slow_decay, channels)
+        self.register_buffer("decay_rates", rates, persistent=False)
+
+    def features(self, n: int, device=None, dtype=None) -> torch.Tensor:
+        """(n, emb_dim) positional features of offsets 0..n-1."""
+        t = torch.arange(n, device=device, dtype=torch.float32) / self.scale           # (n,)
+        w = 2 * math.pi * t[:, None] * self.bands.to(device)[None, :]                    # (n, bands)
+        return torch.cat([t[:, None], torch.cos(w), torch.sin(w)], dim=-1).to(dtype or torch.float32)
+
+    def forward(self, n: int) -> torch.Tensor:
+        if n < 1:
+            raise ShapeError(f"filter length must be >= 1, got N={n}")
+        weight = self.mlp[0].weight
+        z = self.features(n, weight.device, weight.dtype)                               # (n, emb)
+        h = self.mlp(z).reshape(n, self.heads, self.channels).permute(1, 2, 0)          # (heads, H, n)
+        t = torch.arange(n, device=weight.device, dtype=weight.dtype) / self.scale
+        decay = torch.exp(-self.decay_rates.to(weight.dtype)[:, None] * t[None, :])     # (H, n)
+        return h * decay

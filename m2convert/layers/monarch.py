@@ -1,0 +1,148 @@
+"""MonarchLinear: a drop-in nn.Linear whose weight is an order-2 Monarch matrix.
+
+    M = P2 L P1 R,  R = blockdiag(w1) (nb blocks), P1 = stride permutation, L = blockdiag(w2), P2 = I
+
+computed as two batched GEMMs (see ``m2convert.kernels.monarch.reference``). Sizes that do not divide
+into ``nblocks`` are zero-padded on the input side and truncated on the output side.
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ShapeError, check_int
+from ..kernels.monarch.reference import monarch_matmul, monarch_to_dense
+from .base import M2Block
+from .cost import B, N, substitute
+
+
+def monarch_shape(in_features: int, out_features: int, nblocks: int, rank: int) -> tuple[int, int, int]:
+    """Block sizes (P, S, rho) of a Monarch (in -> out) matrix with ``nblocks`` blocks.
+
+    P = ceil(in / nb) and S = ceil(out / nb) are the input and output block sizes; every one of the
+    nb x nb blocks of the dense matrix it represents has rank rho = rank * ceil(min(P, S) / nb),
+    capped at min(P, S), where the class holds every dense matrix (more would add parameters, not
+    expressiveness). rank=1 gives the usual square Monarch (half the dense parameters at nb = 4).
+    """
+    check_int("in_features", in_features, low=1)
+    check_int("out_features", out_features, low=1)
+    check_int("rank", rank, low=1)
+    check_int("nblocks", nblocks, low=1, high=min(in_features, out_features))
+    p = math.ceil(in_features / nblocks)
+    s = math.ceil(out_features / nblocks)
+    full = min(p, s)
+    rho = min(rank * math.ceil(full / nblocks), full)
+    return p, s, rho
+
+
+class MonarchLinear(M2Block):
+    """y = M x + b with M an order-2 Monarch matrix.
+
+    Args:
+        in_features, out_features: as nn.Linear; any sizes (padded/truncated to whole blocks).
+        nblocks: blocks of each block-diagonal factor, 1 <= nblocks <= min(in, out). More blocks,
+            fewer parameters: about (rank * min(in, out) / nblocks) * (in + out) weights.
+        bias: learn an additive bias (out_features,).
+        rank: widens the middle dimension; each dense block gets rank * ceil(min(P, S)/nb) factors.
+
+    Shapes: forward(x: (..., in_features)) -> (..., out_features).
+
+    Example:
+        >>> layer = MonarchLinear.from_dense(nn.Linear(384, 1536), nblocks=4)
+        >>> layer(torch.randn(2, 7, 384)).shape
+        torch.Size([2, 7, 1536])
+    """
+
+    def __init__(self, in_features: int, out_features: int, nblocks: int = 4, bias: bool = True,
+                 rank: int = 1, device=None, dtype=None):
+        super().__init__()
+        p, s, rho = monarch_shape(in_features, out_features, nblocks, rank)
+        self.in_features, self.out_features = in_features, out_features
+        self.nblocks, self.rank = nblocks, rank
+        factory = {"device": device, "dtype": dtype}
+        self.w1 = nn.Parameter(torch.empty(nblocks, nblocks * rho, p, **factory))   # (nb_k, nb_l*rho, P)
+        self.w2 = nn.Parameter(torch.empty(nblocks, s, nblocks * rho, **factory))   # (nb_l, S, nb_k*rho)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def block_sizes(self) -> tuple[int, int, int]:
+        """(P, S, rho): input block, output block and per-block rank."""
+        return self.w1.shape[2], self.w2.shape[1], self.w1.shape[1] // self.nblocks
+
+    def reset_parameters(self) -> None:
+        # Each factor scaled like nn.Linear's default for its own fan-in.
+        p, _, rho = self.block_sizes
+        nn.init.uniform_(self.w1, -1 / math.sqrt(p), 1 / math.sqrt(p))
+        nn.init.uniform_(self.w2, -1 / math.sqrt(self.nblocks * rho), 1 / math.sqrt(self.nblocks * rho))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(f"MonarchLinear expects last dim {self.in_features}, got input of shape {tuple(x.shape)}")
+        p, s, _ = self.block_sizes
+        pad = self.nblocks * p - self.in_features
+        if pad:
+            x = nn.functional.pad(x, (0, pad))                        # (..., nb * P)
+        y = monarch_matmul(x, self.w1, self.w2)                         # (..., nb * S)
+        if self.nblocks * s != self.out_features:
+            y = y[..., : self.out_features]                             # (..., out)
+        return y if self.bias is None else y + self.bias
+
+    def to_dense(self) -> torch.Tensor:
+        """The (out_features, in_features) dense weight this layer applies."""
+        return monarch_to_dense(self.w1, self.w2)[: self.out_features, : self.in_features]
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, nblocks: int = 4, rank: int = 1) -> "MonarchLinear":
+        """Project an nn.Linear onto the Monarch class (optimal in Frobenius norm); copies the bias."""
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"from_dense expects an nn.Linear, got {type(linear).__name__}; "
+                              "use MonarchLinear.from_weight(weight (out, in), bias) for other layouts")
+        return cls.from_weight(linear.weight, linear.bias, nblocks=nblocks, rank=rank)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, nblocks: int = 4,
+                    rank: int = 1) -> "MonarchLinear":
+        """Project a dense (out, in) weight onto the Monarch class.
+
+        Block (l, k) of the Monarch matrix is a rank-rho product, and the blocks share no parameters,
+        so the Frobenius-optimal projection is the best rank-rho approximation of every dense block
+        (Eckart-Young): a batched truncated SVD, computed in float64.
+        """
+        if weight.dim() != 2:
+            raise ShapeError(f"from_weight expects a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, nblocks=nblocks, bias=bias is not None, rank=rank,
+                    device=weight.device, dtype=weight.dtype)
+        p, s, rho = layer.block_sizes
+        nb = nblocks
+        with torch.no_grad():
+            w = torch.zeros(nb * s, nb * p, dtype=torch.float64, device=weight.device)
+            w[:out_f, :in_f] = weight.detach().to(torch.float64)
+            blocks = w.reshape(nb, s, nb, p).permute(0, 2, 1, 3)             # (l, k, S, P)
+            u, sv, vh = torch.linalg.svd(blocks, full_matrices=False)         # (l,k,S,m) (l,k,m) (l,k,m,P)
+            root = sv[..., :rho].sqrt()
+            left = u[..., :rho] * root[..., None, :]                           # (l, k, S, rho)
+            right = root[..., :, None] * vh[..., :rho, :]                      # (l, k, rho, P)
+            layer.w2.copy_(left.permute(0, 2, 1, 3).reshape(nb, s, nb * rho))  # (l, S, k*rho)
+            layer.w1.copy_(right.permute(1, 0, 2, 3).reshape(nb, nb * rho, p)) # (k, l*rho, P)
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    def flops(self, seq_len=None, batch=None) -> sympy.Expr:
+        weights = self.w1.numel() + self.w2.numel()
+        expr = B * N * (2 * weights + (self.out_features if self.bias is not None else 0))
+        return substitute(expr, seq_len, batch)
+
+    def extra_repr(self) -> str:
+        p, s, rho = self.block_sizes
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nblocks={self.nblocks}, "
+                f"rank={self.rank}, blocks=(P={p}, S={s}, rho={rho}), bias={self.bias is not None}")

@@ -1,0 +1,145 @@
+"""M2SequenceMixer: the gated long-convolution mixer that replaces attention.
+
+    x (B, N, H) -> in_proj -> x1, x2, v (each (B, H, N)) -> depthwise short conv (kernel 3)
+      -> y = x2 * (long_conv(v * x1, k) + D * (v * x1))            gated long convolution
+      -> y += long_conv(x, k_res) + D_res * x                       residual long convolution
+      -> out_proj -> (B, N, H)
+
+Modes: "bidirectional" (encoders: forward + reverse filters, FFT of size 2N), "causal" (forward filter,
+zero-padded FFT of size 2N) and "causal-monarch" (the same causal convolution evaluated/interpolated
+with a Monarch-factorised DFT of length 2N; the same parameters as "causal").
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+from torch import nn
+
+from ..errors import ShapeError, check_choice, check_int
+from ..kernels.fftconv.monarch_dft import monarch_long_conv
+from ..kernels.fftconv.reference import fft_long_conv
+from .base import M2Block
+from .cost import B, N, substitute, fft_conv_flops, linear_flops, monarch_conv_flops
+from .filters import ImplicitFilter
+
+MODES = ("bidirectional", "causal", "causal-monarch")
+
+
+class M2SequenceMixer(M2Block):
+    """Sub-quadratic sequence mixer of Monarch Mixer (M2-BERT / M2-GPT style).
+
+    Args:
+        d_model: width H.
+        mode: "bidirectional" | "causal" | "causal-monarch".
+        filter_order: width of the implicit filter MLP (default 128).
+        filter_emb_dim: positional features of the filter (odd, default 5).
+        filter_scale: tokens per unit offset in the filter features (fixes its frequencies/decay).
+        short_kernel: depthwise short convolution width (default 3, causal).
+        residual_conv: add the residual long convolution of the input with its skip D.
+
+    Shapes: forward(x: (B, N, H), mask: (B, N) with 1 = token, 0 = padding, or None) -> (B, N, H).
+    Positions where mask == 0 are zeroed before every convolution, so real positions never see
+    padding and a sequence's outputs do not depend on how it was batched.
+
+    Example:
+        >>> mixer = M2SequenceMixer(96, mode="causal")
+        >>> mixer(torch.randn(2, 63, 96)).shape
+        torch.Size([2, 63, 96])
+    """
+
+    def __init__(self, d_model: int, mode: str = "bidirectional", filter_order: int = 128,
+                 filter_emb_dim: int = 5, filter_scale: float = 512.0, short_kernel: int = 3,
+                 residual_conv: bool = True, device=None, dtype=None):
+        super().__init__()
+        check_int("d_model", d_model, low=1)
+        check_choice("mode", mode, MODES)
+        check_int("short_kernel", short_kernel, low=1)
+        self.d_model, self.mode, self.short_kernel = d_model, mode, short_kernel
+        heads = 2 if mode == "bidirectional" else 1
+        factory = {"device": device, "dtype": dtype}
+        self.in_proj = nn.Linear(d_model, 3 * d_model, **factory)
+        self.short_conv = nn.Conv1d(3 * d_model, 3 * d_model, short_kernel, groups=3 * d_model,
+                                    padding=short_kernel - 1, **factory)
+        self.filter = ImplicitFilter(d_model, heads, filter_order, filter_emb_dim, filter_scale).to(**factory)
+        self.D = nn.Parameter(torch.ones(d_model, **factory))
+        self.residual_filter = None
+        if residual_conv:
+            self.residual_filter = ImplicitFilter(d_model, heads, filter_order, filter_emb_dim,
+                                                  filter_scale).to(**factory)
+            self.D_res = nn.Parameter(torch.zeros(d_model, **factory))
+        self.out_proj = nn.Linear(d_model, d_model, **factory)
+        with torch.no_grad():
+            # Start the short conv as the identity (tap on the current token) so that seeded
+            # projections pass through unchanged.
+            self.short_conv.weight.zero_()
+            self.short_conv.weight[:, 0, -1] = 1.0
+            self.short_conv.bias.zero_()
+
+    def seed_projections(self, q, k, v, o) -> None:
+        """Copy pretrained attention weights: Q, K, V -> in_proj (x1, x2, v), O -> out_proj.
+
+        Each argument is a (weight (H, H), bias (H,) or None) pair in nn.Linear convention.
+        """
+        h = self.d_model
+        with torch.no_grad():
+            for i, (name, (w, b)) in enumerate((("q", q), ("k", k), ("v", v))):
+                if tuple(w.shape) != (h, h):
+                    raise ShapeError(f"seed_projections: {name} weight has shape {tuple(w.shape)}, expected {(h, h)}")
+                self.in_proj.weight[i * h:(i + 1) * h].copy_(w)            # rows x1 | x2 | v
+                self.in_proj.bias[i * h:(i + 1) * h].copy_(b if b is not None else torch.zeros(h))
+            w, b = o
+            if tuple(w.shape) != (h, h):
+                raise ShapeError(f"seed_projections: o weight has shape {tuple(w.shape)}, expected {(h, h)}")
+            self.out_proj.weight.copy_(w)
+            self.out_proj.bias.copy_(b if b is not None else torch.zeros(h))
+
+    def long_conv(self, u: torch.Tensor, filt: ImplicitFilter, D: torch.Tensor) -> torch.Tensor:
+        """Long convolution of u (B, H, N) with the filter's taps and skip D, in this mixer's mode."""
+        taps = filt(u.shape[-1])                                              # (heads, H, N)
+        if self.mode == "bidirectional":
+            return fft_long_conv(u, taps[0], taps[1], D)
+        if self.mode == "causal":
+            return fft_long_conv(u, taps[0], None, D)
+        return monarch_long_conv(u, taps[0], D)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ShapeError(f"M2SequenceMixer expects x of shape (B, N, {self.d_model}), got {tuple(x.shape)}")
+        b, n, h = x.shape
+        if n == 0:
+            raise ShapeError("M2SequenceMixer got an empty sequence (N = 0); inputs need N >= 1")
+        keep = None
+        if mask is not None:
+            if tuple(mask.shape) != (b, n):
+                raise ShapeError(f"mask must have shape (B, N) = {(b, n)}, got {tuple(mask.shape)}")
+            keep = mask.to(x.dtype)[:, None, :]                               # (B, 1, N)
+        z = self.in_proj(x).transpose(1, 2)                                   # (B, 3H, N)
+        if keep is not None:
+            z = z * keep
+        z = self.short_conv(z)[..., :n]                                       # (B, 3H, N) causal
+        x1, x2, v = z.split(h, dim=1)                                         # 3 x (B, H, N)
+        v = v * x1
+        if keep is not None:
+            v = v * keep
+        y = x2 * self.long_conv(v, self.filter, self.D)                       # (B, H, N)
+        if self.residual_filter is not None:
+            u = x.transpose(1, 2)                                             # (B, H, N)
+            if keep is not None:
+                u = u * keep
+            y = y + self.long_conv(u, self.residual_filter, self.D_res)
+        return self.out_proj(y.transpose(1, 2))                               # (B, N, H)
+
+    def flops(self, seq_len=None, batch=None) -> sympy.Expr:
+        h = self.d_model
+        bidir = self.mode == "bidirectional"
+        conv = monarch_conv_flops(h) if self.mode == "causal-monarch" else fft_conv_flops(h, bidir)
+        convs = 2 if self.residual_filter is not None else 1
+        expr = (linear_flops(h, 3 * h) + linear_flops(h, h)
+                + B * N * 3 * h * 2 * self.short_kernel                       # depthwise short conv
+                + B * N * h * 4                                               # gates and skips
+                + convs * conv)
+        return substitute(expr, seq_len, batch)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, mode={self.mode!r}, residual_conv={self.residual_filter is not None}"
