@@ -1,0 +1,158 @@
+"""Command line: ``m2convert COMMAND ...`` (also ``python -m m2convert``).
+
+Each subcommand is a function ``add_<name>_command(subparsers)`` that registers its parser and sets
+``func``; :data:`COMMANDS` lists them in help order. Errors print one line ``m2convert: error: ...``
+and exit non-zero (1 for M2Errors, 2 for bad arguments); ``M2_DEBUG=1`` shows the traceback.
+
+Example:
+    $ m2convert plan all-MiniLM-L6-v2 --seq-len 2048 --html plan.html
+    $ m2convert convert ./my-bert --out ./my-bert-m2 --nblocks 8
+    $ m2convert export ./my-bert-m2 --out my-bert-m2.pt2 --aoti
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import CAUSAL_MODES, ConvertConfig
+from .errors import M2Error
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"m2convert: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    d = ConvertConfig()
+    g = p.add_argument_group("conversion settings (ConvertConfig)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, metavar="N",
+                   help=f"sequence length at which FLOPs are evaluated (default {d.seq_len})")
+    g.add_argument("--nblocks", type=int, default=d.nblocks,
+                   help=f"Monarch blocks for MLP linears (default {d.nblocks})")
+    g.add_argument("--rank", type=int, default=d.rank, help=f"Monarch projection rank (default {d.rank})")
+    g.add_argument("--causal-mode", default=d.causal_mode, help=f"decoder mixers: {' | '.join(CAUSAL_MODES)}")
+    g.add_argument("--filter-order", type=int, default=d.filter_order, help="implicit filter MLP width")
+    g.add_argument("--filter-emb-dim", type=int, default=d.filter_emb_dim, help="implicit filter features (odd)")
+    g.add_argument("--no-sequence", action="store_true", help="keep attention as it is")
+    g.add_argument("--no-dimension", action="store_true", help="keep dense MLPs as they are")
+    g.add_argument("--skip", action="append", default=[], metavar="REGEX",
+                   help="leave sites whose module path matches REGEX (repeatable)")
+    g.add_argument("--strict", action="store_true", help="fail if any site cannot be converted")
+
+
+def _config(args) -> ConvertConfig:
+    return ConvertConfig(nblocks=args.nblocks, rank=args.rank, causal_mode=args.causal_mode,
+                         filter_order=args.filter_order, filter_emb_dim=args.filter_emb_dim,
+                         sequence=not args.no_sequence, dimension=not args.no_dimension,
+                         overrides={r: None for r in args.skip}, strict=args.strict, seq_len=args.seq_len)
+
+
+def _run_plan(args) -> int:
+    from .api import load_model, plan
+
+    config = _config(args)
+    result = plan(load_model(args.model), config)
+    print(result.to_json() if args.json else result)
+    if args.html:
+        path = result.to_html(args.html)
+        print(f"m2convert: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def add_plan_command(sub) -> None:
+    p = sub.add_parser("plan", help="print the rewrite plan of a model (nothing is changed)",
+                       description="Capture MODEL, find its attention and MLP sites, and print what conversion "
+                                   "would change, with parameters and FLOPs before and after.")
+    p.add_argument("model", metavar="MODEL", help="local model directory or Hugging Face id")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--html", metavar="FILE", help="also write the plan and graph diff as an HTML page")
+    _add_config_args(p)
+    p.set_defaults(func=_run_plan)
+
+
+def _run_convert(args) -> int:
+    from . import api
+    from .serialize import save_pretrained
+
+    config = _config(args)
+    result = api.plan(api.load_model(args.model), config)
+    print(result)
+    converted = result.apply()
+    out = save_pretrained(converted, Path(args.out))
+    print(f"m2convert: saved the converted model to {out} (load it with m2convert.from_pretrained)", file=sys.stderr)
+    return 0
+
+
+def add_convert_command(sub) -> None:
+    p = sub.add_parser("convert", help="convert a model and save it",
+                       description="Convert MODEL into a Monarch Mixer model (same class) and save it to DIR.")
+    p.add_argument("model", metavar="MODEL", help="local model directory or Hugging Face id")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    _add_config_args(p)
+    p.set_defaults(func=_run_convert)
+
+
+def _run_export(args) -> int:
+    from .export import export
+    from .passes.capture import example_inputs_for
+    from .serialize import from_pretrained
+
+    model = from_pretrained(args.dir)
+    inputs = example_inputs_for(model, seq_len=args.seq_len, batch=args.batch)
+    path = export(model, inputs, args.out, aoti=args.aoti, dynamic_seq=not args.static)
+    names = ", ".join(k for k, v in inputs.items() if not isinstance(v, (bool, type(None))))
+    print(f"m2convert: wrote {path} (inputs: {names}; batch {args.batch})", file=sys.stderr)
+    return 0
+
+
+def add_export_command(sub) -> None:
+    p = sub.add_parser("export", help="export a saved converted model as .pt2 or an AOTInductor package",
+                       description="Load DIR (written by `m2convert convert` or m2convert.save_pretrained) and "
+                                   "export it with torch.export; --aoti compiles an AOTInductor package that "
+                                   "runs with torch alone.")
+    p.add_argument("dir", metavar="DIR", help="directory of a saved converted model")
+    p.add_argument("--out", required=True, metavar="FILE.pt2", help="output file")
+    p.add_argument("--aoti", action="store_true", help="compile an AOTInductor package")
+    p.add_argument("--seq-len", type=int, default=16, metavar="N",
+                   help="example sequence length (default 16; the artifact takes any length unless --static)")
+    p.add_argument("--batch", type=int, default=1, help="batch size the artifact is built for (default 1)")
+    p.add_argument("--static", action="store_true", help="fix the sequence length to --seq-len")
+    p.set_defaults(func=_run_export)
+
+
+COMMANDS = [add_plan_command, add_convert_command, add_export_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``m2convert`` argument parser with every registered subcommand."""
+    parser = _Parser(prog="m2convert", description="Convert pretrained Transformers into Monarch Mixer models.")
+    parser.add_argument("--version", action="version", version=f"m2convert {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 error, 2 bad arguments, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except M2Error as exc:
+        print(f"m2convert: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("m2convert: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("M2_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"m2convert: error: unexpected {type(exc).__name__}: {exc} (set M2_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,132 @@
+"""ConvertConfig: every setting of a conversion, validated on construction and JSON round-trippable.
+
+Example:
+    >>> cfg = ConvertConfig(nblocks=8, overrides={r"layer\\.0\\.": None})
+    >>> ConvertConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConfigError, check_choice, check_int
+
+CAUSAL_MODES = ("causal", "causal-monarch")
+
+# Settings a per-path override may change, with the validator of each.
+SITE_SETTINGS = ("nblocks", "rank", "causal_mode", "filter_order", "filter_emb_dim")
+
+
+def check_site_settings(where: str, settings: dict) -> dict:
+    """Validate a dict of per-site settings (a subset of SITE_SETTINGS) and return it."""
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where or 'settings'} must be a dict of settings or None, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(SITE_SETTINGS))
+    if unknown:
+        raise ConfigError(f"{where or 'settings'} has unknown settings {unknown}; allowed: {list(SITE_SETTINGS)}")
+    for key, value in settings.items():
+        name = f"{where}[{key!r}]" if where else key
+        if key == "causal_mode":
+            check_choice(name, value, CAUSAL_MODES)
+        elif key == "filter_emb_dim":
+            check_int(name, value, low=3, high=255)
+            if value % 2 == 0:
+                raise ConfigError(f"{name}={value} must be odd (t plus sin/cos pairs); use {value + 1}")
+        elif key == "nblocks":
+            check_int(name, value, low=1, high=4096)
+        else:
+            check_int(name, value, low=1, high=65536)
+    return settings
+
+
+@dataclass
+class ConvertConfig:
+    """How m2convert rewrites a model.
+
+    Args:
+        nblocks: blocks of each Monarch factor in converted MLP linears (more blocks, fewer parameters).
+        rank: Monarch projection rank; larger keeps more of the dense weight at more parameters.
+        causal_mode: mixer for decoders: "causal" (FFT long conv) or "causal-monarch" (Monarch DFT).
+            Encoders always get bidirectional mixers; the plan reads which is which from the graph.
+        filter_order: width of the implicit long-conv filter MLP.
+        filter_emb_dim: positional features of that filter (odd, >= 3).
+        sequence: convert attention sites into M2 sequence mixers.
+        dimension: convert dense MLP sites into Monarch MLPs.
+        filter_fn: ``filter_fn(module, fqn) -> bool``, asked for every module a site would replace
+            (the attention module; each MLP linear); a site converts only if every answer is True.
+        overrides: ``{regex: settings | None}``; the first regex found (``re.search``) in a site's path
+            or one of its replaced paths gives that site's settings (a dict of the fields above from
+            nblocks to filter_emb_dim), or excludes the site (None).
+        strict: raise ConversionError instead of skipping a site that cannot be converted.
+        seq_len: sequence length N at which the plan evaluates its FLOP formulas (per sequence, B = 1).
+
+    Example:
+        >>> ConvertConfig(nblocks=2, dimension=False).nblocks
+        2
+    """
+
+    nblocks: int = 4
+    rank: int = 1
+    causal_mode: str = "causal"
+    filter_order: int = 128
+    filter_emb_dim: int = 5
+    sequence: bool = True
+    dimension: bool = True
+    filter_fn: Callable[[Any, str], bool] | None = None
+    overrides: dict[str, dict | None] = field(default_factory=dict)
+    strict: bool = False
+    seq_len: int = 512
+
+    def __post_init__(self):
+        check_site_settings("", {k: getattr(self, k) for k in SITE_SETTINGS})
+        for name in ("sequence", "dimension", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_int("seq_len", self.seq_len, low=1, high=1 << 24)
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ConfigError(f"filter_fn must be callable as filter_fn(module, fqn) -> bool, got {self.filter_fn!r}")
+        if not isinstance(self.overrides, dict):
+            raise ConfigError("overrides must be a dict {regex: settings | None}, "
+                              f"got {type(self.overrides).__name__}")
+        for pattern, settings in self.overrides.items():
+            if not isinstance(pattern, str):
+                raise ConfigError(f"override keys must be regex strings, got {pattern!r}")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"override regex {pattern!r} does not compile: {exc}") from None
+            if settings is not None:
+                check_site_settings(f"overrides[{pattern!r}]", settings)
+
+    def settings_for(self, paths: list[str]) -> tuple[dict | None, str | None]:
+        """Site settings for a site touching ``paths``: (settings or None if excluded, matching regex)."""
+        base = {k: getattr(self, k) for k in SITE_SETTINGS}
+        for pattern, settings in self.overrides.items():
+            if any(re.search(pattern, p) for p in paths):
+                return (None if settings is None else {**base, **settings}), pattern
+        return base, None
+
+    def replace(self, **changes) -> "ConvertConfig":
+        """A copy with some fields changed; unknown names raise ConfigError."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown ConvertConfig fields {unknown}; "
+                              f"valid: {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict of every field but filter_fn (code is not serialised)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "filter_fn"}
+        out["overrides"] = {k: (dict(v) if v is not None else None) for k, v in self.overrides.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ConvertConfig":
+        """Rebuild from :meth:`to_dict` output; unknown keys raise ConfigError."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"ConvertConfig.from_dict expects a dict, got {type(data).__name__}")
+        return cls().replace(**data)

@@ -1,0 +1,149 @@
+"""Attention adapters: M2 sequence mixers that take an HF attention module's place, signature and return.
+
+An adapter is called exactly as the module it replaces (same positional/keyword arguments), recovers the
+(B, N) padding mask from whatever mask the model passes, runs an :class:`M2SequenceMixer` and returns
+what the original returned (a tensor, or a tuple whose first item is the output and the rest None,
+since there are no attention weights).
+
+What HF passes as ``attention_mask`` (transformers 5.x):
+- BERT (``BertAttention``): None, or (B, 1, N, N) bool (sdpa; True = attend) or additive float (eager),
+  from ``create_bidirectional_mask``; row i lists the keys query i may see, so every row is the padding.
+- GPT-2 (``GPT2Attention``), Llama (``LlamaAttention``): None (sdpa without padding) or a (B, 1, N, N)
+  causal mask from ``create_causal_mask``; its last row is exactly the padding of the keys.
+- Some models pass the raw (B, N) 0/1 mask.
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+from torch import nn
+
+from ..layers.base import M2Block
+from ..layers.sequence import M2SequenceMixer
+
+
+def padding_mask(mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
+    """(B, N) bool keep-mask (True = real token) from an HF attention mask, or None.
+
+    Accepts (B, N) 0/1 or bool, (B, Nq, Nk) and (B, heads, Nq, Nk) bool (True = attend) or additive float
+    (0 = attend, a large negative = masked). The last query row of a causal or bidirectional mask holds
+    the padding of every key; with a KV cache only the last ``seq_len`` keys belong to this input.
+
+    Example:
+        >>> m = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+        >>> padding_mask(m, 2, 5).shape
+        torch.Size([2, 5])
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 4:
+        row = mask[:, 0, -1, -seq_len:]                                   # (B, N) keys seen by the last query
+    elif mask.dim() == 3:
+        row = mask[:, -1, -seq_len:]                                      # (B, N)
+    elif mask.dim() == 2:
+        row = mask[:, -seq_len:]                                          # (B, N)
+    else:
+        raise ValueError(f"cannot read a padding mask from an attention mask of shape {tuple(mask.shape)}")
+    if row.dtype == torch.bool:
+        keep = row
+    elif row.is_floating_point() and mask.dim() > 2:
+        keep = row > torch.finfo(row.dtype).min / 2                        # additive: 0 keeps, -inf drops
+    else:
+        keep = row != 0
+    return keep.expand(batch, seq_len)
+
+
+class M2Attention(M2Block):
+    """Replaces an attention module whose output is its output projection (GPT-2, Llama, ViT...).
+
+    forward(*args, **kwargs) takes the replaced module's arguments; the hidden states (B, N, H) are
+    its first parameter ``arg_names[0]``, the mask its ``attention_mask``. Returns (B, N, H), or a
+    tuple of ``num_outputs`` items (output, None, ...) when the original returned a tuple.
+
+    Example:
+        >>> attn = M2Attention(64, "causal", ["hidden_states", "attention_mask"], num_outputs=2)
+        >>> attn(torch.randn(2, 9, 64))[0].shape
+        torch.Size([2, 9, 64])
+    """
+
+    def __init__(self, d_model: int, mode: str, arg_names, num_outputs: int = 0, dropout: float = 0.0,
+                 filter_order: int = 128, filter_emb_dim: int = 5, device=None, dtype=None):
+        super().__init__()
+        self.mixer = M2SequenceMixer(d_model, mode=mode, filter_order=filter_order,
+                                     filter_emb_dim=filter_emb_dim, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout)
+        self.arg_names = tuple(arg_names)
+        self.num_outputs = int(num_outputs)
+        self.layer_idx: int | None = None        # the replaced module's slot in a transformers Cache
+
+    def _read_inputs(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden_name = self.arg_names[0] if self.arg_names else None
+        x = args[0] if args else kwargs[hidden_name]
+        mask = kwargs.get("attention_mask")
+        if mask is None and "attention_mask" in self.arg_names:
+            at = self.arg_names.index("attention_mask")
+            mask = args[at] if at < len(args) else None
+        return x, mask
+
+    def _mix(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        keep = padding_mask(mask, x.shape[0], x.shape[1])                  # (B, N) or None
+        return self.dropout(self.mixer(x, keep))                           # (B, N, H)
+
+    def _pack(self, out: torch.Tensor):
+        if self.num_outputs == 0:
+            return out
+        return (out,) + (None,) * (self.num_outputs - 1)
+
+    def _read_cache(self, args, kwargs):
+        """The transformers Cache passed to this call (by keyword or position), or None."""
+        for name in ("cache", "past_key_values", "past_key_value", "layer_past"):
+            if kwargs.get(name) is not None:
+                return kwargs[name]
+            if name in self.arg_names and self.arg_names.index(name) < len(args):
+                return args[self.arg_names.index(name)]
+        return None
+
+    def forward(self, *args, **kwargs):
+        x, mask = self._read_inputs(args, kwargs)
+        cache = self._read_cache(args, kwargs)
+        if cache is not None and self.mixer.mode != "bidirectional":
+            # Generation: prompt once, then each new token at O(N) from the state kept in the cache.
+            from ..generation import cached_mix
+            keep = padding_mask(mask, x.shape[0], x.shape[1])              # (B, n) or None
+            return self._pack(self.dropout(cached_mix(self.mixer, x, keep, cache, self.layer_idx)))
+        return self._pack(self._mix(x, mask))
+
+    def flops(self, seq_len=None, batch=None) -> sympy.Expr:
+        return self.mixer.flops(seq_len, batch)
+
+    def extra_repr(self) -> str:
+        return f"arg_names={list(self.arg_names)}, num_outputs={self.num_outputs}"
+
+
+class M2PostNormAttention(M2Attention):
+    """Replaces a BERT-style attention block: LayerNorm(x + dropout(mixer(x))).
+
+    HF BERT's ``BertAttention`` holds the attention (Q, K, V) and ``BertSelfOutput`` (O, dropout,
+    residual add, LayerNorm); the mixer's out_proj takes O's place and the LayerNorm is kept.
+
+    Example:
+        >>> attn = M2PostNormAttention(32, "bidirectional", ["hidden_states", "attention_mask"], 2)
+        >>> attn(torch.randn(1, 4, 32), torch.ones(1, 1, 4, 4, dtype=torch.bool))[0].shape
+        torch.Size([1, 4, 32])
+    """
+
+    def __init__(self, d_model: int, mode: str, arg_names, num_outputs: int = 0, dropout: float = 0.0,
+                 filter_order: int = 128, filter_emb_dim: int = 5, norm_eps: float = 1e-12,
+                 norm_affine: bool = True, norm_bias: bool = True, device=None, dtype=None):
+        super().__init__(d_model, mode, arg_names, num_outputs, dropout, filter_order, filter_emb_dim,
+                         device=device, dtype=dtype)
+        self.norm = nn.LayerNorm(d_model, eps=norm_eps, elementwise_affine=norm_affine,
+                                 bias=norm_bias, device=device, dtype=dtype)
+
+    def forward(self, *args, **kwargs):
+        x, mask = self._read_inputs(args, kwargs)
+        return self._pack(self.norm(x + self._mix(x, mask)))               # (B, N, H)
+
+
+ADAPTERS = {"M2Attention": M2Attention, "M2PostNormAttention": M2PostNormAttention}

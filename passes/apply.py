@@ -1,0 +1,165 @@
+"""Apply a plan: build each site's replacement (seeded from the pretrained weights) and swap modules.
+
+One walker (:func:`swap_modules`) does every swap; replacements are all built before the first swap,
+so a failure leaves the model as it was, and ``inplace=False`` never touches the caller's model.
+
+Weight mapping (source -> destination, nn.Linear convention (out, in)):
+    attention Q (H, H)                 -> mixer.in_proj rows [0, H)      (x1)
+    attention K (kv_heads * d, H)      -> repeated to (H, H) -> rows [H, 2H)   (x2)
+    attention V (kv_heads * d, H)      -> repeated to (H, H) -> rows [2H, 3H)  (v)
+    attention O (H, H)                 -> mixer.out_proj
+    BERT-style post-norm LayerNorm     -> adapter.norm
+    MLP linear / Conv1D (out, in)      -> MonarchLinear.from_weight (Frobenius projection)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConversionError, M2Error
+from ..layers.monarch import MonarchLinear
+from .adapters import ADAPTERS
+from .graph import projection_dims, projection_weight
+from .site import Site
+
+
+def _role_weight(model: nn.Module, site: Site, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    info = site.roles[role]
+    weight, bias = projection_weight(model.get_submodule(info["path"]))   # (out, in), (out,)
+    if info.get("rows") is not None:                                        # a fused QKV projection
+        weight = torch.cat([weight[a:b] for a, b in info["rows"]])          # (sum of range widths, in)
+        bias = None if bias is None else torch.cat([bias[a:b] for a, b in info["rows"]])
+    return weight.detach(), None if bias is None else bias.detach()
+
+
+def _repeat_heads(weight, bias, hidden: int, head_dim: int):
+    """GQA/MQA K or V (kv_heads * d, H) -> (H, H), each KV head repeated for its query heads."""
+    kv_heads = weight.shape[0] // head_dim
+    if kv_heads * head_dim == hidden:
+        return weight, bias
+    rep = hidden // (kv_heads * head_dim)
+    weight = weight.reshape(kv_heads, head_dim, -1).repeat_interleave(rep, dim=0)   # (heads, d, H)
+    weight = weight.reshape(hidden, -1)                                             # (H, H)
+    if bias is not None:
+        bias = bias.reshape(kv_heads, head_dim).repeat_interleave(rep, dim=0).reshape(hidden)  # (H,)
+    return weight, bias
+
+
+def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[str, nn.Module]:
+    layout, settings = site.layout, site.settings
+    original = model.get_submodule(site.fqn)
+    ref, _ = projection_weight(model.get_submodule(site.roles["q"]["path"]))
+    kwargs = dict(d_model=layout["hidden"], mode=site.mode, arg_names=layout["arg_names"],
+                  num_outputs=layout["num_outputs"], dropout=layout.get("dropout", 0.0),
+                  filter_order=settings["filter_order"], filter_emb_dim=settings["filter_emb_dim"],
+                  device=device or ref.device, dtype=ref.dtype)
+    norm = layout.get("norm")
+    if norm:
+        kwargs.update(norm_eps=norm["eps"], norm_affine=norm["affine"], norm_bias=norm["bias"])
+    new = ADAPTERS[layout["adapter"]](**kwargs)
+    new.layer_idx = getattr(original, "layer_idx", None)                   # its slot in a generation cache
+    if seed:
+        hidden, head_dim = layout["hidden"], layout["head_dim"]
+        q, o = _role_weight(model, site, "q"), _role_weight(model, site, "o")
+        k = _repeat_heads(*_role_weight(model, site, "k"), hidden, head_dim)
+        v = _repeat_heads(*_role_weight(model, site, "v"), hidden, head_dim)
+        new.mixer.seed_projections(q, k, v, o)
+        if norm:
+            new.norm.load_state_dict(model.get_submodule(norm["path"]).state_dict())
+    new.train(original.training)
+    return {site.fqn: new}
+
+
+def _mlp_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[str, nn.Module]:
+    nblocks, rank = site.settings["nblocks"], site.settings["rank"]
+    out = {}
+    for info in site.roles.values():
+        original = model.get_submodule(info["path"])
+        weight, bias = projection_weight(original)                         # (out, in), (out,)
+        if seed:
+            new = MonarchLinear.from_weight(weight.detach(), None if bias is None else bias.detach(),
+                                            nblocks=nblocks, rank=rank)
+        else:
+            in_f, out_f = projection_dims(original)
+            new = MonarchLinear(in_f, out_f, nblocks=nblocks, bias=bias is not None, rank=rank,
+                                device=device or weight.device, dtype=weight.dtype)
+        new.train(original.training)
+        out[info["path"]] = new
+    return out
+
+
+def build_replacements(site: Site, model: nn.Module, seed: bool = True, device=None) -> dict[str, nn.Module]:
+    """{module path: new module} for one site; seeded from ``model``'s weights when ``seed``.
+
+    Example:
+        >>> build_replacements(plan.sites[0], model)          # {'encoder.layer.0.attention': M2PostNormAttention(...)}
+    """
+    if site.kind == "sequence":
+        return _attention_replacement(site, model, seed, device)
+    if site.kind == "dimension":
+        return _mlp_replacement(site, model, seed, device)
+    raise ConversionError(f"site '{site.fqn}' has unknown kind {site.kind!r}")
+
+
+def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """The one module walker: put each ``replacements[path]`` at ``path`` in ``model``.
+
+    Every path is checked before the first swap, so a bad path changes nothing.
+
+    Example:
+        >>> swap_modules(model, {"encoder.layer.0.intermediate.dense": MonarchLinear(384, 1536)})
+    """
+    for path in replacements:
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            raise ConversionError(f"module path '{path}' does not exist in {type(model).__name__}; "
+                                  "was the plan made for another model?") from None
+    pending = dict(replacements)
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in list(module.named_children()):
+            fqn = f"{prefix}.{name}" if prefix else name
+            if fqn in pending:
+                setattr(module, name, pending.pop(fqn))
+            elif any(p.startswith(fqn + ".") for p in pending):
+                walk(child, fqn)
+
+    walk(model, "")
+    return model
+
+
+def apply_plan(plan, model: nn.Module | None = None, inplace: bool = False, seed: bool = True) -> nn.Module:
+    """Convert ``model`` (default: the planned model) by ``plan``; see :meth:`RewritePlan.apply`."""
+    model = plan.model if model is None else model
+    if model is None:
+        raise ConversionError("this plan holds no model (it was rebuilt from a dict); pass model=...")
+    if type(model).__name__ != plan.model_class:
+        raise ConversionError(f"the plan was made for {plan.model_class}, got {type(model).__name__}")
+    if plan.config.strict and plan.skipped:
+        lines = "; ".join(f"'{s.fqn}' ({s.pattern}): {s.reason}" for s in plan.skipped)
+        raise ConversionError(f"strict=True and {len(plan.skipped)} site(s) cannot be converted: {lines}. "
+                              "Fix the cause, exclude them with overrides {regex: None}, or use strict=False")
+    target = model if inplace else copy.deepcopy(model)
+    replacements: dict[str, nn.Module] = {}
+    for site in tqdm(plan.converted, desc="m2convert: building M2 modules", disable=None, leave=False):
+        try:
+            replacements.update(build_replacements(site, target, seed=seed))
+        except (M2Error, RuntimeError, ValueError) as exc:
+            kind = type(exc).__name__
+            raise ConversionError(f"converting site '{site.fqn}' ({site.pattern}) failed: {kind}: {exc}; "
+                                  "the input model is unchanged") from exc
+    swap_modules(target, replacements)
+    target.m2convert_plan = plan.to_dict()
+    if any(s.causal for s in plan.converted if s.kind == "sequence"):
+        # Plain forward calls (training, evaluation) keep no decoding state; generate() still uses its
+        # cache, in which the causal mixers keep their O(N)-per-token state (m2convert.generation).
+        config = getattr(target, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
+    return target
+

@@ -1,0 +1,197 @@
+"""Capture: torch.export (non-strict) of a model on example inputs, keeping the module path of every node.
+
+Every call_function node of the captured graph carries ``meta["nn_module_stack"]``, which maps it back
+to the module that ran it; the analysis passes read sites from that. Forward hooks record, per module,
+how often it ran and what it returned, which the attention adapters reproduce.
+
+Example:
+    >>> captured = capture(model)                      # example inputs built from model.config
+    >>> captured.exported.graph                         # the aten-level FX graph
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import CaptureError, UnsupportedModelError
+
+EXAMPLE_BATCH = 2
+EXAMPLE_SEQ_LEN = 16
+
+
+@dataclass
+class Captured:
+    """A captured model: the exported program plus what hooks saw while it was traced."""
+
+    model: nn.Module
+    exported: torch.export.ExportedProgram
+    args: tuple
+    kwargs: dict
+    modules: dict[str, nn.Module]
+    calls: dict[str, int] = field(default_factory=dict)         # fqn -> times the module ran
+    outputs: dict[str, dict] = field(default_factory=dict)      # fqn -> structure of what it returned
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.exported.graph
+
+
+def check_model(model, what: str = "m2.plan") -> nn.Module:
+    """Raise UnsupportedModelError unless ``model`` is an nn.Module."""
+    if not isinstance(model, nn.Module):
+        shown = repr(model) if isinstance(model, str) else type(model).__name__
+        raise UnsupportedModelError(
+            f"{what} expects a torch.nn.Module (e.g. a transformers PreTrainedModel), got {shown}; "
+            "load the model first (transformers.AutoModel.from_pretrained(...)), or run "
+            "`m2convert plan MODEL` to load a directory or Hugging Face id")
+    return model
+
+
+def example_inputs_for(model: nn.Module, seq_len: int = EXAMPLE_SEQ_LEN, batch: int = EXAMPLE_BATCH) -> dict:
+    """Keyword inputs for ``model.forward`` built from its Hugging Face config.
+
+    Text models get ``input_ids`` (B, N) and an all-ones ``attention_mask``; vision models get
+    ``pixel_values`` (B, C, S, S); decoders get ``use_cache=False`` so no KV cache enters the graph.
+
+    Example:
+        >>> example_inputs_for(BertModel(BertConfig()))["input_ids"].shape
+        torch.Size([2, 16])
+    """
+    config = getattr(model, "config", None)
+    params = inspect.signature(model.forward).parameters
+    if config is None:
+        raise CaptureError(
+            f"cannot build example inputs for {type(model).__name__}: it has no Hugging Face `config`; "
+            "pass example_inputs={'name': tensor, ...} (or a tuple of positional tensors) matching its forward")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    inputs: dict = {}
+    if "input_ids" in params and getattr(text, "vocab_size", None):
+        limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or seq_len
+        n = max(1, min(seq_len, int(limit)))
+        ids = torch.randint(0, int(text.vocab_size), (batch, n), generator=gen).to(device)
+        inputs["input_ids"] = ids
+        if "attention_mask" in params:
+            inputs["attention_mask"] = torch.ones_like(ids)
+        if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = ids
+    elif "pixel_values" in params and getattr(config, "image_size", None):
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        channels = getattr(config, "num_channels", 3)
+        inputs["pixel_values"] = torch.randn(batch, channels, size, size, generator=gen).to(device)
+    else:
+        raise CaptureError(
+            f"cannot build example inputs for {type(model).__name__} from its config "
+            f"({type(config).__name__}); pass example_inputs={{'name': tensor, ...}} matching its forward")
+    if "use_cache" in params:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def _split_inputs(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise CaptureError(
+        f"example_inputs must be a dict of keyword tensors or a tuple of positional tensors, "
+        f"got {type(example_inputs).__name__}")
+
+
+def describe_output(value) -> dict:
+    """The structure of a module's return value: {'type': 'tensor'} or {'type': 'tuple', 'len': n}."""
+    if isinstance(value, torch.Tensor):
+        return {"type": "tensor"}
+    if isinstance(value, tuple) and type(value) is tuple:
+        return {"type": "tuple", "len": len(value)}
+    return {"type": type(value).__name__}
+
+
+def capture(model: nn.Module, example_inputs=None) -> Captured:
+    """Export ``model`` with torch.export (non-strict) and return the graph and hook records.
+
+    Args:
+        model: any nn.Module; Hugging Face models need no example inputs.
+        example_inputs: dict of keyword tensors or tuple of positional tensors; built from
+            ``model.config`` when None (see :func:`example_inputs_for`). ``use_cache=False`` is added
+            for models whose forward takes it.
+
+    Raises:
+        CaptureError: naming the module that was running when export failed and how to fall back.
+
+    Example:
+        >>> captured = capture(GPT2LMHeadModel(GPT2Config(n_layer=2)))
+        >>> captured.calls["transformer.h.0.attn"]
+        1
+    """
+    check_model(model)
+    if example_inputs is None:
+        example_inputs = example_inputs_for(model)
+    args, kwargs = _split_inputs(example_inputs)
+    if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False                   # a KV cache in the outputs cannot be exported
+    names = {id(m): name for name, m in model.named_modules()}
+    calls: dict[str, int] = {}
+    outputs: dict[str, dict] = {}
+    running: list[str] = []
+
+    def pre_hook(module, _args):
+        running.append(names.get(id(module), "?"))
+
+    def post_hook(module, _args, out):
+        fqn = names.get(id(module), "?")
+        calls[fqn] = calls.get(fqn, 0) + 1
+        outputs.setdefault(fqn, describe_output(out))
+        if running and running[-1] == fqn:
+            running.pop()
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook))
+    was_training = model.training
+    model.eval()
+    # torch prints the partial graph of a failed export to stderr and warns about unbacked symbols;
+    # the CaptureError says what failed, so that output is kept only when export succeeds.
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level, printed = shapes_log.level, io.StringIO()
+    shapes_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(printed):
+            exported = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:
+        raise CaptureError(_explain_failure(model, running, exc)) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        shapes_log.setLevel(level)
+    sys.stderr.write(printed.getvalue())
+    modules = dict(model.named_modules())
+    return Captured(model, exported, args, kwargs, modules, calls, outputs)
+
+
+def _explain_failure(model: nn.Module, running: list[str], exc: Exception) -> str:
+    inner = next((p for p in reversed(running) if p not in ("", "?")), None)
+    where = "at the top level of the model"
+    if inner is not None:
+        where = f"in module '{inner}' ({type(model.get_submodule(inner)).__name__})"
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    return (f"torch.export could not capture {type(model).__name__} {where}: {type(exc).__name__}: {detail}. "
+            "Fall back: pass example_inputs matching the model's forward; or plan a submodule that "
+            "exports (m2.plan(model.<submodule>, example_inputs=...)) with filter_fn/overrides to choose "
+            "the sites; or build layers directly with MonarchLinear.from_dense / M2SequenceMixer")

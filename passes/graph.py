@@ -1,0 +1,225 @@
+"""GraphIndex: the captured FX graph seen at module level, the shared toolkit of the analysis passes.
+
+It answers: which module ran a node, which nodes are constants (parameters, buffers), which groups of
+nodes are one call of a projection (nn.Linear, or transformers' Conv1D whose view -> addmm -> view
+is one matmul), and what a small subgraph evaluates to on the example inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+# Ops that act on each element alone (activation bodies, scaling, dropout, casts).
+ELEMENTWISE = frozenset(
+    f"aten.{op}" for op in (
+        "gelu", "silu", "relu", "relu6", "sigmoid", "tanh", "mul", "add", "sub", "div", "pow", "neg",
+        "exp", "erf", "sqrt", "rsqrt", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "dropout",
+        "clone", "alias", "contiguous", "to", "_to_copy", "type_as", "hardtanh", "leaky_relu", "elu",
+        "softplus", "mish", "hardswish", "hardsigmoid", "square", "log1p", "abs", "sign", "reciprocal",
+        "gelu_", "silu_", "relu_", "sigmoid_", "tanh_"))
+
+# Activation ops that name an MLP pattern (tanh/sigmoid also appear inside composite GELUs).
+ACTIVATIONS = {"aten.gelu": "gelu", "aten.silu": "silu", "aten.relu": "relu", "aten.relu6": "relu",
+               "aten.leaky_relu": "relu", "aten.elu": "elu", "aten.mish": "mish", "aten.hardswish": "swish",
+               "aten.softplus": "softplus", "aten.tanh": "tanh", "aten.sigmoid": "sigmoid"}
+
+# Ops that only move or cast data between a projection and the attention core.
+RESHAPES = frozenset(
+    f"aten.{op}" for op in (
+        "view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "alias", "to",
+        "_to_copy", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "t", "dropout"))
+
+
+# Checks export inserts (dtype/device asserts); they read values but compute nothing.
+BOOKKEEPING = frozenset(("aten._assert_tensor_metadata", "aten._assert_scalar", "aten._assert_async",
+                         "aten.sym_constrain_range_for_size"))
+
+
+def op_name(node: fx.Node) -> str:
+    """'aten.linear' for aten ops, the function name for Python builtins, the node's op otherwise."""
+    if node.op != "call_function":
+        return node.op
+    target = node.target
+    if hasattr(target, "namespace") and hasattr(target, "_opname"):
+        return f"{target.namespace}.{target._opname}"
+    return getattr(target, "__name__", str(target))
+
+
+def users(node: fx.Node) -> list[fx.Node]:
+    """The nodes that compute from ``node`` (export's assert nodes left out)."""
+    return [u for u in node.users if op_name(u) not in BOOKKEEPING]
+
+
+def module_entry(node: fx.Node) -> tuple[str, str, int] | None:
+    """(fqn, class name, call index) of the innermost module that ran ``node``; None outside modules."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    key, (fqn, cls) = list(stack.items())[-1]
+    name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+    call = int(key.rsplit("@", 1)[1]) if "@" in key else 0
+    return fqn, name.rsplit(".", 1)[-1], call
+
+
+def module_path(node: fx.Node) -> str:
+    """Module path of the innermost module that ran ``node`` ('' for the model itself)."""
+    entry = module_entry(node)
+    return entry[0] if entry else ""
+
+
+def within(path: str, prefix: str) -> bool:
+    """True if module ``path`` is ``prefix`` or below it ('' contains everything)."""
+    return prefix == "" or path == prefix or path.startswith(prefix + ".")
+
+
+def common_prefix(paths) -> str:
+    """Deepest module path containing all ``paths`` ('' if only the root does)."""
+    parts = [p.split(".") if p else [] for p in paths]
+    out = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        out.append(items[0])
+    return ".".join(out)
+
+
+def is_projection(module: nn.Module | None) -> bool:
+    """nn.Linear, or a transformers-style Conv1D (weight (in, out), attribute ``nf``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (module is not None and type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
+def projection_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (out, in), bias (out,) or None) in nn.Linear convention; Conv1D weights are transposed."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    return module.weight.t(), module.bias                         # Conv1D stores (in, out)
+
+
+def projection_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a projection."""
+    weight, _ = projection_weight(module)
+    return weight.shape[1], weight.shape[0]
+
+
+@dataclass(eq=False)
+class ProjCall:
+    """One call of a projection module: its nodes, the data going in and the value coming out."""
+
+    fqn: str
+    call: int
+    module: nn.Module
+    nodes: set = field(default_factory=set)
+    input: fx.Node | None = None
+    output: fx.Node | None = None
+
+    @property
+    def label(self) -> str:
+        return self.fqn if self.call == 0 else f"{self.fqn}@{self.call}"
+
+
+class GraphIndex:
+    """Module-level view of a captured graph.
+
+    Example:
+        >>> index = GraphIndex(capture(model))
+        >>> [p.fqn for p in index.projections][:2]
+        ['encoder.layer.0.attention.self.query', 'encoder.layer.0.attention.self.key']
+    """
+
+    def __init__(self, captured):
+        self.captured = captured
+        self.graph: fx.Graph = captured.exported.graph
+        self.nodes = list(self.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        sig = captured.exported.graph_signature
+        self.constants = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers)
+        self.constants |= set(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
+        self.param_names = dict(sig.inputs_to_parameters)
+        self.output_node = next(n for n in reversed(self.nodes) if n.op == "output")
+        self._cache: dict = {}
+        self.projections: list[ProjCall] = []
+        self.proj_of: dict[fx.Node, ProjCall] = {}
+        self._group_projections()
+
+    def is_const(self, node: fx.Node) -> bool:
+        return node.op == "get_attr" or (node.op == "placeholder" and node.name in self.constants)
+
+    def data_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """The non-constant nodes ``node`` reads."""
+        return [n for n in node.all_input_nodes if not self.is_const(n)]
+
+    def calls(self, *ops: str) -> list[fx.Node]:
+        """call_function nodes whose op_name is one of ``ops``, in graph order."""
+        return [n for n in self.nodes if n.op == "call_function" and op_name(n) in ops]
+
+    def unit(self, node: fx.Node):
+        """The projection call ``node`` belongs to, else the node itself."""
+        return self.proj_of.get(node, node)
+
+    def _group_projections(self) -> None:
+        groups: dict[tuple[str, int], list[fx.Node]] = {}
+        for node in self.nodes:
+            if node.op != "call_function":
+                continue
+            entry = module_entry(node)
+            if entry and is_projection(self.captured.modules.get(entry[0])):
+                groups.setdefault((entry[0], entry[2]), []).append(node)
+        for (fqn, call), nodes in groups.items():
+            members = set(nodes)
+            ins = {i for n in nodes for i in self.data_inputs(n) if i not in members}
+            outs = [n for n in nodes if any(u not in members for u in users(n))]
+            if len(ins) != 1 or len(outs) != 1:
+                continue                                 # not a clean single-input single-output call
+            proj = ProjCall(fqn, call, self.captured.modules[fqn], members, ins.pop(), outs[0])
+            self.projections.append(proj)
+            for n in nodes:
+                self.proj_of[n] = proj
+
+    def nearest_projections(self, start: fx.Node, scope: str) -> list[ProjCall]:
+        """Projections reached walking back from ``start`` inside module ``scope``, stopping at each."""
+        found: list[ProjCall] = []
+        seen, stack = set(), [start]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            proj = self.proj_of.get(node)
+            if proj is not None:
+                if within(proj.fqn, scope) and proj not in found:
+                    found.append(proj)
+                continue
+            if node.op != "call_function" or not within(module_path(node), scope):
+                continue
+            stack.extend(self.data_inputs(node))
+        return found
+
+    def evaluate(self, targets: list[fx.Node]) -> dict[fx.Node, object]:
+        """Values of ``targets`` on the example inputs, running only the nodes they depend on."""
+        needed, stack = set(), list(targets)
+        while stack:
+            node = stack.pop()
+            if node not in needed:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        ep, cap = self.captured.exported, self.captured
+        flat = ep._graph_module_flat_inputs(cap.args, cap.kwargs)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        env = dict(zip(placeholders, flat))
+        with torch.no_grad():
+            for node in self.nodes:
+                if node in needed and node.op == "call_function":
+                    args = fx.node.map_arg(node.args, env.__getitem__)
+                    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+                    env[node] = node.target(*args, **kwargs)
+        return {t: env[t] for t in targets}
+
+    def val(self, node: fx.Node):
+        """The fake value export recorded for ``node`` (shape and dtype), or None."""
+        return node.meta.get("val")

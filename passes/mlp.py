@@ -1,0 +1,115 @@
+"""Analysis pass that finds dense MLP ("dimension") sites.
+
+For every projection (the "down" linear), walk back from its input through elementwise ops only; the
+projections where that walk stops are its sources:
+
+    one source with an activation on the way       linear -> act -> linear          ("gelu-mlp", ...)
+    two sources, act on one, multiplied together   act(gate(x)) * up(x) -> down     ("gated-mlp")
+
+Anything else on the way (a norm, a residual add, a reshape, attention) means it is not an MLP, and an
+MLP maps the model width back to itself (H -> I -> H), which leaves task heads (pooler -> classifier) alone.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from .graph import (ACTIVATIONS, ELEMENTWISE, GraphIndex, common_prefix, module_entry, op_name, projection_dims,
+                    users)
+from .site import Site
+
+
+def _region(index: GraphIndex, down) -> tuple[set, list, bool]:
+    """(elementwise nodes between the sources and ``down``, source projections, clean)."""
+    region, sources, stack = set(), [], [down.input]
+    while stack:
+        node = stack.pop()
+        if node in region:
+            continue
+        proj = index.proj_of.get(node)
+        if proj is not None:
+            if proj not in sources:
+                sources.append(proj)
+            continue
+        if node.op != "call_function" or op_name(node) not in ELEMENTWISE:
+            return region, sources, False
+        region.add(node)
+        stack.extend(index.data_inputs(node))
+    sources.sort(key=lambda p: index.order[p.output])
+    return region, sources, True
+
+
+def _forward_reach(start: fx.Node, region: set) -> set:
+    seen, stack = set(), [start]
+    while stack:
+        for user in users(stack.pop()):
+            if user in region and user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def activation_name(index: GraphIndex, nodes) -> str | None:
+    """'gelu', 'silu', 'relu'... for the activation among ``nodes`` (module class names win), else None."""
+    classes = " ".join((module_entry(n) or ("", "", 0))[1].lower() for n in nodes)
+    for name in ("gelu", "silu", "swish", "relu", "mish"):
+        if name in classes:
+            return "silu" if name == "swish" else name
+    names = [ACTIVATIONS[op_name(n)] for n in nodes if op_name(n) in ACTIVATIONS]
+    return names[0] if names else None
+
+
+def mlp_site(index: GraphIndex, down) -> Site | None:
+    """The MLP site ending at projection ``down``, or None if ``down`` does not end an MLP."""
+    region, sources, clean = _region(index, down)
+    if not clean or not region or not 1 <= len(sources) <= 2:
+        return None
+    if len(sources) == 1:
+        act = activation_name(index, region)
+        if act is None:
+            return None
+        roles, pattern = {"fc1": sources[0], "fc2": down}, f"{act}-mlp"
+    else:
+        if sources[0].input is not sources[1].input:
+            return None
+        reach = [_forward_reach(s.output, region) for s in sources]
+        acts = [activation_name(index, r - reach[1 - i]) for i, r in enumerate(reach)]
+        if sum(a is not None for a in acts) != 1 or not any(op_name(n) == "aten.mul" for n in reach[0] & reach[1]):
+            return None
+        gate = 0 if acts[0] else 1
+        act = acts[gate]
+        roles = {"gate": sources[gate], "up": sources[1 - gate], "down": down}
+        pattern = "gated-mlp"
+    if projection_dims(sources[0].module)[0] != projection_dims(down.module)[1]:
+        return None                                   # not H -> I -> H (e.g. pooler -> classifier head)
+    fqn = common_prefix([p.fqn for p in roles.values()])
+    site = Site(fqn=fqn, kind="dimension", pattern=pattern, replaces=[p.fqn for p in roles.values()],
+                roles={r: {"path": p.fqn, "rows": None} for r, p in roles.items()},
+                layout={"activation": act})
+    cap = index.captured
+    shared = [p.fqn for p in roles.values() if p.call > 0 or cap.calls.get(p.fqn, 1) > 1]
+    if shared:
+        return site.skip(f"{shared} run more than once per forward (shared modules); converting them would "
+                         "change every call")
+    allowed = region | down.nodes
+    for node in [*region, *(s.output for s in sources)]:
+        outside = [u for u in users(node) if u not in allowed]
+        if outside:
+            where = sorted({(module_entry(u) or ("the model output",))[0] or "the model" for u in outside})
+            return site.skip(f"the intermediate value '{node.name}' ({op_name(node)}) is also used outside the "
+                             f"MLP by {where}; converting would change what they read")
+    return site
+
+
+def find_mlps(ctx):
+    """Pass: linear -> act -> linear and gated MLP sites (projections already in attention sites excluded)."""
+    # HF BERT / GPT-2 MLP: dense -> GELU -> dense;  HF Llama MLP: down(silu(gate(x)) * up(x))
+    claimed = {p for s in ctx.sites for p in (r["path"] for r in s.roles.values())}
+    count = 0
+    for down in ctx.index.projections:
+        site = mlp_site(ctx.index, down)
+        if site is None or any(r["path"] in claimed for r in site.roles.values()):
+            continue
+        count += 1
+        ctx.add(site, f"{site.pattern} fired at '{site.fqn or '(model)'}' ({', '.join(site.replaces)})")
+    return count

@@ -1,0 +1,225 @@
+"""RewritePlan: what becomes what, what it costs before and after, and what was left alone and why.
+
+Example:
+    >>> plan = m2.plan(model, m2.ConvertConfig(seq_len=2048))
+    >>> print(plan)                      # the table
+    >>> plan.to_html("plan.html")        # table + before/after graph
+    >>> converted = plan.apply()         # the original is untouched
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import sympy
+
+from ..config import ConvertConfig
+from ..errors import M2Error
+from ..layers.cost import B, N, evaluate
+from .site import CONVERT, EXCLUDE, SKIP, Site
+
+FORMAT_VERSION = 1
+
+
+def growth(expr) -> str:
+    """Asymptotic order of a cost formula in N: 'N^2', 'N^1.5', 'N log N' or 'N'.
+
+    Read from the log-log slope at very large N, where the leading term dominates.
+
+    Example:
+        >>> growth(4 * N**2 + 3 * N)
+        'N^2'
+    """
+    if expr is None:
+        return "-"
+    f = sympy.sympify(expr).subs(B, 1)
+    lo, hi = (float(f.subs(N, sympy.Integer(10) ** e).evalf()) for e in (40, 50))
+    if lo <= 0 or hi <= 0:
+        return "-"
+    slope = (math.log(hi) - math.log(lo)) / (math.log(1e50) - math.log(1e40))
+    return "N^2" if slope > 1.9 else "N^1.5" if slope > 1.4 else "N log N" if slope > 1.002 else "N"
+
+
+def human(x: float) -> str:
+    """12345678 -> '12.3M'."""
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.3g}{unit}"
+    return f"{x:.0f}"
+
+
+def change(before: float, after: float) -> str:
+    """'-48.2%' (relative change), '' when before is 0."""
+    return f"{(after - before) / before * 100:+.1f}%" if before else ""
+
+
+class RewritePlan:
+    """The result of :func:`m2convert.plan`: sites with settings and costs; nothing is modified.
+
+    Attributes:
+        sites: every matched site, in module order (see :class:`Site`).
+        config: the ConvertConfig it was made with.
+        model_class: class name of the planned model.
+        seq_len: N at which FLOPs are evaluated (``config.seq_len``; per sequence, B = 1).
+        model_params: parameters of the whole model before conversion.
+        notes: plain-language remarks (e.g. "no attention sites found").
+    """
+
+    def __init__(self, sites, config: ConvertConfig, model_class: str, model_params: int = 0, notes=(),
+                 model=None, captured=None, results=()):
+        self.sites: list[Site] = list(sites)
+        self.config = config
+        self.model_class = model_class
+        self.model_params = model_params
+        self.notes = list(notes)
+        self.model = model
+        self.captured = captured
+        self.results = list(results)
+        self._graphs = None                     # (before, after, diff) module graphs, built on demand
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len
+
+    @property
+    def converted(self) -> list[Site]:
+        return [s for s in self.sites if s.status == CONVERT]
+
+    @property
+    def skipped(self) -> list[Site]:
+        """Sites that cannot be converted (``strict`` turns these into an error)."""
+        return [s for s in self.sites if s.status == SKIP]
+
+    @property
+    def excluded(self) -> list[Site]:
+        """Sites the configuration left out (sequence/dimension switches, overrides, filter_fn)."""
+        return [s for s in self.sites if s.status == EXCLUDE]
+
+    def flops(self, expr) -> int | None:
+        """Evaluate a FLOP formula at this plan's N (B = 1)."""
+        return None if expr is None else evaluate(expr, self.seq_len)
+
+    def totals(self) -> dict:
+        """Whole-model parameters and converted-site FLOPs before/after, at N = seq_len."""
+        conv = self.converted
+        saved = sum(s.params_before - s.params_after for s in conv)
+        fb = sum(self.flops(s.flops_before) for s in conv)
+        fa = sum(self.flops(s.flops_after) for s in conv)
+        return {"params_before": self.model_params, "params_after": self.model_params - saved,
+                "site_flops_before": fb, "site_flops_after": fa, "seq_len": self.seq_len,
+                "convert": len(conv), "skip": len(self.skipped), "exclude": len(self.excluded)}
+
+    def rows(self) -> list[dict]:
+        """One display row per site (strings), shared by the text table and the HTML page."""
+        out = []
+        for i, s in enumerate(self.sites):
+            fb, fa = self.flops(s.flops_before), self.flops(s.flops_after)
+            out.append({
+                "#": str(i), "module": s.fqn or "(model)", "kind": s.kind, "pattern": s.pattern,
+                "mask": "-" if s.kind != "sequence" else {True: "causal", False: "bidirectional"}.get(s.causal, "?"),
+                "status": s.status, "replacement": s.replacement or "-",
+                "params": (f"{s.params_before:,} -> {s.params_after:,} ({change(s.params_before, s.params_after)})"
+                           if s.status == CONVERT else f"{s.params_before:,}" if s.params_before else "-"),
+                "flops": (f"{human(fb)} -> {human(fa)}" if fa is not None and s.status == CONVERT
+                          else human(fb) if fb else "-"),
+                "growth": (f"{growth(s.flops_before)} -> {growth(s.flops_after)}" if s.status == CONVERT
+                           else growth(s.flops_before)),
+                "reason": s.reason or "",
+            })
+        return out
+
+    def table(self) -> str:
+        """The sites as an aligned text table (FLOPs at N = seq_len, B = 1)."""
+        cols = ["#", "module", "kind", "pattern", "mask", "replacement", "params", "flops", "growth"]
+        heads = {"flops": f"FLOPs @N={self.seq_len}", "params": "params before -> after"}
+        rows = [r for r in self.rows() if r["status"] == CONVERT]
+        if not rows:
+            return "(no sites to convert)"
+        widths = {c: max(len(heads.get(c, c)), *(len(r[c]) for r in rows)) for c in cols}
+
+        def line(r: dict) -> str:
+            return "  ".join(r[c].ljust(widths[c]) for c in cols).rstrip()
+
+        return "\n".join([line({c: heads.get(c, c) for c in cols}), line({c: "-" * widths[c] for c in cols}),
+                          *(line(r) for r in rows)])
+
+    def __str__(self) -> str:
+        t = self.totals()
+        head = (f"RewritePlan for {self.model_class}: {t['convert']} site(s) to convert, {t['skip']} skipped, "
+                f"{t['exclude']} excluded (FLOPs per sequence at N={self.seq_len})")
+        lines = [head, "", self.table(), ""]
+        lines.append(f"parameters: {t['params_before']:,} -> {t['params_after']:,} "
+                     f"({change(t['params_before'], t['params_after'])})")
+        if t["convert"]:
+            lines.append(f"converted-site FLOPs at N={self.seq_len}: {human(t['site_flops_before'])} -> "
+                         f"{human(t['site_flops_after'])} ({change(t['site_flops_before'], t['site_flops_after'])})")
+        for title, group in (("skipped (cannot convert)", self.skipped), ("excluded (by config)", self.excluded)):
+            if group:
+                lines += ["", f"{title}:"]
+                lines += [f"  {s.fqn or '(model)'} [{s.kind}, {s.pattern}]: {s.reason}" for s in group]
+        if self.notes:
+            lines += [""] + [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        t = self.totals()
+        return f"<RewritePlan {self.model_class}: {t['convert']} convert, {t['skip']} skip, {t['exclude']} exclude>"
+
+    def to_dict(self) -> dict:
+        """JSON-able dict: config, sites (with FLOP formulas as strings) and totals; round-trips."""
+        sites = []
+        for s in self.sites:
+            d = s.to_dict()
+            d["flops_before_at_n"], d["flops_after_at_n"] = self.flops(s.flops_before), self.flops(s.flops_after)
+            sites.append(d)
+        return {"format": "m2convert-plan", "version": FORMAT_VERSION, "model_class": self.model_class,
+                "model_params": self.model_params, "config": self.config.to_dict(), "sites": sites,
+                "totals": self.totals(), "notes": self.notes}
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RewritePlan":
+        """Rebuild a plan (without model or graph) from :meth:`to_dict` output."""
+        if not isinstance(data, dict) or data.get("format") != "m2convert-plan":
+            raise M2Error("not an m2convert plan dict (missing format: 'm2convert-plan')")
+        keys = set(Site.__dataclass_fields__)
+        sites = [Site.from_dict({k: v for k, v in d.items() if k in keys}) for d in data["sites"]]
+        return cls(sites, ConvertConfig.from_dict(data["config"]), data["model_class"],
+                   model_params=data.get("model_params", 0), notes=data.get("notes", ()))
+
+    def apply(self, inplace: bool = False, *, model=None, seed: bool = True):
+        """Return the converted model: same class, every converted site swapped for its M2 module.
+
+        Args:
+            inplace: convert the planned model itself; by default a deep copy is converted and the
+                original is untouched (also when apply fails).
+            model: the model to convert (default: the planned one; required for plans from from_dict).
+            seed: initialise from the pretrained weights (False builds the structure only, e.g. on the
+                meta device before loading a checkpoint).
+
+        Raises:
+            ConversionError: ``config.strict`` and a site was skipped; or a replacement failed to build.
+
+        Example:
+            >>> converted = m2.plan(model).apply()
+            >>> converted.m2convert_plan["sites"][0]["fqn"]
+            'encoder.layer.0.attention'
+        """
+        from .apply import apply_plan
+        return apply_plan(self, model=model, inplace=inplace, seed=seed)
+
+    def graph_diff(self):
+        """networkx.DiGraph of the module-level graph, nodes marked kept/removed/replaced/added."""
+        from .diff import plan_graph_diff
+        return plan_graph_diff(self)
+
+    def to_html(self, path) -> Path:
+        """Write a self-contained HTML page: the table, skipped sites and the before/after graph."""
+        from .html import render_plan
+        path = Path(path)
+        path.write_text(render_plan(self), encoding="utf-8")
+        return path
