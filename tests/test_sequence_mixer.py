@@ -136,3 +136,16 @@ def test_bad_inputs():
     with pytest.raises(ShapeError, match=r"\(B, N, 8\)"):
         m(torch.randn(2, 5, 7))
     assert issubclass(ConfigError, m2.M2Error)
+
+
+def test_monarch_dft_factors_survive_export():
+    # Factors first built while tracing must not leak traced tensors into later eager calls.
+    from m2convert.kernels.fftconv.monarch_dft import _dft_factors_f64
+
+    _dft_factors_f64.cache_clear()
+    m = m2.M2SequenceMixer(8, mode="causal-monarch").eval()
+    x = torch.randn(1, 11, 8)
+    ep = torch.export.export(m, (x,), strict=False)
+    eager = m(x)
+    assert type(eager) is torch.Tensor
+    torch.testing.assert_close(ep.module()(x), eager, rtol=1e-5, atol=1e-5)

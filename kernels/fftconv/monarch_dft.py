@@ -26,16 +26,24 @@ def split_length(n: int) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=64)
-def _dft_factors(n: int, inverse: bool, dtype: torch.dtype, device: str):
-    n1, n2 = split_length(n)
-    sign = 1.0 if inverse else -1.0
-    real = torch.float64
-    j1 = torch.arange(n1, dtype=real)
-    j2 = torch.arange(n2, dtype=real)
-    f1 = torch.polar(torch.ones(n1, n1, dtype=real), sign * 2 * math.pi * torch.outer(j1, j1) / n1)
-    f2 = torch.polar(torch.ones(n2, n2, dtype=real), sign * 2 * math.pi * torch.outer(j2, j2) / n2)
-    tw = torch.polar(torch.ones(n1, n2, dtype=real), sign * 2 * math.pi * torch.outer(j1, j2) / n)
-    return tuple(t.to(dtype=dtype, device=device) for t in (f1, f2, tw))
+def _dft_factors_f64(n: int, inverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Built eagerly from Python ints and kept as plain CPU float64 tensors: under torch.export or
+    # torch.compile they enter the graph as constants, and nothing traced is ever cached here.
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        n1, n2 = split_length(n)
+        sign = 1.0 if inverse else -1.0
+        real = torch.float64
+        j1 = torch.arange(n1, dtype=real)
+        j2 = torch.arange(n2, dtype=real)
+        f1 = torch.polar(torch.ones(n1, n1, dtype=real), sign * 2 * math.pi * torch.outer(j1, j1) / n1)
+        f2 = torch.polar(torch.ones(n2, n2, dtype=real), sign * 2 * math.pi * torch.outer(j2, j2) / n2)
+        tw = torch.polar(torch.ones(n1, n2, dtype=real), sign * 2 * math.pi * torch.outer(j1, j2) / n)
+    return f1, f2, tw
+
+
+def _dft_factors(n: int, inverse: bool, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    """(F_n1 (n1, n1), F_n2 (n2, n2), twiddles (n1, n2)) in ``dtype`` on ``device``."""
+    return tuple(t.to(dtype=dtype, device=device) for t in _dft_factors_f64(int(n), inverse))
 
 
 def monarch_dft(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -50,7 +58,7 @@ def monarch_dft(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """
     n = x.shape[-1]
     n1, n2 = split_length(n)
-    f1, f2, tw = _dft_factors(n, inverse, x.dtype, str(x.device))
+    f1, f2, tw = _dft_factors(n, inverse, x.dtype, x.device)
     xr = x.reshape(*x.shape[:-1], n1, n2)                          # (..., j1, j2)
     a = torch.matmul(f1, xr) * tw                                  # (..., k1, j2): block GEMM + twiddle
     b = torch.matmul(a, f2.transpose(0, 1))                        # (..., k1, k2): block GEMM

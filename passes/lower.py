@@ -1,0 +1,420 @@
+"""Lowering: rewrite the reference subgraphs of a captured converted model into the fused ``m2::`` ops.
+
+    Monarch multiply   reshape/transpose/bmm/permute/bmm chain   -> m2::monarch_matmul(x, w1, w2)
+    long convolution   rfft * mul * irfft (or the Monarch-DFT    -> m2::gated_long_conv(v, x1, x2, k, k_rev, D)
+                       GEMMs) with the gates and skip around it
+
+The rules (``lower_rules.py``) read each subgraph's structure; before anything is rewritten the pass
+evaluates the subgraph and the fused op on the same random operands (shapes from the capture) and fuses
+only when they agree, so a chain that merely looks like a Monarch multiply (another permutation, factors
+that do not chain) is left as it is and reported with its reason. ``M2_DEBUG=1`` logs every rule that
+fired, and where.
+
+What :func:`lower` returns: a :class:`LoweredModule`, an nn.Module around the rewritten torch.export
+graph (``ep.module()``). It takes the inputs it was captured with (by default ``input_ids`` and
+``attention_mask``; decoders also ``use_cache``, which defaults to False), with batch and sequence
+length dynamic, and returns what the model returned. The graph is fixed in eval mode (dropout off);
+gradients flow through the fused ops. Export it again with ``torch.export.export(lowered, (), inputs)``
+(the ``m2::`` ops stay ops), or save ``lowered.exported`` directly with ``torch.export.save``. To lower
+inside an export, call :func:`lower_program` on the freshly exported program.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.export.graph_signature import InputKind, TensorArgument
+
+from ..errors import CaptureError
+from ..kernels import ops as _ops  # noqa: F401  registers torch.ops.m2 (torch.export.load of lowered programs)
+from ..kernels.testing import rel_err
+from .capture import _split_inputs, check_model, example_inputs_for
+from .graph import BOOKKEEPING, module_path, op_name, users
+from .lower_rules import RULES, Candidate, Emit, GraphView, Skip, is_data, val
+from .pipeline import PassResult, debug
+
+# Agreement needed between a subgraph and its fused op on random operands, by output dtype.
+TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class Fused:
+    """One rewritten site: the rule, the module it belongs to, the op now there, nodes it replaced."""
+
+    rule: str
+    site: str
+    op: str
+    node: str
+    replaced: int
+    detail: str = ""
+
+
+@dataclass
+class Unfused:
+    """A reference subgraph left as it was, with the reason."""
+
+    rule: str
+    site: str
+    anchor: str
+    reason: str
+
+
+@dataclass
+class LowerResult(PassResult):
+    """What the lowering pass did: ``matched`` sites fused (listed in ``fused``), ``unfused`` with reasons.
+
+    Example:
+        >>> result = lower_program(torch.export.export(converted, (), inputs, strict=False))
+        >>> result.count("m2::monarch_matmul"), [u.reason for u in result.unfused]
+        (4, [])
+    """
+
+    fused: list[Fused] = field(default_factory=list)
+    unfused: list[Unfused] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, op: str | None = None) -> int:
+        """Sites fused into ``op`` (e.g. "m2::gated_long_conv"), or into any op."""
+        return sum(1 for f in self.fused if op is None or f.op == op)
+
+    def __str__(self) -> str:
+        lines = [f"lowering: {self.matched} sites fused, {len(self.unfused)} left unfused ({self.seconds:.2f} s)"]
+        lines += [f"  fused    {f.op:<20} {f.site or '<root>'}  [{f.rule}: {f.detail}; {f.replaced} nodes]"
+                  for f in self.fused]
+        lines += [f"  unfused  {u.site or '<root>'} at {u.anchor}  [{u.rule}]: {u.reason}" for u in self.unfused]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def _hint(value):
+    """The example value behind a symbolic size (the probes take the captured example's shapes)."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        hint = value.node.hint
+        return hint if hint is not None else value.node.shape_env.size_hint(value.node.expr)
+    return value
+
+
+def _probe(node: fx.Node, gen: torch.Generator) -> torch.Tensor:
+    v = val(node)
+    dims = [int(_hint(d)) for d in v.shape]
+    if v.is_floating_point() or v.is_complex():
+        work = v.dtype if v.dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32
+        return torch.randn(dims, generator=gen, dtype=work).to(device=v.device, dtype=v.dtype)
+    return torch.randint(0, 2, dims, generator=gen).to(device=v.device, dtype=v.dtype)
+
+
+def _region(cand: Candidate, g: GraphView):
+    """(nodes computing ``cand.out`` from ``cand.inputs``, in graph order; None) or (None, why not)."""
+    inputs, seen, stack = set(cand.inputs), set(), [cand.out]
+    while stack:
+        n = stack.pop()
+        if n in seen or n in inputs or not is_data(n) or g.is_const(n):
+            continue
+        if n.op != "call_function":
+            return None, f"it reads the graph input '{n.name}' besides its operands"
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    nodes = sorted(seen, key=g.order.__getitem__)
+    dep: set = set()
+    for n in nodes:
+        if any(a in inputs or a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    for n in nodes:
+        outside = [u for u in users(n) if u not in seen]
+        if n is not cand.out and n in dep and outside:
+            return None, f"its intermediate '{n.name}' is also used by '{outside[0].name}' outside the subgraph"
+    return nodes, None
+
+
+def _check(cand: Candidate, nodes: list, g: GraphView, seed: int):
+    """None if the subgraph and the fused op agree on random operands, else why not."""
+    gen = torch.Generator().manual_seed(seed)
+    env = {n: _probe(n, gen) for n in cand.inputs}
+
+    def value(a):
+        if a in env:
+            return env[a]
+        if g.is_const(a):
+            return g.constant(a)
+        if isinstance(val(a), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
+            return _hint(val(a))
+        env[a] = a.target(*fx.node.map_arg(a.args, value), **fx.node.map_arg(a.kwargs, value))
+        return env[a]
+
+    def arg(a):
+        if isinstance(a, Emit):
+            return a.target(*(arg(x) for x in a.args))
+        return value(a) if isinstance(a, fx.Node) else a
+
+    try:
+        with torch.no_grad():
+            for n in nodes:
+                value(n)
+            want = cand.op(*(arg(a) for a in cand.args))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        return f"{cand.op.name()} cannot take these operands: {str(exc).splitlines()[0][:200]}"
+    err = rel_err(env[cand.out], want)
+    if err > TOLERANCE.get(val(cand.out).dtype, 1e-4):
+        return f"it computes something other than {cand.op.name()} (relative error {err:.2g} on random operands)"
+    return None
+
+
+def _call(g: GraphView, target, args: tuple, like: fx.Node) -> fx.Node:
+    node = g.graph.call_function(target, args)
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    fake = fx.node.map_arg(args, lambda a: a.meta["val"])
+    with g.fake_mode:
+        node.meta["val"] = target(*fake)
+    return node
+
+
+def _rename_output(ep: torch.export.ExportedProgram, old: str, new: str) -> None:
+    for spec in ep.graph_signature.output_specs:
+        if isinstance(spec.arg, TensorArgument) and spec.arg.name == old:
+            spec.arg = TensorArgument(name=new)
+    for entry in ep.module_call_graph:
+        if entry.signature is not None:
+            entry.signature.outputs = [TensorArgument(name=new) if isinstance(o, TensorArgument) and o.name == old
+                                       else o for o in entry.signature.outputs]
+
+
+def _rewrite(cand: Candidate, nodes: list, g: GraphView) -> tuple[fx.Node, int]:
+    made: dict[int, fx.Node] = {}
+
+    def emit(a):
+        if isinstance(a, Emit):
+            if id(a) not in made:
+                made[id(a)] = _call(g, a.target, tuple(emit(x) for x in a.args), cand.anchor)
+            return made[id(a)]
+        return a
+
+    with g.graph.inserting_before(cand.out):
+        new = _call(g, cand.op, tuple(emit(a) for a in cand.args), cand.anchor)
+    cand.out.replace_all_uses_with(new)
+    _rename_output(g.ep, cand.out.name, new.name)
+    removed = 0
+    for n in reversed(nodes):
+        if all(op_name(u) in BOOKKEEPING for u in n.users):
+            for u in list(n.users):
+                g.graph.erase_node(u)
+            g.graph.erase_node(n)
+            g.gone.add(n)
+            removed += 1
+    g.reorder()
+    return new, removed
+
+
+def lower_program(ep: torch.export.ExportedProgram, rules=RULES) -> LowerResult:
+    """Rewrite ``ep``'s graph in place, fusing every reference subgraph the rules find and the check confirms.
+
+    Args:
+        ep: a program from ``torch.export.export(model, ..., strict=False)`` (any shapes, static or dynamic).
+        rules: the rule table (``lower_rules.RULES``).
+
+    Returns:
+        LowerResult: ``matched`` = sites fused; ``fused`` / ``unfused`` list them (unfused with the reason).
+
+    Example:
+        >>> ep = torch.export.export(converted, (), {"input_ids": ids}, strict=False)
+        >>> print(lower_program(ep))                  # ep.module() now calls torch.ops.m2.*
+    """
+    start = time.perf_counter()
+    g = GraphView(ep)
+    by_anchor: dict[str, list] = {}
+    for rule in rules:
+        for anchor in rule.anchors:
+            by_anchor.setdefault(anchor, []).append(rule)
+    result = LowerResult("lower", 0, 0.0)
+    for node in list(g.graph.nodes):
+        for rule in by_anchor.get(op_name(node), ()) if node not in g.gone else ():
+            try:
+                found = rule.match(rule.name, node, g)
+            except Exception as exc:                      # a layout no rule foresaw: report it, lower the rest
+                found = Skip(rule.name, module_path(node), node, f"the rule cannot read this subgraph "
+                                                                 f"({type(exc).__name__}: {exc})")
+            if isinstance(found, Skip):
+                result.unfused.append(Unfused(rule.name, found.site, node.name, found.reason))
+                debug(f"lower: rule {rule.name} left '{found.site}' at {node.name}: {found.reason}")
+            elif found:
+                _apply(found, g, result, rule)
+                break
+    g.graph.eliminate_dead_code()
+    _drop_unused_constants(ep)
+    ep.graph_module.recompile()
+    result.matched, result.seconds = len(result.fused), time.perf_counter() - start
+    debug(f"pass lower: {result.matched} fused, {len(result.unfused)} unfused")
+    return result
+
+
+def _drop_unused_constants(ep: torch.export.ExportedProgram) -> None:
+    """Remove lifted tensor constants no node reads any more (e.g. the DFT factors of fused convolutions)."""
+    sig = ep.graph_signature
+    unused = {n.name: n for n in ep.graph.nodes
+              if n.op == "placeholder" and not n.users and n.name in sig.inputs_to_lifted_tensor_constants}
+    for spec in [s for s in sig.input_specs if s.kind == InputKind.CONSTANT_TENSOR and s.arg.name in unused]:
+        sig.input_specs.remove(spec)
+        ep.constants.pop(spec.target, None)
+        ep.graph.erase_node(unused[spec.arg.name])
+
+
+def _apply(candidates: list[Candidate], g: GraphView, result: LowerResult, rule) -> None:
+    first = candidates[0]
+    reason = None
+    for i, cand in enumerate(candidates):
+        nodes, why = _region(cand, g)
+        why = why or _check(cand, nodes, g, seed=len(result.fused) * 7 + i)
+        if why is None:
+            new, removed = _rewrite(cand, nodes, g)
+            result.fused.append(Fused(cand.rule, cand.site, cand.op.name(), new.name, removed, cand.detail))
+            debug(f"lower: rule {rule.name} [{rule.algebra}] fired at '{cand.site}' ({cand.anchor.name} -> "
+                  f"{new.name}, {removed} nodes): {cand.detail}")
+            return
+        reason = reason or why
+    result.unfused.append(Unfused(first.rule, first.site, first.anchor.name, reason))
+    debug(f"lower: rule {first.rule} left '{first.site}' at {first.anchor.name}: {reason}")
+
+
+class LoweredModule(nn.Module):
+    """A model whose reference subgraphs run as fused ``m2::`` ops: the rewritten torch.export graph.
+
+    Attributes:
+        program: the GraphModule (``exported.module()``) that runs.
+        exported: the rewritten ExportedProgram (``torch.export.save(lowered.exported, "model.pt2")``).
+        result: the :class:`LowerResult` (sites fused and left).
+        config: the source model's Hugging Face config, where it had one.
+
+    ``forward`` takes the inputs the model was captured with (see ``inspect.signature(lowered.forward)``);
+    the graph is fixed in eval mode, so ``train()`` / ``eval()`` only set the flag.
+
+    Example:
+        >>> lowered = m2.lower(converted)                    # inputs: input_ids, attention_mask (B, N)
+        >>> ep = torch.export.export(lowered, (), {"input_ids": ids, "attention_mask": mask})
+        >>> sorted({str(n.target) for n in ep.graph.nodes if "m2" in str(n.target)})
+        ['m2.gated_long_conv.default', 'm2.monarch_matmul.default']
+    """
+
+    def __init__(self, program: fx.GraphModule, exported: torch.export.ExportedProgram, result: LowerResult):
+        super().__init__()
+        self.program, self.exported, self.result = program, exported, result
+        self._n_args = _n_positional(exported)
+
+    def forward(self, *args, **kwargs):
+        bound = inspect.signature(self.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = list(bound.arguments.items())
+        return self.program(*(v for _, v in values[:self._n_args]), **dict(values[self._n_args:]))
+
+    def train(self, mode: bool = True) -> "LoweredModule":
+        self.training = mode
+        return self
+
+
+def _n_positional(ep: torch.export.ExportedProgram) -> int:
+    spec = ep.call_spec.in_spec                                              # (args, kwargs)
+    return (spec.child(0) if hasattr(spec, "child") else spec.children_specs[0]).num_children
+
+
+def _wrap(ep: torch.export.ExportedProgram, result: LowerResult) -> LoweredModule:
+    """The LoweredModule of ``ep``, its forward signed like the captured inputs: positional ones first,
+    then keyword-only ones, constant inputs (``use_cache=False``) defaulting to their captured value."""
+    P = inspect.Parameter
+    program = ep.module()
+    n_args = _n_positional(ep)
+    consts = {s.arg.name: s.arg.value for s in ep.graph_signature.input_specs
+              if type(s.arg).__name__ == "ConstantArgument"}
+    params = [P("self", P.POSITIONAL_OR_KEYWORD)]
+    for i, name in enumerate(inspect.signature(program.forward).parameters):
+        kind = P.POSITIONAL_OR_KEYWORD if i < n_args else P.KEYWORD_ONLY
+        params.append(P(name, kind, default=consts.get(name, P.empty) if i >= n_args else P.empty))
+    forward = lambda self, *a, **k: LoweredModule.forward(self, *a, **k)   # noqa: E731
+    forward.__signature__ = inspect.Signature(params)
+    cls = type("LoweredModule", (LoweredModule,), {"forward": forward, "__doc__": LoweredModule.__doc__,
+                                                   "__module__": __name__})
+    return cls(program, ep, result)
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, batch: bool):
+    """Dim 1 of every input of the first input's length N is one symbol 'seq'; dim 0 'batch' likewise."""
+    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    if first is None or first.dim() < 2 or first.shape[1] < 2:
+        return None
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = next((v for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(v := getattr(text, k, None), int) and v > 2), None)
+    seq = torch.export.Dim("seq", min=2, max=limit) if limit else torch.export.Dim("seq", min=2)
+    rows = torch.export.Dim("batch", min=1)
+    b, n = first.shape[:2]
+
+    def spec(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        dims = {1: seq} if t.dim() >= 2 and t.shape[1] == n else {}
+        return {**dims, 0: rows} if batch and t.shape[0] == b else dims or None
+
+    return {k: spec(t) for k, t in kwargs.items()} if kwargs else tuple(spec(t) for t in args)
+
+
+def _capture(model: nn.Module, example_inputs, dynamic: bool) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """Export ``model`` (eval mode, non-strict): batch and length dynamic, else length only, else static."""
+    args, kwargs = _split_inputs(example_inputs_for(model) if example_inputs is None else example_inputs)
+    attempts = [("dynamic batch and length", True), ("dynamic length", False)] if dynamic else []
+    attempts.append(("static", None))
+    failures: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for what, batch in attempts:
+            shapes = None if batch is None else _dynamic_shapes(model, args, kwargs, batch)
+            if batch is not None and shapes is None:
+                continue
+            try:
+                ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            except Exception as exc:                      # export raises many types; each attempt says why
+                detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                failures.append(f"{what} shapes: {type(exc).__name__}: {detail}")
+                continue
+            return ep, [f"captured with {what} shapes ({'; '.join(failures)})"] if failures else []
+    finally:
+        model.train(was_training)
+    raise CaptureError(f"torch.export could not capture {type(model).__name__} for lowering ("
+                       + "; ".join(failures) + "). Pass example_inputs matching its forward")
+
+
+def lower(model, example_inputs=None, dynamic: bool = True) -> LoweredModule:
+    """Capture a converted model and run it with the fused ``m2::`` kernels (SPEC section 6).
+
+    Args:
+        model: a converted model (``m2.convert``), or an ExportedProgram (rewritten in place).
+        example_inputs: dict of keyword tensors (e.g. ``{"input_ids": ids}``, (B, N)) or tuple of positional
+            tensors; built from ``model.config`` when None (input_ids + attention_mask, B=2, N=16).
+        dynamic: keep batch and sequence length symbolic (falling back to static shapes if the model
+            cannot be captured so; ``result.notes`` says so).
+
+    Returns:
+        LoweredModule: call it like the model with the captured inputs; ``.result`` lists what was fused.
+
+    Raises:
+        UnsupportedModelError: ``model`` is not an nn.Module.  CaptureError: torch.export failed.
+
+    Example:
+        >>> lowered = m2.lower(m2.convert(BertModel(BertConfig(num_hidden_layers=2))))
+        >>> lowered.result.count("m2::monarch_matmul")          # two MonarchLinear per MLP
+        4
+        >>> lowered(input_ids=ids, attention_mask=mask).last_hidden_state.shape     # (B, N, H)
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        ep, notes = model, []
+    else:
+        ep, notes = _capture(check_model(model, "m2.lower"), example_inputs, dynamic)
+    result = lower_program(ep)
+    result.notes += notes
+    lowered = _wrap(ep, result)
+    if getattr(model, "config", None) is not None:
+        lowered.config = model.config                    # position limits etc. for whoever exports it next
+    return lowered
