@@ -126,7 +126,24 @@ def add_export_command(sub) -> None:
     p.set_defaults(func=_run_export)
 
 
-COMMANDS = [add_plan_command, add_convert_command, add_export_command]
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(steps=args.steps, eval_sentences=args.sentences)
+    return 0
+
+
+def add_demo_command(sub) -> None:
+    p = sub.add_parser("demo", help="convert the bundled all-MiniLM-L6-v2, recover it briefly and report",
+                       description="The main job on the bundled model, offline: plan and convert "
+                                   "all-MiniLM-L6-v2, run a short layer-wise recovery on SST-2 sentences "
+                                   "($M2CONVERT_DATA), and report embedding agreement and speed.")
+    p.add_argument("--steps", type=int, default=100, help="transfer steps of the short recovery (default 100)")
+    p.add_argument("--sentences", type=int, default=200, help="held-out dev sentences compared (default 200)")
+    p.set_defaults(func=_run_demo)
+
+
+COMMANDS = [add_plan_command, add_convert_command, add_export_command, add_demo_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
