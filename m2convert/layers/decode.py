@@ -27,7 +27,8 @@ class DecodeState:
         z_tail: (B, 3H, kernel-1) last in_proj outputs, the short conv's window.
         w: (B, H, capacity) gated long-conv inputs w = v * x1; the first ``length`` are filled.
         u: (B, H, capacity) or None: the residual long-conv inputs.
-        taps: (H, capacity) and res_taps: (H, capacity) or None: filter taps by offset.
+        taps: (H, capacity) and res_taps: (H, capacity) or None: filter taps in reversed offset order
+            (column capacity-1-d holds offset d), so the taps of a step are one contiguous slice.
         length: tokens seen so far.
     """
 
@@ -58,9 +59,9 @@ def _ensure_capacity(mixer, state: DecodeState, needed: int) -> None:
     state.w = _grow(state.w, capacity)
     if state.u is not None:
         state.u = _grow(state.u, capacity)
-    state.taps = mixer.filter(capacity)[0]
+    state.taps = mixer.filter(capacity)[0].flip(-1)
     if mixer.residual_filter is not None:
-        state.res_taps = mixer.residual_filter(capacity)[0]
+        state.res_taps = mixer.residual_filter(capacity)[0].flip(-1)
 
 
 def prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, capacity: int | None = None):
@@ -89,8 +90,8 @@ def prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, capacity: 
         u = x.transpose(1, 2) if keep is None else x.transpose(1, 2) * keep    # (B, H, N)
     cap = max(capacity or 0, n, 1)
     state = DecodeState(z_tail=z_tail, w=_grow(w, cap), u=None if u is None else _grow(u, cap),
-                        taps=mixer.filter(cap)[0],
-                        res_taps=None if mixer.residual_filter is None else mixer.residual_filter(cap)[0],
+                        taps=mixer.filter(cap)[0].flip(-1),
+                        res_taps=None if mixer.residual_filter is None else mixer.residual_filter(cap)[0].flip(-1),
                         length=n)
     return mixer(x, mask), state
 
@@ -118,13 +119,13 @@ def decode_step(mixer, x_t: torch.Tensor, state: DecodeState) -> torch.Tensor:
     state.z_tail = window[..., 1:]
     x1, x2, v = c.split(h, dim=-1)
     state.w[..., t] = v * x1
-    # Taps by offset d = 0..t against inputs at t..0 (reversed order).
-    past = state.w[..., : t + 1].flip(-1)                                      # (B, H, t+1)
-    y = x2 * ((past * state.taps[:, : t + 1]).sum(-1) + mixer.D * state.w[..., t])
+    # Inputs at times 0..t meet taps of offsets t..0: one slice of the reversed taps, one dot product.
+    offsets = slice(state.taps.shape[-1] - 1 - t, None)
+    y = x2 * (torch.einsum("bhs,hs->bh", state.w[..., : t + 1], state.taps[:, offsets]) + mixer.D * state.w[..., t])
     if state.u is not None:
         state.u[..., t] = x
-        past_u = state.u[..., : t + 1].flip(-1)
-        y = y + (past_u * state.res_taps[:, : t + 1]).sum(-1) + mixer.D_res * x
+        y = (y + torch.einsum("bhs,hs->bh", state.u[..., : t + 1], state.res_taps[:, offsets])
+             + mixer.D_res * x)
     state.length = t + 1
     out = mixer.out_proj(y)                                                    # (B, H)
     return out if squeeze else out[:, None]

@@ -1,0 +1,203 @@
+"""Export converted models: torch.export programs (.pt2) and AOTInductor packages.
+
+The exported program takes the example inputs' names (keyword tensors) or positions, with the sequence
+dimension (dim 1) dynamic, and returns a flat tuple of tensors: the model output's fields in order,
+``None`` fields dropped (e.g. ``(last_hidden_state, pooler_output)`` for BertModel, ``(logits,)`` for a
+causal LM, which is exported without a KV cache). A flat tuple needs no transformers at load time.
+
+Loading:
+    .pt2 program   ``torch.export.load(path).module()(**inputs)``; a program holding ``m2::`` ops (a
+                   lowered model) needs ``import m2convert`` first so the ops are registered.
+    AOTInductor    ``torch._inductor.aoti_load_package(path)(**inputs)``: compiled C++, needs torch only,
+                   also for lowered models (the ops' implementations are compiled in). It expects
+                   contiguous inputs.
+
+``torch.compile(model, fullgraph=True)`` also works on converted models: the M2 layers have no graph
+breaks.
+
+Example:
+    >>> ids = torch.randint(0, 1000, (1, 128))
+    >>> m2.export(converted, {"input_ids": ids}, "model.pt2")
+    >>> m2.export(converted, {"input_ids": ids}, "model-aoti.pt2", aoti=True)
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from .errors import CaptureError, ConfigError
+
+aten = torch.ops.aten
+
+
+def _flatten_output(out) -> tuple:
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if hasattr(out, "to_tuple"):                                              # transformers ModelOutput
+        out = out.to_tuple()
+    elif isinstance(out, dict):
+        out = tuple(out.values())
+    if isinstance(out, (tuple, list)):
+        flat = []
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                flat.append(item)
+            elif item is not None:
+                flat.extend(_flatten_output(item))
+        return tuple(flat)
+    raise CaptureError(f"cannot export an output of type {type(out).__name__}; the model must return tensors, "
+                       "tuples/dicts of tensors or a transformers ModelOutput")
+
+
+class _Exported(nn.Module):
+    """Calls ``model`` with the tensor inputs plus fixed non-tensor arguments; returns a flat tensor tuple.
+
+    Tensor inputs arrive by the names of ``self.names``; ``self.keyword`` says whether the model takes
+    them by keyword (dict example inputs) or by position (tuple example inputs).
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], keyword: bool, constants: dict):
+        super().__init__()
+        self.model, self.names, self.keyword, self.constants = model, names, keyword, constants
+
+    def forward(self, *args, **kwargs):
+        kwargs.update(zip(self.names, args))
+        if self.keyword:
+            return _flatten_output(self.model(**kwargs, **self.constants))
+        return _flatten_output(self.model(*(kwargs[n] for n in self.names), **self.constants))
+
+
+def _wrap(model: nn.Module, example_inputs) -> tuple[nn.Module, tuple, dict]:
+    """The module to export and its (args, kwargs); its forward's signature names every tensor input."""
+    params = inspect.signature(model.forward).parameters
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):
+        tensors = {k: v for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
+        constants = {k: v for k, v in example_inputs.items() if not isinstance(v, torch.Tensor)}
+        keyword = True
+    elif isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        tensors = {f"input_{i}": t for i, t in enumerate(example_inputs)}
+        constants, keyword = {}, False
+    else:
+        raise ConfigError(f"example_inputs must be a dict of keyword tensors (e.g. {{'input_ids': ids}}) or a "
+                          f"tuple of positional tensors, got {type(example_inputs).__name__}")
+    if "use_cache" in params and "use_cache" not in constants:
+        constants["use_cache"] = False                                       # no KV cache in the graph
+    # torch.export binds inputs by the forward's signature: a subclass whose forward names the inputs.
+    P = inspect.Parameter
+    forward = lambda self, *a, **k: _Exported.forward(self, *a, **k)            # noqa: E731
+    forward.__signature__ = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in ["self", *tensors]])
+    cls = type("ExportedModel", (_Exported,), {"forward": forward})
+    wrapper = cls(model, list(tensors), keyword, constants)
+    return (wrapper, (), tensors) if keyword else (wrapper, tuple(tensors.values()), {})
+
+
+def _dynamic_shapes(args: tuple, kwargs: dict):
+    """Dim 1 of every (B, N, ...) input whose dim 1 equals the first input's N is dynamic.
+
+    ``Dim.DYNAMIC`` lets export infer the range (e.g. N <= the table of learned positions) and the
+    inputs' equal lengths, and fails if the model fixes N.
+    """
+    first = next(iter(kwargs.values()), args[0] if args else None)
+    if first is None or first.dim() < 2:
+        raise ConfigError("dynamic_seq=True needs a first input of shape (B, N, ...); "
+                          "pass dynamic_seq=False to export static shapes")
+    n = first.shape[1]
+    if n < 2:
+        raise ConfigError(f"example inputs have sequence length {n}; use N >= 2 so export can keep N symbolic")
+
+    def spec(t):
+        return {1: torch.export.Dim.DYNAMIC} if t.dim() >= 2 and t.shape[1] == n else None
+
+    return {k: spec(t) for k, t in kwargs.items()} if kwargs else tuple(spec(t) for t in args)
+
+
+class _ComplexSubAsAdd(CustomGraphPass):
+    """Inductor post-grad pass: complex ``a - b`` becomes ``a + (-b)``, exact in IEEE arithmetic.
+
+    AOTInductor has no C shim for complex aten.sub (FFT long convolutions with reverse filters use it)
+    and its fallback through the proxy executor fails on CPU (torch 2.13). It runs on the post-grad
+    graph, where the fused ``m2::`` ops are already decomposed into aten ops.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for node in list(graph.nodes):
+            val = node.meta.get("val")
+            if node.target is not aten.sub.Tensor or not isinstance(val, torch.Tensor) or not val.is_complex() \
+                    or len(node.args) != 2 or node.kwargs:
+                continue
+            other = node.args[1]
+            with graph.inserting_before(node):
+                neg = graph.call_function(aten.neg.default, (other,))
+            if isinstance(other, torch.fx.Node) and "val" in other.meta:
+                neg.meta["val"] = other.meta["val"].neg()
+            node.target, node.args = aten.add.Tensor, (node.args[0], neg)
+
+    def uuid(self):
+        return get_hash_for_files((__file__,))
+
+
+def export_program(model: nn.Module, example_inputs, dynamic_seq: bool = True) -> torch.export.ExportedProgram:
+    """torch.export ``model`` (in eval mode) on ``example_inputs``; see :func:`export`.
+
+    Example:
+        >>> ep = export_program(converted, {"input_ids": torch.randint(0, 100, (1, 16))})
+        >>> ep.module()(input_ids=torch.randint(0, 100, (1, 40)))[0].shape
+        torch.Size([1, 40, 100])
+    """
+    wrapper, args, kwargs = _wrap(model, example_inputs)
+    dynamic = _dynamic_shapes(args, kwargs) if dynamic_seq else None
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.export.export(wrapper, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"torch.export failed on {type(model).__name__}: {type(exc).__name__}: {detail}. "
+                           "Check that example_inputs match its forward; pass dynamic_seq=False if the model "
+                           "fixes the sequence length") from exc
+    finally:
+        model.train(was_training)
+
+
+def export(model: nn.Module, example_inputs, path, aoti: bool = False, dynamic_seq: bool = True) -> Path:
+    """Export ``model`` to ``path``: a torch.export program (.pt2), or an AOTInductor package.
+
+    Args:
+        model: a converted (or any exportable) model; exported in eval mode, on its device.
+        example_inputs: dict of keyword tensors (e.g. ``{"input_ids": ids}`` with ids (B, N)) or a tuple
+            of positional tensors; non-tensor dict values are fixed into the graph.
+        path: output file, ``*.pt2`` (required for AOTInductor; parent directories are created).
+        aoti: compile with AOTInductor into a package that runs without Python model code.
+        dynamic_seq: make the sequence dimension (dim 1 of every input of length N) dynamic, from 2 to
+            whatever the model allows (e.g. its table of learned positions); one artifact serves them all.
+
+    Returns:
+        ``path`` as a Path. The artifact takes the same inputs and returns a tuple of tensors (see the
+        module docstring).
+
+    Raises:
+        CaptureError: torch.export failed (the message says why).  ConfigError: bad example_inputs.
+
+    Example:
+        >>> p = m2.export(converted, {"input_ids": ids, "attention_mask": mask}, "bert-m2.pt2", aoti=True)
+        >>> runner = torch._inductor.aoti_load_package(str(p))
+        >>> runner(input_ids=ids, attention_mask=mask)[0].shape          # (B, N, H)
+    """
+    path = Path(path)
+    if aoti and path.suffix != ".pt2":
+        raise ConfigError(f"an AOTInductor package path must end in .pt2, got '{path}'")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ep = export_program(model, example_inputs, dynamic_seq)
+    if not aoti:
+        torch.export.save(ep, str(path))
+        return path
+    torch._inductor.aoti_compile_and_package(
+        ep, package_path=str(path), inductor_configs={"post_grad_custom_post_pass": _ComplexSubAsAdd()})
+    return path

@@ -1,0 +1,146 @@
+"""Decoding cache for converted decoders: ``generate()`` at O(N) per new token instead of an FFT pass.
+
+A causal M2 mixer needs no keys and values: its state is the past long-conv inputs and the short conv's
+window (:class:`~m2convert.layers.decode.DecodeState`). When a converted decoder runs with a transformers
+``Cache`` (``use_cache=True``, as ``generate()`` does), each attention adapter keeps that state in an
+:class:`M2CacheLayer` at its own layer index of the cache: the prompt runs once through
+:func:`~m2convert.layers.decode.prefill`, every later token through
+:func:`~m2convert.layers.decode.decode_step`. Without a cache (``use_cache=False``) the full sequence is
+recomputed at each step; both give the same tokens.
+
+Greedy search, sampling and beam search work (beam search reorders the states like a KV cache);
+assisted / speculative decoding, which crops the cache, is refused with a clear error.
+
+Example:
+    >>> converted = m2.convert(GPT2LMHeadModel(config))
+    >>> out = converted.generate(ids, max_new_tokens=64, do_sample=False)       # cached, O(N) per token
+    >>> same = converted.generate(ids, max_new_tokens=64, do_sample=False, use_cache=False)
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .errors import ConversionError
+from .layers.decode import DecodeState, decode_step, prefill
+
+
+class M2CacheLayer(DynamicLayer):
+    """One layer of a transformers Cache holding an M2 mixer's :class:`DecodeState` instead of keys/values.
+
+    Reports the tokens seen as its sequence length (so masks and positions come out right) and
+    follows the batch operations of beam search; it cannot be cropped.
+
+    Example:
+        >>> cache = DynamicCache(config=model.config)
+        >>> model(ids, cache=cache, use_cache=True)
+        >>> cache.layers[0].get_seq_length() == ids.shape[1]
+        True
+    """
+
+    is_croppable = False
+    is_compileable = False
+
+    def __init__(self):
+        super().__init__()
+        self.state: DecodeState | None = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise ConversionError("a transformers attention layer tried to store keys/values in a cache slot that "
+                              "holds an M2 mixer state; two layers share one layer_idx")
+
+    def get_seq_length(self) -> int:
+        return 0 if self.state is None else self.state.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state, self.is_initialized = None, False
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0 and self.state is not None:
+            raise ConversionError("M2 decoding states cannot be cropped (assisted / speculative decoding); "
+                                  "generate without an assistant, or with use_cache=False")
+
+    def _batch(self, fn) -> None:
+        if self.state is not None:
+            s = self.state
+            s.z_tail, s.w = fn(s.z_tail), fn(s.w)
+            s.u = None if s.u is None else fn(s.u)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+
+def cache_layer(cache, layer_idx: int | None) -> M2CacheLayer:
+    """The :class:`M2CacheLayer` at ``layer_idx`` of a transformers Cache, put in place on first use.
+
+    Example:
+        >>> cache_layer(DynamicCache(), 0).get_seq_length()
+        0
+    """
+    cache = getattr(cache, "self_attention_cache", cache)                     # EncoderDecoderCache
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx is None:
+        raise ConversionError(f"cannot keep an M2 decoding state in {type(cache).__name__} (layer index "
+                              f"{layer_idx}); pass use_cache=False to recompute the sequence at each step")
+    while len(layers) <= layer_idx:
+        layers.append(cache.layer_class_to_replicate() if cache.layer_class_to_replicate else DynamicLayer())
+    layer = layers[layer_idx]
+    if not isinstance(layer, M2CacheLayer):
+        if layer.get_seq_length() > 0:
+            raise ConversionError(f"cache layer {layer_idx} already holds {layer.get_seq_length()} tokens of "
+                                  "keys/values; a cache made by the unconverted model cannot be reused")
+        layer = layers[layer_idx] = M2CacheLayer()
+    return layer
+
+
+def cached_mix(mixer, x: torch.Tensor, keep: torch.Tensor | None, cache, layer_idx: int | None) -> torch.Tensor:
+    """Run a causal mixer on new tokens, keeping its state in ``cache`` at ``layer_idx``.
+
+    The first call (an empty slot) is the prompt: the full mixer output plus a fresh state. Later
+    calls take one or more new tokens, each at O(N H) from the state.
+
+    Args:
+        mixer: a causal M2SequenceMixer.  x: (B, n, H) new tokens.  keep: (B, n) padding mask or None
+            (only read for the prompt: generated tokens are never padding).
+        cache: a transformers Cache.  layer_idx: the layer's slot in it.
+
+    Returns:
+        (B, n, H), equal to the last n outputs of the mixer on the whole sequence.
+
+    Example:
+        >>> y = cached_mix(adapter.mixer, x_prompt, None, cache, 0)       # (B, N, H)
+        >>> y_t = cached_mix(adapter.mixer, x_next, None, cache, 0)       # (B, 1, H)
+    """
+    layer = cache_layer(cache, layer_idx)
+    if layer.state is None:
+        # Room for as many new tokens as the prompt has: regenerating the filter taps for a larger
+        # capacity is an O(N) filter-MLP pass, so it happens at the prompt and then at each doubling.
+        y, layer.state = prefill(mixer, x, keep, capacity=2 * x.shape[1])
+        layer.is_initialized = True
+        return y                                                               # (B, n, H)
+    if x.shape[0] != layer.state.w.shape[0]:
+        raise ConversionError(f"the cache holds {layer.state.w.shape[0]} sequences, got a batch of {x.shape[0]}")
+    steps = [decode_step(mixer, x[:, i:i + 1], layer.state) for i in range(x.shape[1])]
+    return torch.cat(steps, dim=1)                                             # (B, n, H)

@@ -1,0 +1,148 @@
+""".pt2 programs and AOTInductor packages of converted models run without m2convert; torch.compile has no
+graph breaks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import m2convert as m2
+from m2convert.errors import CaptureError, ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = m2.ConvertConfig(filter_order=16)
+LENGTHS = (16, 37)                                       # the example length and another one, one artifact
+
+# Runs in a fresh interpreter that cannot import m2convert (or transformers): torch alone runs the artifacts.
+RUN_ARTIFACTS = textwrap.dedent("""
+    import sys
+    sys.modules["m2convert"] = None
+    sys.modules["transformers"] = None
+    import torch
+    from safetensors.torch import load_file, save_file
+    root = sys.argv[1]
+    feeds, out = load_file(root + "/inputs.safetensors"), {}
+    program = torch.export.load(root + "/bert.pt2").module()
+    package = torch._inductor.aoti_load_package(root + "/bert-aoti.pt2")
+    fused = torch._inductor.aoti_load_package(root + "/fused-aoti.pt2")
+    for n in sys.argv[2:]:
+        kwargs = {"input_ids": feeds["ids" + n], "attention_mask": feeds["mask" + n]}
+        for name, run in (("pt2", program), ("aoti", package)):
+            for i, t in enumerate(run(**kwargs)):
+                out[f"{name}.{n}.{i}"] = t.contiguous()
+        out[f"fused.{n}"] = fused(feeds["x" + n])[0]
+    save_file(out, root + "/outputs.safetensors")
+""")
+
+
+class FusedOps(torch.nn.Module):
+    """What a lowered model runs: the m2:: Monarch multiply and gated long convolution (with reverse taps)."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w1 = torch.randn(4, 16, 8, generator=gen) / 8 ** 0.5               # unit-scale outputs
+        self.w2 = torch.randn(4, 8, 16, generator=gen) / 16 ** 0.5
+        self.k, self.k_rev = torch.randn(2, 32, 64, generator=gen) / 8
+        self.D = torch.randn(32, generator=gen)
+
+    def forward(self, x):                                                   # (B, N, 32)
+        import m2convert.kernels.ops  # noqa: F401  (registers the m2:: ops)
+
+        v = torch.ops.m2.monarch_matmul(x, self.w1, self.w2).transpose(1, 2)   # (B, 32, N)
+        n = v.shape[-1]
+        y = torch.ops.m2.gated_long_conv(v, v, v, self.k[:, :n], self.k_rev[:, :n], self.D)
+        return y.transpose(1, 2)                                              # (B, N, 32)
+
+
+def _inputs(n: int) -> dict:
+    gen = torch.Generator().manual_seed(n)
+    ids = torch.randint(1, 96, (2, n), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, n - 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def bert_artifacts(tmp_path_factory):
+    """A converted tiny BERT exported once as .pt2 and once as an AOTInductor package (slow: compiles C++)."""
+    from conftest import _bert
+
+    model = m2.convert(_bert(layers=1), SMALL)
+    root = tmp_path_factory.mktemp("export")
+    example = _inputs(LENGTHS[0])
+    m2.export(model, example, root / "bert.pt2")
+    m2.export(model, example, root / "bert-aoti.pt2", aoti=True)
+    m2.export(FusedOps(), (torch.randn(2, LENGTHS[0], 32),), root / "fused-aoti.pt2", aoti=True)
+    return model, root
+
+
+def test_pt2_and_aoti_package_run_in_a_fresh_process_without_m2convert(bert_artifacts):
+    model, root = bert_artifacts
+    feeds = {}
+    for n in LENGTHS:
+        feeds.update({f"ids{n}": _inputs(n)["input_ids"], f"mask{n}": _inputs(n)["attention_mask"],
+                      f"x{n}": torch.randn(2, n, 32, generator=torch.Generator().manual_seed(n))})
+    save_file(feeds, str(root / "inputs.safetensors"))
+    proc = subprocess.run([sys.executable, "-I", "-c", RUN_ARTIFACTS, str(root), *map(str, LENGTHS)],
+                          capture_output=True, text=True, timeout=300, cwd=str(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = load_file(str(root / "outputs.safetensors"))
+    for n in LENGTHS:
+        with torch.no_grad():
+            expected = model(**_inputs(n)).to_tuple()                  # (last_hidden_state, pooler_output)
+        for kind in ("pt2", "aoti"):
+            got = [outputs[f"{kind}.{n}.{i}"] for i in range(len(expected))]
+            assert got[0].shape == (2, n, 32)
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # m2:: ops are compiled into the package: no m2convert needed to run a lowered model either.
+        torch.testing.assert_close(outputs[f"fused.{n}"], FusedOps()(feeds[f"x{n}"]), rtol=1e-5, atol=1e-5)
+
+
+def test_the_default_graph_holds_only_aten_ops(bert_artifacts):
+    _, root = bert_artifacts
+    program = torch.export.load(str(root / "bert.pt2"))
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    foreign = {t for t in targets if isinstance(t, torch._ops.OpOverload) and t.namespace != "aten"}
+    assert not foreign
+
+
+def test_torch_compile_fullgraph_has_no_graph_breaks(tiny_model):
+    torch._dynamo.reset()
+    model = m2.convert(tiny_model("bert"), SMALL)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")      # fullgraph: a break raises
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**_inputs(16))[0], model(**_inputs(16))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_example_inputs_get_named_errors(tmp_path, tiny_model):
+    model = m2.convert(tiny_model("bert"), SMALL)
+    with pytest.raises(ConfigError, match="example_inputs"):
+        m2.export(model, "input_ids", tmp_path / "a.pt2")
+    with pytest.raises(ConfigError, match="dynamic_seq"):
+        m2.export(model, {"input_ids": torch.tensor([1, 2, 3])}, tmp_path / "b.pt2")
+    with pytest.raises(CaptureError, match="torch.export failed on BertModel"):
+        m2.export(model, {"not_an_input": torch.ones(1, 4, dtype=torch.long)}, tmp_path / "c.pt2")
+
+
+def test_cli_exports_a_saved_decoder_without_its_cache(tmp_path, tiny_model, capsys):
+    from m2convert.cli import main
+
+    model = m2.convert(tiny_model("gpt2"), SMALL)
+    m2.save_pretrained(model, tmp_path / "gpt2-m2")
+    assert main(["export", str(tmp_path / "gpt2-m2"), "--out", str(tmp_path / "gpt2.pt2")]) == 0
+    program = torch.export.load(str(tmp_path / "gpt2.pt2")).module()
+    for n in LENGTHS:
+        ids = _inputs(n)["input_ids"][:1]
+        (logits,) = program(input_ids=ids, attention_mask=torch.ones_like(ids))
+        with torch.no_grad():
+            torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x.pt2")]) == 1
+    assert "is not an m2convert save" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""save_pretrained / from_pretrained: a fresh process rebuilds bit-equal models; bad directories get named errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import m2convert as m2
+from m2convert.errors import CheckpointError, M2Error
+from m2convert.serialize import from_pretrained, parameters_on_meta, save_pretrained
+
+pytestmark = pytest.mark.usefixtures("one_thread")      # bit equality across processes: same thread count
+SMALL = m2.ConvertConfig(filter_order=16)
+
+LOAD_AND_RUN = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import load_file, save_file
+    torch.set_num_threads(1)
+    import m2convert as m2
+    root = sys.argv[1]
+    inputs, out = load_file(root + "/inputs.safetensors"), {}
+    for name in sys.argv[2:]:
+        model = m2.from_pretrained(root + "/" + name)
+        feed = {k.split(".", 1)[1]: v for k, v in inputs.items() if k.startswith(name + ".")}
+        with torch.no_grad():
+            out[name] = model(**feed)[0].contiguous()
+    save_file(out, root + "/outputs.safetensors")
+""")
+
+
+def test_round_trip_in_a_fresh_process_is_bit_equal(tmp_path, tiny_model, tiny_inputs, minilm, minilm_plan):
+    models = {f: m2.convert(tiny_model(f), SMALL) for f in ("bert", "gpt2", "llama")}
+    models["minilm"] = minilm_plan.apply()
+    feeds = {f: tiny_inputs(9) for f in ("bert", "gpt2", "llama")}
+    feeds["minilm"] = dict(minilm[1](["a converted model", "saved and loaded again, bit for bit"],
+                                     padding=True, return_tensors="pt"))
+    expected, flat_inputs = {}, {}
+    for name, model in models.items():
+        save_pretrained(model, tmp_path / name)
+        with torch.no_grad():
+            expected[name] = model(**feeds[name])[0]
+        flat_inputs.update({f"{name}.{k}": v for k, v in feeds[name].items()})
+    save_file(flat_inputs, str(tmp_path / "inputs.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(tmp_path), *models], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = load_file(str(tmp_path / "outputs.safetensors"))
+    for name in models:
+        assert torch.equal(outputs[name], expected[name]), name
+
+    # The loaded models keep ties, plan, generation settings and (for MiniLM) the tokenizer.
+    gpt2 = from_pretrained(tmp_path / "gpt2")
+    assert type(gpt2) is type(models["gpt2"]) and not gpt2.training
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    assert gpt2.m2convert_plan == models["gpt2"].m2convert_plan
+    meta = json.loads((tmp_path / "gpt2" / "m2convert.json").read_text())
+    assert meta["aliases"] == [["transformer.wte.weight", "lm_head.weight"]]
+    assert (tmp_path / "gpt2" / "generation_config.json").is_file()
+    assert {"vocab.txt", "tokenizer_config.json"} <= set(json.loads(
+        (tmp_path / "minilm" / "m2convert.json").read_text())["tokenizer_files"])
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "minilm")
+    assert tokenizer("hello world")["input_ids"] == minilm[1]("hello world")["input_ids"]
+
+
+def test_the_models_own_save_pretrained_writes_the_same_weights(tmp_path, tiny_model, tiny_inputs):
+    converted = m2.convert(tiny_model("gpt2"), SMALL)
+    save_pretrained(converted, tmp_path / "ours")
+    converted.save_pretrained(tmp_path / "hf")
+    ours, theirs = load_file(str(tmp_path / "ours/model.safetensors")), load_file(str(tmp_path / "hf/model.safetensors"))
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(CheckpointError, match="m2convert.json"):
+        from_pretrained(tmp_path / "hf")
+    loaded = from_pretrained(tmp_path / "hf", plan=converted.m2convert_plan)
+    with torch.no_grad():
+        assert torch.equal(loaded(**tiny_inputs()).logits, converted(**tiny_inputs()).logits)
+
+
+def test_structure_is_built_on_meta_with_real_buffers():
+    with parameters_on_meta():
+        layer = m2.M2SequenceMixer(8, mode="causal", filter_order=4).to(device="meta")
+    assert all(p.is_meta for p in layer.parameters())
+    assert all(not b.is_meta for b in layer.buffers()) and len(list(layer.buffers())) > 0
+    assert not nn.Linear(2, 2).weight.is_meta                                  # patches undone on exit
+
+
+@pytest.fixture(scope="module")
+def saved_gpt2(tmp_path_factory):
+    from conftest import _gpt2
+
+    path = tmp_path_factory.mktemp("saved") / "gpt2"
+    save_pretrained(m2.convert(_gpt2(), SMALL), path)
+    return path
+
+
+def _rewrite_weights(path, change):
+    tensors = load_file(str(path / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+def _truncate(path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:-64])
+
+
+BAD = {
+    "corrupt file": (lambda p: (p / "model.safetensors").write_bytes(b"\x00garbage" * 40), "not a safetensors"),
+    "truncated file": (_truncate, "truncated: tensor '"),
+    "missing key": (lambda p: _rewrite_weights(p, lambda t: t.pop("transformer.h.1.attn.mixer.D")),
+                    "lacks tensor 'transformer.h.1.attn.mixer.D'"),
+    "shape mismatch": (lambda p: _rewrite_weights(p, lambda t: t.update({"transformer.ln_f.bias": torch.zeros(3)})),
+                       r"'transformer.ln_f.bias' has shape \(3,\) but the model expects \(32,\)"),
+    "unexpected key": (lambda p: _rewrite_weights(p, lambda t: t.update({"extra.weight": torch.zeros(1)})),
+                       "extra.weight"),
+    "foreign json": (lambda p: (p / "m2convert.json").write_text('{"format": "something-else"}'), "format"),
+    "newer format": (lambda p: (p / "m2convert.json").write_text(
+        (p / "m2convert.json").read_text().replace('"format_version": 1', '"format_version": 99')), "upgrade"),
+    "broken json": (lambda p: (p / "m2convert.json").write_text("{not json"), "cannot read"),
+    "not an m2convert save": (lambda p: (p / "m2convert.json").unlink(), "not an m2convert save"),
+    "no weights": (lambda p: (p / "model.safetensors").unlink(), "no weight file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_directories_get_a_named_error(tmp_path, saved_gpt2, case):
+    damage, message = BAD[case]
+    path = tmp_path / "copy"
+    shutil.copytree(saved_gpt2, path)
+    damage(path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        from_pretrained(path)
+    assert isinstance(info.value, M2Error)
+
+
+def test_save_refuses_unconverted_models_and_files(tmp_path, tiny_model):
+    with pytest.raises(CheckpointError, match="m2convert_plan"):
+        save_pretrained(tiny_model("bert"), tmp_path / "x")
+    (tmp_path / "file").write_text("")
+    converted = m2.convert(tiny_model("bert"), SMALL)
+    with pytest.raises(CheckpointError, match="is a file"):
+        save_pretrained(converted, tmp_path / "file")
