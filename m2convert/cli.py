@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import CAUSAL_MODES, ConvertConfig
-from .errors import M2Error
+from .errors import ConfigError, M2Error
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,10 +81,17 @@ def _run_convert(args) -> int:
     from .serialize import save_pretrained
 
     config = _config(args)
+    out_dir = Path(args.out)
+    # Checked before loading and converting, which can take minutes on a large model.
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a directory (it is created if missing)")
+    blocker = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"--out {args.out} cannot be created: {blocker} is a file; give a directory")
     result = api.plan(api.load_model(args.model), config)
     print(result)
     converted = result.apply()
-    out = save_pretrained(converted, Path(args.out))
+    out = save_pretrained(converted, out_dir)
     print(f"m2convert: saved the converted model to {out} (load it with m2convert.from_pretrained)", file=sys.stderr)
     return 0
 
@@ -170,6 +177,11 @@ def main(argv=None) -> int:
     except Exception as exc:
         if os.environ.get("M2_DEBUG", "") not in ("", "0"):
             raise
-        print(f"m2convert: error: unexpected {type(exc).__name__}: {exc} (set M2_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        # One line whatever the message holds (tracebacks of subprocesses, tensor dumps, reports).
+        lines = str(exc).strip().splitlines()
+        detail = lines[0].strip() if lines else ""
+        if len(detail) > 300:
+            detail = detail[:297] + "..."
+        what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        print(f"m2convert: error: unexpected {what} (set M2_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1

@@ -20,6 +20,12 @@ CAUSAL_MODES = ("causal", "causal-monarch")
 # Settings a per-path override may change, with the validator of each.
 SITE_SETTINGS = ("nblocks", "rank", "causal_mode", "filter_order", "filter_emb_dim")
 
+# Upper limits of the integer settings. Each sequence mixer holds filter MLP layers of
+# filter_order x filter_order weights, so 4096 already means 16M weights per layer per mixer (the default
+# is 128); filter_emb_dim counts positional features (t plus sin/cos pairs), and 129 is far beyond the
+# few the filter needs (default 5). rank is clamped to each block's full rank by MonarchLinear.
+LIMITS = {"nblocks": (1, 4096), "rank": (1, 65536), "filter_order": (1, 4096), "filter_emb_dim": (3, 129)}
+
 
 def check_site_settings(where: str, settings: dict) -> dict:
     """Validate a dict of per-site settings (a subset of SITE_SETTINGS) and return it."""
@@ -32,14 +38,12 @@ def check_site_settings(where: str, settings: dict) -> dict:
         name = f"{where}[{key!r}]" if where else key
         if key == "causal_mode":
             check_choice(name, value, CAUSAL_MODES)
-        elif key == "filter_emb_dim":
-            check_int(name, value, low=3, high=255)
-            if value % 2 == 0:
-                raise ConfigError(f"{name}={value} must be odd (t plus sin/cos pairs); use {value + 1}")
-        elif key == "nblocks":
-            check_int(name, value, low=1, high=4096)
         else:
-            check_int(name, value, low=1, high=65536)
+            low, high = LIMITS[key]
+            check_int(name, value, low=low, high=high)
+            if key == "filter_emb_dim" and value % 2 == 0:
+                fix = value + 1 if value + 1 <= high else value - 1
+                raise ConfigError(f"{name}={value} must be odd (t plus sin/cos pairs); use {fix}")
     return settings
 
 
@@ -48,19 +52,21 @@ class ConvertConfig:
     """How m2convert rewrites a model.
 
     Args:
-        nblocks: blocks of each Monarch factor in converted MLP linears (more blocks, fewer parameters).
-        rank: Monarch projection rank; larger keeps more of the dense weight at more parameters.
+        nblocks: blocks of each Monarch factor in converted MLP linears (more blocks, fewer parameters),
+            1 to 4096.
+        rank: Monarch projection rank, 1 to 65536; larger keeps more of the dense weight at more parameters.
         causal_mode: mixer for decoders: "causal" (FFT long conv) or "causal-monarch" (Monarch DFT).
             Encoders always get bidirectional mixers; the plan reads which is which from the graph.
-        filter_order: width of the implicit long-conv filter MLP.
-        filter_emb_dim: positional features of that filter (odd, >= 3).
+        filter_order: width of the implicit long-conv filter MLP, 1 to 4096 (its layers hold
+            filter_order x filter_order weights).
+        filter_emb_dim: positional features of that filter, odd, 3 to 129.
         sequence: convert attention sites into M2 sequence mixers.
         dimension: convert dense MLP sites into Monarch MLPs.
         filter_fn: ``filter_fn(module, fqn) -> bool``, asked for every module a site would replace
             (the attention module; each MLP linear); a site converts only if every answer is True.
         overrides: ``{regex: settings | None}``; the first regex found (``re.search``) in a site's path
             or one of its replaced paths gives that site's settings (a dict of the fields above from
-            nblocks to filter_emb_dim), or excludes the site (None).
+            nblocks to filter_emb_dim, within the same limits), or excludes the site (None).
         strict: raise ConversionError instead of skipping a site that cannot be converted.
         seq_len: sequence length N at which the plan evaluates its FLOP formulas (per sequence, B = 1).
 

@@ -173,6 +173,9 @@ def _causality(index: GraphIndex, core: AttentionCore) -> tuple[bool | None, str
         return None, value
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return None, f"the attention mask '{core.mask.name}' is not a (.., N, N) tensor"
+    if value.is_meta:                # capture refuses meta models; meta example inputs still end up here
+        return None, ("the attention mask has no values (it was computed on the 'meta' device); plan with "
+                      "real weights and example inputs on CPU")
     allowed = value if value.dtype == torch.bool else value > torch.finfo(value.dtype).min / 2
     grids = allowed.reshape(-1, *allowed.shape[-2:])                     # (B * heads, Nq, Nk)
     # Judge on a row without padding (the last query of a causal or full mask sees every real key);

@@ -1,8 +1,14 @@
 """Capture: torch.export (non-strict) of a model on example inputs, keeping the module path of every node.
 
 Every call_function node of the captured graph carries ``meta["nn_module_stack"]``, which maps it back
-to the module that ran it; the analysis passes read sites from that. Forward hooks record, per module,
-how often it ran and what it returned, which the attention adapters reproduce.
+to the module path that ran it; the analysis passes read sites from that. Forward hooks record, per
+module path, how often it ran and what it returned, which the attention adapters reproduce. Each hook
+carries its paths in a closure rather than looking modules up by ``id()``: torch.export may run the
+forward on a copy of the model (it does when one module object sits at two paths), and a copy has new ids.
+
+Module objects reachable by more than one path (``model.b = model.a``) are listed in
+``Captured.shared``: the plan skips every site that involves one, since replacing it at one path
+would either change the other use or silently split the two.
 
 Example:
     >>> captured = capture(model)                      # example inputs built from model.config
@@ -35,9 +41,10 @@ class Captured:
     exported: torch.export.ExportedProgram
     args: tuple
     kwargs: dict
-    modules: dict[str, nn.Module]
+    modules: dict[str, nn.Module]                               # every path, aliases included
     calls: dict[str, int] = field(default_factory=dict)         # fqn -> times the module ran
     outputs: dict[str, dict] = field(default_factory=dict)      # fqn -> structure of what it returned
+    shared: dict[str, tuple[str, ...]] = field(default_factory=dict)   # fqn -> every path of its object
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -52,6 +59,49 @@ def check_model(model, what: str = "m2.plan") -> nn.Module:
             f"{what} expects a torch.nn.Module (e.g. a transformers PreTrainedModel), got {shown}; "
             "load the model first (transformers.AutoModel.from_pretrained(...)), or run "
             "`m2convert plan MODEL` to load a directory or Hugging Face id")
+    return model
+
+
+def module_paths(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
+    """Each module object of ``model`` once, with every path that reaches it (first path first).
+
+    Example:
+        >>> model.b = model.a
+        >>> [paths for _, paths in module_paths(model) if len(paths) > 1]
+        [('a', 'b')]
+    """
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        found.setdefault(id(module), (module, []))[1].append(name)
+    return [(module, tuple(paths)) for module, paths in found.values()]
+
+
+def shared_modules(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """{path: all paths of the module object at path} for every object reachable by two or more paths.
+
+    Submodules of a shared module are reachable by several paths too, so they are listed as well.
+
+    Example:
+        >>> model.encoder.layer[1] = model.encoder.layer[0]
+        >>> shared_modules(model)["encoder.layer.1"]
+        ('encoder.layer.0', 'encoder.layer.1')
+    """
+    return {path: paths for _, paths in module_paths(model) if len(paths) > 1 for path in paths}
+
+
+def check_device(model: nn.Module, what: str = "m2convert") -> nn.Module:
+    """Raise UnsupportedModelError if any parameter or buffer of ``model`` is on the ``meta`` device.
+
+    Tracing runs the model and reads attention masks by evaluating them, which needs real values.
+    """
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    meta = [name for name, t in tensors if t is not None and t.is_meta]
+    if meta:
+        raise UnsupportedModelError(
+            f"{what} cannot trace {type(model).__name__}: {len(meta)} of its parameters/buffers are on the "
+            f"'meta' device (e.g. '{meta[0]}'), which holds shapes but no values; materialise the model first "
+            "(model.to_empty(device='cpu') and then load_state_dict(...)), or pass a model loaded on CPU "
+            "(e.g. from_pretrained without device_map='meta')")
     return model
 
 
@@ -137,31 +187,39 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
         1
     """
     check_model(model)
+    check_device(model)
     if example_inputs is None:
         example_inputs = example_inputs_for(model)
     args, kwargs = _split_inputs(example_inputs)
     if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in kwargs:
         kwargs["use_cache"] = False                   # a KV cache in the outputs cannot be exported
-    names = {id(m): name for name, m in model.named_modules()}
     calls: dict[str, int] = {}
     outputs: dict[str, dict] = {}
     running: list[str] = []
 
-    def pre_hook(module, _args):
-        running.append(names.get(id(module), "?"))
+    def hooks_for(paths: tuple[str, ...]):
+        # One pre/post pair per module object, knowing all its paths: the hooks also run on the copy
+        # torch.export may make of the model, so they must not identify the module by id().
+        def pre_hook(_module, _args):
+            running.append(paths[0])
 
-    def post_hook(module, _args, out):
-        fqn = names.get(id(module), "?")
-        calls[fqn] = calls.get(fqn, 0) + 1
-        outputs.setdefault(fqn, describe_output(out))
-        if running and running[-1] == fqn:
-            running.pop()
+        def post_hook(_module, _args, out):
+            for fqn in paths:
+                calls[fqn] = calls.get(fqn, 0) + 1
+                outputs.setdefault(fqn, describe_output(out))
+            if running and running[-1] == paths[0]:
+                running.pop()
+
+        return pre_hook, post_hook
 
     handles = []
-    for module in model.modules():
+    for module, paths in module_paths(model):
+        pre_hook, post_hook = hooks_for(paths)
         handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(post_hook))
-    was_training = model.training
+    # Each module's own flag, not just the top-level one: model.train(mode) afterwards would reset
+    # submodules the user had put in another mode (e.g. a frozen encoder layer in eval mode).
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     # torch prints the partial graph of a failed export to stderr and warns about unbacked symbols;
     # the CaptureError says what failed, so that output is kept only when export succeeds.
@@ -176,11 +234,12 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
         shapes_log.setLevel(level)
     sys.stderr.write(printed.getvalue())
-    modules = dict(model.named_modules())
-    return Captured(model, exported, args, kwargs, modules, calls, outputs)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    return Captured(model, exported, args, kwargs, modules, calls, outputs, shared_modules(model))
 
 
 def _explain_failure(model: nn.Module, running: list[str], exc: Exception) -> str:

@@ -243,12 +243,23 @@ def lower_program(ep: torch.export.ExportedProgram, rules=RULES) -> LowerResult:
             elif found:
                 _apply(found, g, result, rule)
                 break
+    _drop_orphan_asserts(g.graph)
     g.graph.eliminate_dead_code()
     _drop_unused_constants(ep)
     ep.graph_module.recompile()
     result.matched, result.seconds = len(result.fused), time.perf_counter() - start
     debug(f"pass lower: {result.matched} fused, {len(result.unfused)} unfused")
     return result
+
+
+def _drop_orphan_asserts(graph) -> None:
+    """Erase metadata asserts on values that nothing else reads any more (they would keep dead
+    constants, such as the DFT factors of a fused convolution, alive through dead-code elimination)."""
+    assert_op = torch.ops.aten._assert_tensor_metadata.default
+    for node in [n for n in graph.nodes if n.target is assert_op]:
+        value = node.args[0]
+        if isinstance(value, torch.fx.Node) and all(u.target is assert_op for u in value.users):
+            graph.erase_node(node)
 
 
 def _drop_unused_constants(ep: torch.export.ExportedProgram) -> None:

@@ -20,7 +20,7 @@ from .capture import Captured, capture, check_model
 from .graph import GraphIndex
 from .mlp import find_mlps
 from .plan import RewritePlan
-from .select import estimate_costs, select_sites
+from .select import check_sharing, estimate_costs, select_sites
 from .site import CONVERT, Site
 
 log = logging.getLogger("m2convert.passes")
@@ -29,6 +29,7 @@ ANALYSIS_PASSES = (
     find_sdpa_attention,    # aten.scaled_dot_product_attention cores (HF sdpa path)
     find_eager_attention,   # matmul -> softmax -> matmul cores (HF eager path)
     find_mlps,              # linear -> act -> linear and gated MLPs, minus attention projections
+    check_sharing,          # modules at two paths, tied parameters: skipped (a swap would split them)
     select_sites,           # ConvertConfig: sequence/dimension switches, overrides, filter_fn
     estimate_costs,         # params and sympy FLOPs before/after per site
 )

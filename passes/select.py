@@ -1,9 +1,11 @@
 """Passes that apply the user's choices to the matched sites and price each rewrite.
 
 ``select_sites``: ConvertConfig.sequence / dimension, per-path overrides and filter_fn decide which
-sites convert and with which settings. ``estimate_costs``: parameters and forward FLOPs (sympy, in N
-and B) of each site before and after, the "after" side read from replacements built on the meta
-device, so nothing is allocated or projected.
+sites convert and with which settings. ``check_sharing``: sites whose modules or parameters are also
+reached from elsewhere (one module object at two paths, tied weights) are skipped, since a replacement
+would either change the other use too or silently split the two. ``estimate_costs``: parameters and
+forward FLOPs (sympy, in N and B) of each site before and after, the "after" side read from
+replacements built on the meta device, so nothing is allocated or projected.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import sympy
 from ..errors import ConfigError, M2Error
 from ..layers.cost import attention_flops, linear_flops
 from .apply import build_replacements
-from .graph import projection_dims
-from .site import CONVERT, SKIP, Site
+from .graph import projection_dims, within
+from .site import CONVERT, EXCLUDE, SKIP, Site
 
 
 def _site_settings(site: Site, settings: dict) -> dict:
@@ -25,12 +27,15 @@ def _site_settings(site: Site, settings: dict) -> dict:
 
 
 def select_sites(ctx) -> int:
-    """Pass: settings per site from the config; exclude what the user left out. Returns sites kept."""
+    """Pass: settings per site from the config; exclude what the user left out. Returns sites kept.
+
+    Skipped sites the user leaves out are excluded as well (see :meth:`Site.exclude`).
+    """
     cfg, model = ctx.config, ctx.captured.model
     for site in ctx.sites:
         settings, pattern = cfg.settings_for([site.fqn, *site.replaces])
         site.settings = _site_settings(site, settings or cfg.settings_for([])[0])
-        if site.status != CONVERT:
+        if site.status == EXCLUDE:
             continue
         if site.kind == "sequence" and not cfg.sequence:
             site.exclude("sequence=False: attention is kept")
@@ -48,6 +53,85 @@ def select_sites(ctx) -> int:
                     site.exclude(f"filter_fn returned False for '{path}'")
                     break
     return sum(s.status == CONVERT for s in ctx.sites)
+
+
+def _quoted(paths) -> str:
+    """'a' and 'b' / 'a', 'b' and 'c'."""
+    names = [f"'{p or '(model)'}'" for p in paths]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _topmost(path: str, shared: dict) -> str | None:
+    """The outermost shared module at or above ``path`` (the object that was aliased), or None."""
+    parts = path.split(".") if path else []
+    for i in range(len(parts) + 1):
+        anc = ".".join(parts[:i])
+        if anc in shared:
+            return anc
+    return None
+
+
+def shared_module_reason(site: Site, shared: dict) -> str | None:
+    """Why ``site`` involves a module object reachable by two or more paths, or None if it does not.
+
+    A site involves one when a module it replaces or reads (its roles, its norm) is such an object or
+    sits inside one, or when a module it replaces contains one.
+    """
+    if not shared:
+        return None
+    norm = (site.layout or {}).get("norm") or {}
+    paths = list(dict.fromkeys([*site.replaces, *(r["path"] for r in site.roles.values()),
+                                *([norm["path"]] if norm.get("path") else [])]))
+    found = next((top for p in paths if (top := _topmost(p, shared)) is not None), None)
+    if found is None:
+        inner = sorted((q for p in site.replaces if p for q in shared if q != p and within(q, p)), key=len)
+        found = inner[0] if inner else None
+    if found is None:
+        return None
+    every = "both" if len(shared[found]) == 2 else f"all {len(shared[found])}"
+    return (f"module object shared by paths {_quoted(shared[found])}; converting it would change {every}: "
+            "un-share it (copy.deepcopy) or exclude it with overrides {regex: None}")
+
+
+def tied_parameter_reason(site: Site, model, owners: dict) -> str | None:
+    """Why ``site`` replaces a parameter that is also reached from outside the replaced module, or None.
+
+    ``owners``: id(parameter) -> every name it has in ``model`` (named_parameters without dedup).
+    """
+    for path in site.replaces:
+        for name, param in model.get_submodule(path).named_parameters(remove_duplicate=False):
+            outside = [n for n in owners.get(id(param), ()) if not within(n.rpartition(".")[0], path)]
+            if outside:
+                inside = f"{path}.{name}" if path else name
+                return (f"parameter '{inside}' is the same tensor as {_quoted(outside)} (tied weights); the "
+                        "replacement would hold an independent copy and the tie would be lost: untie them "
+                        "(assign a cloned nn.Parameter) or exclude the site with overrides {regex: None}")
+    return None
+
+
+def check_sharing(ctx) -> int:
+    """Pass: skip sites involving a module shared by two paths or a parameter tied to another module.
+
+    Returns how many sites it skipped. A shared module replaces an earlier reason (it is the root cause
+    of, e.g., "runs twice per forward"). Runs before :func:`select_sites`, so a user exclusion of such a
+    site still turns it into "exclude".
+    """
+    model, shared = ctx.captured.model, ctx.captured.shared
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    count = 0
+    for site in ctx.sites:
+        if site.status not in (CONVERT, SKIP):
+            continue
+        why = shared_module_reason(site, shared)
+        if why is not None:
+            site.skip(why, root_cause=True)
+            count += 1
+        elif site.status == CONVERT and (why := tied_parameter_reason(site, model, owners)) is not None:
+            site.skip(why)
+            count += 1
+    return count
 
 
 def flops_before(site: Site, model) -> sympy.Expr:
@@ -89,7 +173,14 @@ def estimate_costs(ctx) -> int:
         try:
             new = build_replacements(site, model, seed=False, device="meta")
         except M2Error as exc:
-            site.skip(f"cannot build {site.replacement}: {exc}")
+            if site.status == CONVERT:
+                site.skip(f"cannot build {site.replacement}: {exc}")
+            continue
+        except (KeyError, TypeError, ValueError):
+            # An excluded site whose analysis stopped early (it could not convert anyway) has no
+            # complete layout to build from; it is shown without the "after" side.
+            if site.status == CONVERT:
+                raise
             continue
         site.params_after = sum(p.numel() for m in new.values() for p in m.parameters())
         site.flops_after = sum((m.flops() for m in new.values()), sympy.Integer(0))

@@ -51,16 +51,27 @@ class Site:
     flops_before: sympy.Expr | None = None
     flops_after: sympy.Expr | None = None
 
-    def skip(self, reason: str) -> "Site":
-        """Mark as not convertible (keeps the first reason)."""
-        if self.status != SKIP:
+    def skip(self, reason: str, root_cause: bool = False) -> "Site":
+        """Mark as not convertible, keeping the first reason.
+
+        A ``root_cause`` reason explains the earlier ones and replaces them (a module shared by two
+        paths is also found to "run twice per forward").
+        """
+        if self.status != SKIP or root_cause:
             self.status, self.reason = SKIP, reason
         return self
 
     def exclude(self, reason: str) -> "Site":
-        """Mark as left out by the user's configuration."""
+        """Mark as left out by the user's configuration.
+
+        A skipped site the user leaves out becomes excluded too (keeping why it could not convert), so
+        excluding it is a way to make ``strict=True`` accept the plan, as the strict error suggests.
+        """
         if self.status == CONVERT:
             self.status, self.reason = EXCLUDE, reason
+        elif self.status == SKIP:
+            cause = (self.reason or "").split("; ")[0]            # the cause, without the advice after it
+            self.status, self.reason = EXCLUDE, f"{reason} (it cannot be converted anyway: {cause})"
         return self
 
     @property

@@ -27,8 +27,8 @@ ANY_INT = st.one_of(st.integers(-3, 6), st.integers(-(2 ** 40), 2 ** 40))
 
 
 def _valid(nblocks, rank, filter_order, filter_emb_dim, seq_len, causal_mode) -> bool:
-    return (1 <= nblocks <= 4096 and 1 <= rank <= 65536 and 1 <= filter_order <= 65536
-            and 3 <= filter_emb_dim <= 255 and filter_emb_dim % 2 == 1 and 1 <= seq_len <= 2 ** 24
+    return (1 <= nblocks <= 4096 and 1 <= rank <= 65536 and 1 <= filter_order <= 4096
+            and 3 <= filter_emb_dim <= 129 and filter_emb_dim % 2 == 1 and 1 <= seq_len <= 2 ** 24
             and causal_mode in CAUSAL_MODES)
 
 
