@@ -3,9 +3,13 @@
 from .api import convert, diff, load_model, plan
 from .config import ConvertConfig
 from .errors import M2Error
+from .export import export
 from .layers import M2SequenceMixer, MonarchLinear
 from .passes.diff import RewriteDiff
+from .passes.lower import lower
 from .passes.plan import RewritePlan
+from .recover import DistillConfig, DistillResult, StageConfig, distill
+from .serialize import from_pretrained, save_pretrained
 
-__all__ = ["ConvertConfig", "M2Error", "M2SequenceMixer", "MonarchLinear", "RewriteDiff", "RewritePlan", "convert", "diff", "load_model", "plan"]
+__all__ = ["ConvertConfig", "DistillConfig", "DistillResult", "M2Error", "M2SequenceMixer", "MonarchLinear", "RewriteDiff", "RewritePlan", "StageConfig", "convert", "diff", "distill", "export", "from_pretrained", "load_model", "lower", "plan", "save_pretrained"]
 __version__ = "0.1.0"

@@ -150,7 +150,51 @@ def add_demo_command(sub) -> None:
     p.set_defaults(func=_run_demo)
 
 
-COMMANDS = [add_plan_command, add_convert_command, add_export_command, add_demo_command]
+def _run_distill(args) -> int:
+    from . import api, serialize
+    from .recover.command import run_distill_cli
+
+    return run_distill_cli(args, load_teacher=api.load_model, load_student=serialize.from_pretrained,
+                           save_student=serialize.save_pretrained)
+
+
+def add_distill_command(sub) -> None:
+    from .recover.command import add_distill_arguments
+
+    p = sub.add_parser("distill", help="recover a converted model towards its teacher",
+                       description="Distill the converted model in --student (a directory written by "
+                                   "`m2convert convert`) towards --teacher on --data, stage by stage, and "
+                                   "save the recovered model to --out.")
+    add_distill_arguments(p)
+    p.set_defaults(func=_run_distill)
+
+
+def _run_bench(args) -> int:
+    from .bench import bench
+
+    lens = [int(x) for x in args.seq_lens.split(",") if x.strip()]
+    result = bench(args.model, seq_lens=lens, batch=args.batch, dtype=args.dtype)
+    print(result.table())
+    if args.out:
+        result.write(args.out)
+        print(f"m2convert: wrote the report to {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_bench_command(sub) -> None:
+    p = sub.add_parser("bench", help="time the original and the converted model side by side",
+                       description="Convert MODEL with the default settings and measure tokens/ms of the "
+                                   "original and the converted model, interleaved, at each sequence length.")
+    p.add_argument("model", metavar="MODEL", help="model directory or Hugging Face id")
+    p.add_argument("--seq-lens", default="512,2048,8192", help="comma-separated lengths (default 512,2048,8192)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per call (default 1)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+    p.add_argument("--out", metavar="DIR", help="also write JSON + markdown (+ PNG) reports to DIR")
+    p.set_defaults(func=_run_bench)
+
+
+COMMANDS = [add_plan_command, add_convert_command, add_distill_command, add_export_command, add_bench_command,
+            add_demo_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

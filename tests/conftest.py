@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# The Triton kernels run on the CPU through Triton's interpreter. triton.jit reads this when a kernel
+# module is imported, and other tests (torch.compile, export) may import triton first: set it before any.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def _bert(attn: str = "sdpa", layers: int = 2, head: str | None = None):

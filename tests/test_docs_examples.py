@@ -1,4 +1,4 @@
-"""The documentation's examples run as written: every ```python block of a docs/*.md page, in order, in
+"""The documentation's examples run as written: every ```python block of README.md and each docs/*.md page, in order, in
 one namespace per page (like a notebook), in a scratch directory. Relative links point at files that exist
 (a benchmark report, at the script that writes it)."""
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = sorted(DOCS.glob("*.md"))
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 

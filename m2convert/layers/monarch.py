@@ -4,20 +4,59 @@
 
 computed as two batched GEMMs (see ``m2convert.kernels.monarch.reference``). Sizes that do not divide
 into ``nblocks`` are zero-padded on the input side and truncated on the output side.
+
+Eager CPU inference (nothing needs a gradient, not tracing) takes ``kernels.monarch.cpu.monarch_linear``,
+the same product laid out for BLAS; training, tracing (torch.compile / torch.export, which the lowering
+pass pattern-matches) and other devices run the reference.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import sympy
 import torch
 from torch import nn
 
 from ..errors import ConfigError, ShapeError, check_int
+from ..kernels.monarch.cpu import monarch_linear
 from ..kernels.monarch.reference import monarch_matmul, monarch_to_dense
 from .base import M2Block
 from .cost import B, N, substitute
+
+
+def eager_inference(*tensors: torch.Tensor | None) -> bool:
+    """True when a CPU fast path may replace the reference: eager, no autograd graph, plain CPU tensors.
+
+    Tracers (torch.compile, torch.export) keep the reference, whose graph the lowering pass rewrites;
+    fake and functional tensors are subclasses, so ``type(t) is torch.Tensor`` tells them apart.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    need_grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != "cpu" or (need_grad and t.requires_grad):
+            return False
+    return True
+
+
+@contextmanager
+def single_thread():
+    """Run the block on one intra-op thread (restored after).
+
+    Batched float64 SVDs of small blocks are many tiny LAPACK calls; with two OpenMP threads on a
+    shared machine each call can wait a scheduler time slice for the second thread (measured: 20 s
+    on two busy cores against 0.3 s on one, for the 16 blocks of a 768 x 3072 projection).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def monarch_shape(in_features: int, out_features: int, nblocks: int, rank: int) -> tuple[int, int, int]:
@@ -90,10 +129,37 @@ class MonarchLinear(M2Block):
         pad = self.nblocks * p - self.in_features
         if pad:
             x = nn.functional.pad(x, (0, pad))                        # (..., nb * P)
+        if eager_inference(x, self.w1, self.w2, self.bias):
+            rows = x.reshape(-1, x.shape[-1]).contiguous()             # (M, nb * P)
+            y = monarch_linear(rows, self.w1, self.w2, self.bias, self.out_features)   # (M, out)
+            return y.view(*x.shape[:-1], self.out_features)
         y = monarch_matmul(x, self.w1, self.w2)                         # (..., nb * S)
         if self.nblocks * s != self.out_features:
             y = y[..., : self.out_features]                             # (..., out)
         return y if self.bias is None else y + self.bias
+
+    def matmul(self, x: torch.Tensor, *, x_channels_first: bool = False,
+               out_channels_first: bool = False) -> torch.Tensor:
+        """Inference-only product in a chosen layout: (M, in) or (in, M) -> (M, out) or (out, M).
+
+        For neighbours that work channels first (the sequence mixer's long convolution): BLAS reads and
+        writes either layout in place, where ``forward`` plus a transpose would copy. Builds no autograd
+        graph; call it under ``torch.no_grad()`` / ``torch.inference_mode()``.
+
+        Example:
+            >>> layer = MonarchLinear(64, 96)
+            >>> with torch.no_grad():
+            ...     layer.matmul(torch.randn(64, 10), x_channels_first=True, out_channels_first=True).shape
+            torch.Size([96, 10])
+        """
+        if x.dim() != 2 or x.shape[0 if x_channels_first else 1] != self.in_features:
+            raise ShapeError(f"MonarchLinear.matmul expects a 2-D input with {self.in_features} features on dim "
+                             f"{0 if x_channels_first else 1}, got shape {tuple(x.shape)}")
+        pad = self.nblocks * self.block_sizes[0] - self.in_features
+        if pad:
+            x = nn.functional.pad(x, (0, 0, 0, pad) if x_channels_first else (0, pad))
+        return monarch_linear(x.contiguous(), self.w1, self.w2, self.bias, self.out_features,
+                              x_t=x_channels_first, out_t=out_channels_first)
 
     def to_dense(self) -> torch.Tensor:
         """The (out_features, in_features) dense weight this layer applies."""
@@ -127,7 +193,8 @@ class MonarchLinear(M2Block):
             w = torch.zeros(nb * s, nb * p, dtype=torch.float64, device=weight.device)
             w[:out_f, :in_f] = weight.detach().to(torch.float64)
             blocks = w.reshape(nb, s, nb, p).permute(0, 2, 1, 3)             # (l, k, S, P)
-            u, sv, vh = torch.linalg.svd(blocks, full_matrices=False)         # (l,k,S,m) (l,k,m) (l,k,m,P)
+            with single_thread():
+                u, sv, vh = torch.linalg.svd(blocks, full_matrices=False)     # (l,k,S,m) (l,k,m) (l,k,m,P)
             root = sv[..., :rho].sqrt()
             left = u[..., :rho] * root[..., None, :]                           # (l, k, S, rho)
             right = root[..., :, None] * vh[..., :rho, :]                      # (l, k, rho, P)

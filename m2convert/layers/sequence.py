@@ -8,6 +8,11 @@
 Modes: "bidirectional" (encoders: forward + reverse filters, FFT of size 2N), "causal" (forward filter,
 zero-padded FFT of size 2N) and "causal-monarch" (the same causal convolution evaluated/interpolated
 with a Monarch-factorised DFT of length 2N; the same parameters as "causal").
+
+Eager CPU inference in the FFT modes (nothing needs a gradient, not tracing) runs the same arithmetic
+through ``kernels.fftconv.cpu``: a 5-smooth FFT length >= 2N, channels in blocks that stay in cache,
+and, in eval mode, the filters' spectra cached per length. Training, tracing (whose graph the lowering
+pass rewrites), "causal-monarch" and other devices run the reference below.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import torch
 from torch import nn
 
 from ..errors import ShapeError, check_choice, check_int
+from ..kernels.fftconv.cpu import conv_spectrum, fft_size, mixer_core
 from ..kernels.fftconv.monarch_dft import monarch_long_conv
 from ..kernels.fftconv.reference import fft_long_conv
 from .base import M2Block
 from .cost import B, N, substitute, fft_conv_flops, linear_flops, monarch_conv_flops
 from .filters import ImplicitFilter
+from .monarch import MonarchLinear, eager_inference
 
 MODES = ("bidirectional", "causal", "causal-monarch")
 
@@ -42,11 +49,20 @@ class M2SequenceMixer(M2Block):
     Positions where mask == 0 are zeroed before every convolution, so real positions never see
     padding and a sequence's outputs do not depend on how it was batched.
 
+    Filter cache: in eval mode, under ``torch.no_grad()`` / ``torch.inference_mode()``, the filters'
+    spectra for the last sequence length are kept (one (G, H, L/2 + 1) complex tensor, G = 2 with the
+    residual conv: 16 * H * N bytes, as much as a KV cache of one attention layer) unless larger than
+    ``filter_cache_bytes``. It is rebuilt when any filter parameter or buffer changes (tensor identity,
+    storage or in-place version), the dtype or device changes, and dropped on ``train()``/``eval()``
+    and ``.to()``. Set ``filter_cache_bytes = 0`` (class or instance) to turn it off.
+
     Example:
         >>> mixer = M2SequenceMixer(96, mode="causal")
         >>> mixer(torch.randn(2, 63, 96)).shape
         torch.Size([2, 63, 96])
     """
+
+    filter_cache_bytes = 128 << 20
 
     def __init__(self, d_model: int, mode: str = "bidirectional", filter_order: int = 128,
                  filter_emb_dim: int = 5, filter_scale: float = 512.0, short_kernel: int = 3,
@@ -69,6 +85,7 @@ class M2SequenceMixer(M2Block):
                                                   filter_scale).to(**factory)
             self.D_res = nn.Parameter(torch.zeros(d_model, **factory))
         self.out_proj = nn.Linear(d_model, d_model, **factory)
+        self._spectrum_cache = None                                   # (key, (G, H, F) complex)
         with torch.no_grad():
             # Start the short conv as the identity (tap on the current token) so that seeded
             # projections pass through unchanged.
@@ -103,6 +120,85 @@ class M2SequenceMixer(M2Block):
             return fft_long_conv(u, taps[0], None, D)
         return monarch_long_conv(u, taps[0], D)
 
+    def train(self, mode: bool = True):
+        self._spectrum_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._spectrum_cache = None
+        return super()._apply(fn, recurse)
+
+    def _filter_state(self):
+        """Identity, storage and version of every filter tensor; None when they cannot be tracked."""
+        filters = [self.filter] + ([self.residual_filter] if self.residual_filter is not None else [])
+        state = []
+        for f in filters:
+            for t in (*f.parameters(), *f.buffers()):
+                if t.is_inference():                     # no version counter: changes would go unseen
+                    return None
+                state.append((id(t), t.data_ptr(), t._version))
+        return tuple(state)
+
+    def filter_spectrum(self, n: int, n_fft: int, dtype: torch.dtype) -> torch.Tensor:
+        """(G, H, n_fft // 2 + 1) complex responses of the gated (and residual) filters at length n.
+
+        Cached for the last (n, n_fft, dtype) in eval mode when gradients are off; see the class notes.
+        """
+        cacheable = not self.training and not torch.is_grad_enabled() and self.filter_cache_bytes > 0
+        key = None
+        if cacheable:
+            state = self._filter_state()
+            device = self.D.device
+            key = None if state is None else (n, n_fft, self.mode, dtype, device, state)
+            cached = getattr(self, "_spectrum_cache", None)
+            if key is not None and cached is not None and cached[0] == key:
+                return cached[1]
+        filters = [self.filter] + ([self.residual_filter] if self.residual_filter is not None else [])
+        specs = []
+        for f in filters:
+            taps = f(n).to(dtype)                                             # (heads, H, n)
+            rev = taps[1] if self.mode == "bidirectional" else None
+            specs.append(conv_spectrum(taps[0], rev, n_fft))                  # (H, F)
+        spectrum = torch.stack(specs)                                         # (G, H, F)
+        if key is not None and spectrum.numel() * spectrum.element_size() <= self.filter_cache_bytes:
+            self._spectrum_cache = (key, spectrum)
+        return spectrum
+
+    def _forward_fast(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        b, n, h = x.shape
+        n_fft = fft_size(n)
+        proj_in, proj_out = self.in_proj, self.out_proj
+        # Both projections hand the long convolution channels-first data without a transpose copy.
+        if type(proj_in) is nn.Linear:
+            w = proj_in.weight.expand(b, -1, -1)                              # (B, 3H, H)
+            zt = torch.baddbmm(proj_in.bias[:, None].expand(b, -1, n), w, x.transpose(1, 2))  # (B, 3H, N)
+        elif isinstance(proj_in, MonarchLinear):
+            zt = proj_in.matmul(x.reshape(b * n, h), out_channels_first=True)   # (3H, B*N)
+            zt = zt.view(-1, b, n).transpose(0, 1)                            # (B, 3H, N)
+        else:
+            zt = proj_in(x).transpose(1, 2)                                   # (B, 3H, N)
+        spectrum = self.filter_spectrum(n, n_fft, x.dtype)                    # (G, H, F)
+        residual = self.residual_filter is not None
+        monarch_out = isinstance(proj_out, MonarchLinear)
+        yt = torch.empty(h, b, n, dtype=x.dtype).transpose(0, 1) if monarch_out else None   # (B, H, N)
+        yt = mixer_core(zt, x if residual else None, spectrum, self.D, self.D_res if residual else None,
+                        self.short_conv.weight[:, 0], self.short_conv.bias, keep, n_fft, out=yt)  # (B, H, N)
+        if type(proj_out) is nn.Linear:
+            # y W^T + b with y read through its transpose: BLAS takes the strided operand as is.
+            w = proj_out.weight.t().expand(b, -1, -1)                         # (B, H, H)
+            return torch.baddbmm(proj_out.bias.expand(b, n, -1), yt.transpose(1, 2), w)   # (B, N, H)
+        if monarch_out:
+            y = proj_out.matmul(yt.transpose(0, 1).reshape(h, b * n), x_channels_first=True)   # (B*N, H)
+            return y.view(b, n, -1)
+        return proj_out(yt.transpose(1, 2))                                   # (B, N, H)
+
+    def _fast_path(self, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        if self.mode == "causal-monarch" or x.dtype not in (torch.float32, torch.float64):
+            return False
+        if self.short_conv.padding != (self.short_kernel - 1,) or self.D.dtype != x.dtype:
+            return False
+        return eager_inference(x, mask, *self.parameters())
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ShapeError(f"M2SequenceMixer expects x of shape (B, N, {self.d_model}), got {tuple(x.shape)}")
@@ -114,6 +210,8 @@ class M2SequenceMixer(M2Block):
             if tuple(mask.shape) != (b, n):
                 raise ShapeError(f"mask must have shape (B, N) = {(b, n)}, got {tuple(mask.shape)}")
             keep = mask.to(x.dtype)[:, None, :]                               # (B, 1, N)
+        if self._fast_path(x, mask):
+            return self._forward_fast(x, None if keep is None else keep[:, 0])
         z = self.in_proj(x).transpose(1, 2)                                   # (B, 3H, N)
         if keep is not None:
             z = z * keep

@@ -1,0 +1,150 @@
+"""Shared helpers of the recovery benchmarks: caches, timing, parameter counts and report writing.
+
+Every report is ``benchmarks/results/<name>.json`` (the issue's keys plus ``command``, ``date``,
+``machine`` and ``config``) and ``<name>.md`` (a markdown table of the same numbers).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def cache_dir(name: str) -> Path:
+    """A folder for cached teachers and tokenizers, outside git (``runs/`` is ignored)."""
+    path = ROOT / "runs" / "bench_cache" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters of ``model``, tied weights counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class Clock:
+    """Wall time since construction, with named laps: ``clock.lap("transfer")`` -> seconds."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.cpu_start = time.process_time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
+        return self.laps[name]
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds this process used since construction (all its threads)."""
+        return time.process_time() - self.cpu_start
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def progress_logger(every: int):
+    """An ``on_step`` callback for distill that logs the mean loss of every ``every`` steps."""
+    losses, start = [], time.perf_counter()
+
+    def on_step(stage: str, step: int, loss: float) -> None:
+        losses.append(loss)
+        if step % every == 0:
+            log(f"{stage} step {step}: loss {sum(losses[-every:]) / len(losses[-every:]):.4f} "
+                f"({(time.perf_counter() - start) / 60:.1f} min)")
+    return on_step
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, result: dict, config: dict, table: str, notes: list[str],
+                 out_dir: Path | None = None) -> Path:
+    """Write ``<name>.json`` (result + command/date/machine/config) and ``<name>.md``; returns the JSON path."""
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {**result, "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": machine(), "config": config}
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    md = [f"# {name}", "", f"`{doc['command']}` on {doc['machine']['processor']} "
+          f"({doc['machine']['cpu_count']} cores, {doc['machine']['torch_threads']} torch threads), "
+          f"{doc['date']}", "", table, ""]
+    md += [f"- {n}" for n in notes]
+    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+    return path
+
+
+def stage_rows(stages: list[dict]) -> list[list]:
+    """Markdown rows (stage, steps, tokens, minutes, first/last loss, metric) of a report's stages."""
+    return [[s["name"], s["steps"], s["tokens"], s["seconds"] / 60, s.get("first_loss") or 0.0,
+             s.get("final_loss") or 0.0, s.get("metric", "")] for s in stages]
+
+
+def attach_variant(name: str, variant_json: Path, label: str, out_dir: Path | None = None) -> None:
+    """Add another run's headline numbers to report ``name`` (JSON ``variants`` + a markdown section).
+
+    Example: ``python benchmarks/common.py sst2_recovery runs/bench_variants/x.json "MLPs only"``
+    """
+    out_dir = Path(out_dir or RESULTS)
+    main_json = out_dir / f"{name}.json"
+    doc = json.loads(main_json.read_text())
+    var = json.loads(Path(variant_json).read_text())
+    keep = {k: v for k, v in var.items() if not isinstance(v, (dict, list)) or k in ("config",)}
+    keep["stages"] = [{k: s[k] for k in ("name", "steps", "tokens", "seconds", "first_loss", "final_loss", "metric")}
+                      for s in var.get("stages", [])]
+    keep["label"] = label
+    doc.setdefault("variants", [])
+    doc["variants"] = [v for v in doc["variants"] if v.get("label") != label] + [keep]
+    main_json.write_text(json.dumps(doc, indent=2) + "\n")
+    md = out_dir / f"{name}.md"
+    text = md.read_text()
+    section = f"\n## Variant: {label}\n\n`{var['command']}`\n\n" + markdown_table(
+        ["stage", "steps", "tokens", "minutes", "first loss", "last loss", "metric"], stage_rows(var["stages"]))
+    section += "\n\n" + "\n".join(f"- {k}: {v}" for k, v in keep.items()
+                                 if k not in ("stages", "config", "label", "command", "date")) + "\n"
+    marker = f"\n## Variant: {label}\n"
+    if marker in text:
+        text = text[: text.index(marker)]
+    md.write_text(text.rstrip("\n") + "\n" + section)
+
+
+if __name__ == "__main__":
+    attach_variant(sys.argv[1], Path(sys.argv[2]), sys.argv[3])

@@ -1,0 +1,111 @@
+"""Order-2 Monarch multiply laid out for CPU BLAS, for inference (no autograd).
+
+Computes exactly what :func:`m2convert.kernels.monarch.reference.monarch_matmul` computes, plus the bias,
+with the same factors (w1: (nb, nb * rho, P), w2: (nb, S, nb * rho)), but arranged for a CPU:
+
+- The input is read in place: (M, nb * P) rows or (nb * P, M) channels first are both valid BLAS
+  operands for the first batched GEMM, so neither layout is copied or transposed.
+- The first GEMM runs as w1 @ x^T, leaving the intermediate tokens-last, so the stride permutation
+  between the factors moves contiguous runs of tokens (measured 1.3-1.4x over the row-major order at
+  nb = 4 and 16, whose permutation moved runs of rho values).
+- The bias rides in the second GEMM (baddbmm, beta = 1) instead of a separate pass over the output.
+- Tokens are processed in chunks whose intermediates stay a few MiB: glibc hands those back from its
+  heap instead of fresh zero-filled pages (tens of MiB intermediates cost a page fault per 4 KiB,
+  which measured 25-40% of the whole multiply at d = 4096, nb = 16), and the stride permutation reads
+  data that is still in cache.
+- Each chunk's result is written straight into its rows of the output, so the block-major GEMM result
+  is transposed once, into its final place.
+
+Example:
+    >>> from m2convert.kernels.monarch.reference import monarch_matmul
+    >>> x = torch.randn(10, 12)
+    >>> w1, w2, b = torch.randn(4, 8, 3), torch.randn(4, 5, 8), torch.randn(20)
+    >>> torch.allclose(monarch_linear(x, w1, w2, b), monarch_matmul(x, w1, w2) + b, atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements (not bytes) of the largest per-chunk intermediate: 2 Mi fp32 = 8 MiB, well under glibc's largest
+# mmap threshold (32 MiB); 1-4 Mi measured within noise of each other at d = 768-4096, 8 Mi slower.
+CHUNK_ELEMENTS = 1 << 21
+# Fewer rows than this per chunk and the GEMMs get too short to run at full speed.
+MIN_CHUNK_ROWS = 256
+
+
+def chunk_rows(rows: int, width: int) -> int:
+    """Rows per chunk so that a (rows, width) intermediate stays near CHUNK_ELEMENTS."""
+    return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(width, 1)) if rows > MIN_CHUNK_ROWS else max(rows, 1)
+
+
+def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None = None,
+                   out_features: int | None = None, *, x_t: bool = False, out_t: bool = False) -> torch.Tensor:
+    """y = Monarch(w1, w2) @ x (+ bias) along the feature dimension, without building an autograd graph.
+
+    Args:
+        x: (M, nb * P) rows contiguous, or with ``x_t`` (nb * P, M) channels first (rows of M contiguous).
+        w1: (nb, nb * rho, P).  w2: (nb, S, nb * rho).
+        bias: (out_features,) or None.
+        out_features: keep the first out_features <= nb * S outputs (default all).
+        x_t, out_t: input / output channels first. Either way BLAS reads and writes the operands in
+            place, so a channels-first neighbour (the long convolution) needs no transpose copy.
+
+    Returns:
+        (M, out_features), or (out_features, M) with ``out_t``; contiguous.
+    """
+    nb, mid, p = w1.shape
+    s = w2.shape[1]
+    rho = mid // nb
+    m = x.shape[1] if x_t else x.shape[0]
+    out = nb * s if out_features is None else out_features
+    whole = out // s                                                          # output blocks kept entire
+    y = torch.empty((out, m) if out_t else (m, out), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    if bias is not None and out < nb * s:
+        bias = torch.nn.functional.pad(bias, (0, nb * s - out))
+    rows = chunk_rows(m, nb * max(mid, s))
+    r = min(rows, m)
+    # Flat buffers, so a short last chunk gets contiguous views of its own size.
+    h = torch.empty(nb * r * mid, dtype=x.dtype, device=x.device)
+    hp = torch.empty(nb * r * mid, dtype=x.dtype, device=x.device)
+    yb = torch.empty(nb * r * s, dtype=x.dtype, device=x.device)
+    if bias is None:
+        b = None
+    else:
+        b = bias.view(nb, s, 1) if out_t else bias.view(nb, 1, s)            # broadcast over rows
+    # Input blocks as (nb_k, P, M) operands, read in place: BLAS takes either orientation.
+    xb = x.view(nb, p, m) if x_t else x.view(m, nb, p).permute(1, 2, 0)
+    for start in range(0, m, r):
+        stop = min(start + r, m)
+        n = stop - start
+        # The intermediate is kept tokens-last, (.., rho, n): the stride permutation then moves runs
+        # of n values instead of runs of rho (3 floats at H = 768, nb = 16, where it dominated).
+        hc = h[: nb * n * mid].view(nb, mid, n)                               # (nb_k, nb_l * rho, n)
+        torch.bmm(w1, xb[:, :, start:stop], out=hc)
+        hpc = hp[: nb * n * mid].view(nb, nb, rho, n)                         # (nb_l, nb_k, rho, n)
+        hpc.copy_(hc.view(nb, nb, rho, n).transpose(0, 1))                    # stride permutation P1
+        hpc = hpc.view(nb, mid, n)                                            # (nb_l, nb_k * rho, n)
+        if out_t:
+            ybc = yb[: nb * n * s].view(nb, s, n)                             # (nb_l, S, n)
+            a, c = w2, hpc                                                    # y^T = w2 @ h
+        else:
+            ybc = yb[: nb * n * s].view(nb, n, s)                             # (nb_l, n, S)
+            a, c = hpc.transpose(1, 2), w2.transpose(1, 2)                    # y = h^T @ w2^T
+        if b is None:
+            torch.bmm(a, c, out=ybc)
+        else:
+            torch.baddbmm(b, a, c, out=ybc)
+        if out_t:
+            cols = y[:, start:stop]                                           # (out, n)
+            cols[: whole * s].view(whole, s, n).copy_(ybc[:whole])
+            if whole < nb:
+                cols[whole * s:].copy_(ybc[whole, : out - whole * s])         # cropped last block
+        else:
+            rows_out = y[start:stop]                                          # (n, out)
+            rows_out[:, : whole * s].view(n, whole, s).copy_(ybc[:whole].transpose(0, 1))
+            if whole < nb:
+                rows_out[:, whole * s:].copy_(ybc[whole, :, : out - whole * s])
+    return y

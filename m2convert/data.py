@@ -1,0 +1,473 @@
+"""Training data for recovery: files, Hugging Face datasets and batch iterables -> dict batches.
+
+Sources (``load_data`` picks by type and file suffix):
+    .tsv            GLUE style, a header line and a label column      -> classification batches
+    .jsonl / .json  one JSON object a line ({"text": ..., "label": ...}) -> classification or LM batches
+    .txt / other    plain text, tokenised and packed into fixed-length blocks  -> causal-LM batches
+    datasets.Dataset (anything with ``column_names`` and indexing): rows as in JSONL
+    an iterable of dict batches (a DataLoader, a list): used as given
+
+Every batch is a dict of tensors: ``input_ids`` (B, N), ``attention_mask`` (B, N), ``token_type_ids``
+(B, N) when the tokenizer makes them, and ``labels``: (B,) class ids or (B, N) token ids for LMs.
+Indexed sources are deterministic and resumable: batch ``k`` is a pure function of (seed, k), so a
+run that resumes at data position ``k`` sees exactly the batches an uninterrupted run would.
+
+Bad rows (wrong field count, non-integer label, empty text, invalid JSON, undecodable bytes) are
+counted in a :class:`RowReport`, logged, and skipped (``on_bad="skip"``) or raised as a
+:class:`DataError` naming the file and line (``on_bad="raise"``). Never silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import ConfigError, DataError, check_choice, check_int
+
+log = logging.getLogger("m2convert.data")
+ON_BAD = ("skip", "raise")
+
+
+def default_data_dir() -> Path:
+    """The shared data folder: ``$M2CONVERT_DATA`` or ``../shared/data`` beside the repository root.
+
+    Example:
+        >>> (default_data_dir() / "sst2" / "dev.tsv").name
+        'dev.tsv'
+    """
+    env = os.environ.get("M2CONVERT_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@dataclass
+class RowReport:
+    """What reading a source found: rows kept, bad rows and the first few reasons (line, why)."""
+
+    source: str
+    rows: int = 0
+    bad: int = 0
+    examples: list[tuple[int, str]] = field(default_factory=list)
+
+    def add_bad(self, line: int, why: str, on_bad: str) -> None:
+        if on_bad == "raise":
+            raise DataError(f"{self.source}:{line}: {why} (pass on_bad='skip' to skip bad rows)")
+        self.bad += 1
+        if len(self.examples) < 5:
+            self.examples.append((line, why))
+
+    def summary(self) -> str:
+        text = f"{self.source}: {self.rows} rows kept, {self.bad} bad rows skipped"
+        if self.examples:
+            text += "; e.g. " + "; ".join(f"line {n}: {why}" for n, why in self.examples)
+        return text
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "rows": self.rows, "bad": self.bad,
+                "examples": [list(e) for e in self.examples]}
+
+    def log(self) -> None:
+        (log.warning if self.bad else log.info)(self.summary())
+
+
+def _label(value, where: str) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise DataError(f"{where}: label {value!r} is not an integer") from None
+
+
+def read_tsv(path, *, text_column: str | None = None, label_column: str = "label",
+             on_bad: str = "skip") -> tuple[list[str], list[int], RowReport]:
+    """Read a GLUE-style TSV (header line; a label column and a text column).
+
+    The text column is ``text_column`` or the first non-label column. Returns (texts, labels, report).
+
+    Example:
+        >>> texts, labels, report = read_tsv(default_data_dir() / "sst2" / "dev.tsv")
+        >>> len(texts), report.bad
+        (872, 0)
+    """
+    check_choice("on_bad", on_bad, ON_BAD)
+    path = Path(path)
+    report = RowReport(str(path))
+    texts, labels = [], []
+    with _open(path) as f:
+        first = _decode(f.readline(), 1, report, "raise")
+        header = first.rstrip("\r\n").split("\t")
+        if label_column not in header:
+            raise DataError(f"{path}: header {header} has no {label_column!r} column; pass label_column=")
+        li = header.index(label_column)
+        if text_column is None:
+            others = [i for i in range(len(header)) if i != li]
+            if not others:
+                raise DataError(f"{path}: header {header} has no text column")
+            ti = others[0]
+        elif text_column in header:
+            ti = header.index(text_column)
+        else:
+            raise DataError(f"{path}: header {header} has no {text_column!r} column")
+        for n, raw in enumerate(f, start=2):
+            line = _decode(raw, n, report, on_bad)
+            if line is None:
+                continue
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != len(header):
+                report.add_bad(n, f"{len(parts)} fields, expected {len(header)}", on_bad)
+                continue
+            try:
+                label = _label(parts[li], f"{path}:{n}")
+            except DataError as e:
+                report.add_bad(n, str(e).split(": ", 1)[1], on_bad)
+                continue
+            if not parts[ti].strip():
+                report.add_bad(n, "empty text", on_bad)
+                continue
+            texts.append(parts[ti])
+            labels.append(label)
+    report.rows = len(texts)
+    report.log()
+    return texts, labels, report
+
+
+def read_jsonl(path, *, text_key: str = "text", label_key: str | None = "label",
+               on_bad: str = "skip") -> tuple[list[str], list[int] | None, RowReport]:
+    """Read JSON lines ``{"text": ..., "label": ...}``; labels are None when no row has one.
+
+    Example:
+        >>> texts, labels, report = read_jsonl("train.jsonl")   # doctest: +SKIP
+    """
+    check_choice("on_bad", on_bad, ON_BAD)
+    path = Path(path)
+    report = RowReport(str(path))
+    rows = []
+    with _open(path) as f:
+        for n, raw in enumerate(f, start=1):
+            line = _decode(raw, n, report, on_bad)
+            if line is None or not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                report.add_bad(n, f"invalid JSON ({e.msg})", on_bad)
+    texts, labels, report = _rows_to_examples(rows, text_key, label_key, report, on_bad)
+    report.log()
+    return texts, labels, report
+
+
+def _rows_to_examples(rows, text_key, label_key, report, on_bad):
+    has_labels = label_key is not None and any(isinstance(r, dict) and label_key in r for _, r in rows)
+    texts, labels = [], []
+    for n, row in rows:
+        if not isinstance(row, dict):
+            report.add_bad(n, f"row is a {type(row).__name__}, expected an object", on_bad)
+            continue
+        text = row.get(text_key)
+        if not isinstance(text, str) or not text.strip():
+            report.add_bad(n, f"missing or empty {text_key!r}", on_bad)
+            continue
+        if has_labels:
+            try:
+                labels.append(_label(row[label_key], f"row {n}"))
+            except (KeyError, DataError):
+                report.add_bad(n, f"missing or non-integer {label_key!r}", on_bad)
+                continue
+        texts.append(text)
+    report.rows = len(texts)
+    return texts, (labels if has_labels else None), report
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist (data folder: set M2CONVERT_DATA or pass a path)")
+    return open(path, "rb")
+
+
+def _decode(raw: bytes, n: int, report: RowReport, on_bad: str) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        report.add_bad(n, "not valid UTF-8", on_bad)
+        return None
+
+
+def pack_text(path, tokenizer, block_size: int, *, on_bad: str = "skip") -> tuple[torch.Tensor, RowReport]:
+    """Tokenise a plain-text file (no special tokens) and pack it into (num_blocks, block_size) ids.
+
+    The tail that does not fill a block is dropped.
+
+    Example:
+        >>> blocks, report = pack_text(default_data_dir() / "wikitext2" / "valid.txt", tok, 128)  # doctest: +SKIP
+        >>> blocks.shape                                                                      # doctest: +SKIP
+        torch.Size([1903, 128])
+    """
+    check_int("block_size", block_size, low=2)
+    path = Path(path)
+    report = RowReport(str(path))
+    lines = []
+    with _open(path) as f:
+        for n, raw in enumerate(f, start=1):
+            line = _decode(raw, n, report, on_bad)
+            if line is not None:
+                lines.append(line)
+    report.rows = len(lines)
+    report.log()
+    ids: list[int] = []
+    for start in range(0, len(lines), 2000):
+        ids.extend(tokenizer("".join(lines[start:start + 2000]), add_special_tokens=False)["input_ids"])
+    return _blocks(ids, block_size, str(path)), report
+
+
+def _blocks(ids: list[int], block_size: int, source: str) -> torch.Tensor:
+    n = len(ids) // block_size                                          # the tail is dropped
+    if n == 0:
+        raise DataError(f"{source}: {len(ids)} tokens do not fill one block of {block_size}")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)   # (n, block)
+
+
+class Batches:
+    """A deterministic, resumable sequence of dict batches over indexed examples.
+
+    Batch ``k`` of rank ``r`` (of ``world``) is global batch ``k * world + r``; epoch e of the
+    global batches is a fixed permutation seeded by (seed, e). Iteration never ends (epochs repeat).
+    ``bucket=True`` groups examples of similar length into batches (less padding), batches still
+    in random order.
+
+    Shapes: ``batch(k)`` -> dict of (B, N) tensors (+ ``labels`` (B,) or (B, N)).
+
+    Example:
+        >>> src = load_data(default_data_dir() / "sst2" / "dev.tsv", tokenizer, batch_size=8)  # doctest: +SKIP
+        >>> src.batch(0)["input_ids"].shape                                                    # doctest: +SKIP
+        torch.Size([8, 41])
+    """
+
+    def __init__(self, examples: list, collate, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 report: RowReport | None = None, rank: int = 0, world: int = 1, bucket: bool = False):
+        check_int("batch_size", batch_size, low=1)
+        if len(examples) < batch_size * world:
+            raise DataError(f"{len(examples)} examples cannot fill one batch of {batch_size} on {world} ranks")
+        self.examples, self.collate, self.batch_size = examples, collate, batch_size
+        self.shuffle, self.seed, self.report = shuffle, seed, report
+        self.rank, self.world, self.bucket = rank, world, bucket
+        self.per_epoch = len(examples) // batch_size                 # global batches per epoch
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def shard(self, rank: int, world: int) -> "Batches":
+        """The same data split for data-parallel rank ``rank`` of ``world``."""
+        return Batches(self.examples, self.collate, self.batch_size, shuffle=self.shuffle, seed=self.seed,
+                       report=self.report, rank=rank, world=world, bucket=self.bucket)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            n = len(self.examples)
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+            if self.bucket:
+                order = self._bucketed(order, gen)
+            self._perm = (epoch, order)
+        return self._perm[1]
+
+    def _bucketed(self, order: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        # Sort windows of 50 batches by length, cut them into batches, shuffle the batches:
+        # batches hold similar lengths (little padding) and still come in random order.
+        bs, window = self.batch_size, self.batch_size * 50
+        lengths = torch.tensor([len(e["input_ids"]) if isinstance(e, dict) else len(e) for e in self.examples])
+        chunks = [c[torch.argsort(lengths[c], stable=True)] for c in order.split(window)]
+        flat = torch.cat(chunks)
+        whole = len(flat) // bs * bs
+        batches = flat[:whole].view(-1, bs)
+        return torch.cat([batches[torch.randperm(len(batches), generator=gen)].reshape(-1), flat[whole:]])
+
+    def batch(self, k: int) -> dict[str, torch.Tensor]:
+        g = k * self.world + self.rank
+        epoch, i = divmod(g, self.per_epoch)
+        idx = self._order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        return self.collate([self.examples[j] for j in idx.tolist()])
+
+    def __iter__(self):
+        k = 0
+        while True:
+            yield self.batch(k)
+            k += 1
+
+
+class StreamBatches:
+    """Batches from a user iterable (a DataLoader, a list of dicts), read in order.
+
+    ``batch(k)`` must be asked for in increasing k; a resumed run skips the first k batches by
+    reading them. A re-iterable source restarts when exhausted; a one-shot iterator raises DataError.
+    Bad batches (not a dict of tensors, no ``input_ids``) are counted and skipped or raised.
+
+    Example:
+        >>> src = StreamBatches([{"input_ids": torch.zeros(2, 5, dtype=torch.long)}])
+        >>> src.batch(0)["input_ids"].shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(self, iterable: Iterable, *, on_bad: str = "skip", rank: int = 0, world: int = 1):
+        check_choice("on_bad", on_bad, ON_BAD)
+        self.iterable, self.on_bad, self.rank, self.world = iterable, on_bad, rank, world
+        self.report = RowReport(f"<{type(iterable).__name__}>")
+        self._it, self._next, self._seen = None, 0, 0
+
+    def shard(self, rank: int, world: int) -> "StreamBatches":
+        return StreamBatches(self.iterable, on_bad=self.on_bad, rank=rank, world=world)
+
+    def _raw(self):
+        if self._it is None:
+            self._it = iter(self.iterable)
+        try:
+            return next(self._it)
+        except StopIteration:
+            if iter(self.iterable) is self.iterable:
+                raise DataError(f"the batch iterator ran out after {self._seen} batches; pass a re-iterable "
+                                "source (a list or DataLoader) or fewer steps") from None
+            self._it = iter(self.iterable)
+            return next(self._it)
+
+    def _good(self) -> dict[str, torch.Tensor]:
+        for _ in range(1000):
+            b = self._raw()
+            self._seen += 1
+            if isinstance(b, dict) and torch.is_tensor(b.get("input_ids")) and all(
+                    torch.is_tensor(v) for v in b.values()):
+                self.report.rows += 1
+                return b
+            self.report.add_bad(self._seen, "batch is not a dict of tensors with 'input_ids'", self.on_bad)
+            self.report.log()
+        raise DataError(f"{self.report.source}: no usable batch in 1000 tries")
+
+    def batch(self, k: int) -> dict[str, torch.Tensor]:
+        g = k * self.world + self.rank
+        if g < self._next:
+            raise DataError(f"batch {k} was already read from this stream; streams only go forward")
+        while True:
+            b = self._good()
+            self._next += 1
+            if self._next - 1 == g:
+                return b
+
+
+def classification_collate(tokenizer):
+    """Collate {"input_ids": [...], "label": int} examples into padded batches (B, N) + labels (B,).
+
+    Example:
+        >>> batch = classification_collate(tokenizer)([{"input_ids": [101, 7, 102], "label": 1}])  # doctest: +SKIP
+        >>> batch["attention_mask"]                                                            # doctest: +SKIP
+        tensor([[1, 1, 1]])
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), n), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), n, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, : len(r["input_ids"])] = 1
+        out = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in tokenizer.model_input_names:
+            out["token_type_ids"] = torch.zeros_like(ids)
+        if rows[0].get("label") is not None:
+            out["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        return out
+
+    return collate
+
+
+def lm_collate(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack (block_size,) id blocks into a causal-LM batch; labels are the inputs (models shift)."""
+    ids = torch.stack(rows)                                            # (B, block)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def tokenize_examples(texts: list[str], labels: list[int] | None, tokenizer, max_length: int) -> list[dict]:
+    """Tokenise texts (with the tokenizer's special tokens, truncated) into collatable examples."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return [{"input_ids": ids, "label": None if labels is None else labels[i]} for i, ids in enumerate(enc)]
+
+
+def load_data(data: Any, tokenizer=None, *, batch_size: int = 32, max_length: int = 128,
+              block_size: int = 128, task: str = "auto", on_bad: str = "skip", shuffle: bool = True,
+              seed: int = 0, text_column: str | None = None, label_column: str = "label",
+              bucket: bool = False):
+    """Turn ``data`` into a resumable batch source (:class:`Batches` or :class:`StreamBatches`).
+
+    Args:
+        data: a file path (.tsv, .jsonl/.json, anything else = plain text), a Hugging Face dataset,
+            an iterable of dict batches, or an existing Batches/StreamBatches (returned as is).
+        tokenizer: the teacher's tokenizer; needed for files and datasets.
+        task: "auto" | "classification" | "lm". "auto": labelled rows -> classification, plain text or
+            unlabelled rows -> lm (packed into ``block_size`` blocks).
+        on_bad: "skip" (count, log, skip) or "raise" (DataError naming file and line).
+        bucket: batch classification examples of similar length together (less padding).
+
+    Returns batches of dicts: input_ids (B, N), attention_mask (B, N), labels (B,) or (B, N).
+
+    Example:
+        >>> src = load_data(default_data_dir() / "sst2" / "train.tsv", tokenizer, batch_size=32)  # doctest: +SKIP
+        >>> sorted(src.batch(0))                                                                # doctest: +SKIP
+        ['attention_mask', 'input_ids', 'labels', 'token_type_ids']
+    """
+    check_choice("task", task, ("auto", "classification", "lm"))
+    check_choice("on_bad", on_bad, ON_BAD)
+    if isinstance(data, (Batches, StreamBatches)):
+        return data
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        suffix = path.suffix.lower()
+        if suffix in (".tsv", ".jsonl", ".json"):
+            _need(tokenizer, path)
+            if suffix == ".tsv":
+                texts, labels, report = read_tsv(path, text_column=text_column, label_column=label_column,
+                                                 on_bad=on_bad)
+            else:
+                texts, labels, report = read_jsonl(path, text_key=text_column or "text",
+                                                   label_key=label_column, on_bad=on_bad)
+            return _from_texts(texts, labels, report, tokenizer, task, batch_size, max_length, block_size,
+                               shuffle, seed, bucket)
+        if task == "classification":
+            raise ConfigError(f"{path}: plain text has no labels; use a .tsv or .jsonl file for classification")
+        _need(tokenizer, path)
+        blocks, report = pack_text(path, tokenizer, block_size, on_bad=on_bad)
+        return Batches(list(blocks), lm_collate, batch_size, shuffle=shuffle, seed=seed, report=report)
+    if hasattr(data, "column_names") and hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        _need(tokenizer, "the dataset")
+        report = RowReport(f"<{type(data).__name__}>")
+        rows = [(i, data[i]) for i in range(len(data))]
+        texts, labels, report = _rows_to_examples(rows, text_column or "text", label_column, report, on_bad)
+        report.log()
+        return _from_texts(texts, labels, report, tokenizer, task, batch_size, max_length, block_size,
+                           shuffle, seed, bucket)
+    if hasattr(data, "__iter__"):
+        return StreamBatches(data, on_bad=on_bad)
+    raise ConfigError(f"data of type {type(data).__name__} is not a path, dataset or iterable of batches")
+
+
+def _need(tokenizer, what) -> None:
+    if tokenizer is None:
+        raise ConfigError(f"reading {what} needs the teacher's tokenizer; pass tokenizer=")
+
+
+def _from_texts(texts, labels, report, tokenizer, task, batch_size, max_length, block_size, shuffle, seed,
+                bucket=False):
+    if task == "classification" and labels is None:
+        raise DataError(f"{report.source}: task='classification' but the rows have no labels")
+    if labels is not None and task != "lm":
+        examples = tokenize_examples(texts, labels, tokenizer, max_length)
+        return Batches(examples, classification_collate(tokenizer), batch_size, shuffle=shuffle, seed=seed,
+                       report=report, bucket=bucket)
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    blocks = _blocks(ids, block_size, report.source)
+    return Batches(list(blocks), lm_collate, batch_size, shuffle=shuffle, seed=seed, report=report)

@@ -1,0 +1,170 @@
+"""Recovery checkpoints: safetensors for tensors, JSON for everything else; nothing is unpickled.
+
+A checkpoint is a folder:
+    model.safetensors        the student's state dict (tied weights stored once)
+    optimizer.safetensors    AdamW state tensors, keyed "<param index>.<name>" (exp_avg, exp_avg_sq, step)
+    rng-rank<r>.safetensors  each rank's torch CPU (and CUDA) RNG state
+    state.json               format tag, run state (stage, step, data position, losses), optimizer
+                             param groups and scalar state, python RNG state
+
+It is written to a temporary sibling and renamed into place, so a run killed while saving leaves the
+previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from ..errors import CheckpointError
+
+FORMAT = "m2convert.distill-checkpoint"
+VERSION = 1
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states as tensors (CPU, and every CUDA device when present)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available():
+        cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(path, model: torch.nn.Module, optimizer, state: dict, *, rank: int = 0,
+                    world: int = 1, barrier=None) -> Path:
+    """Save model, optimizer, RNG and the JSON-able ``state`` to the folder ``path`` atomically.
+
+    Under data parallelism every rank calls this (each writes its RNG state) and passes ``barrier``;
+    rank 0 writes the rest and renames the folder into place.
+
+    Example:
+        >>> save_checkpoint("runs/ckpt/latest", student, opt, {"stage_index": 0, "stage_step": 10})  # doctest: +SKIP
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    sync = barrier or (lambda: None)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    sync()
+    save_file(rng_state(), str(tmp / f"rng-rank{rank}.safetensors"))
+    if rank == 0:
+        save_model(model, str(tmp / "model.safetensors"))
+        opt_meta = None
+        if optimizer is not None:
+            tensors, opt_meta = _optimizer_to_files(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+        doc = {"format": FORMAT, "version": VERSION, "world_size": world, "state": state,
+               "optimizer": opt_meta, "python_rng": _py_rng_to_json(random.getstate())}
+        (tmp / "state.json").write_text(json.dumps(doc))
+    sync()
+    if rank == 0:
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    sync()
+    return path
+
+
+def read_state(path) -> dict | None:
+    """The state.json document of the checkpoint at ``path`` (None when there is none)."""
+    path = Path(path)
+    file = path / "state.json"
+    if not file.exists():
+        if path.exists() and any(path.iterdir()):
+            raise CheckpointError(f"{path} has files but no state.json: not an m2convert distill checkpoint")
+        return None
+    try:
+        doc = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is corrupt ({e}); delete the folder to start over") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not an m2convert distill checkpoint (format {doc.get('format')!r})"
+                              if isinstance(doc, dict) else f"{file} is not an m2convert distill checkpoint")
+    if doc.get("version") != VERSION:
+        raise CheckpointError(f"{file} has checkpoint version {doc.get('version')}, this m2convert reads {VERSION}")
+    return doc
+
+
+def load_model_weights(path, model: torch.nn.Module) -> None:
+    """Load ``model.safetensors`` of the checkpoint into ``model`` (strict; names and shapes must match)."""
+    file = Path(path) / "model.safetensors"
+    try:
+        missing, unexpected = load_model(model, str(file), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{file} cannot be loaded into {type(model).__name__}: {e}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{file} does not match {type(model).__name__}: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+
+
+def load_optimizer(path, optimizer, doc: dict) -> None:
+    """Restore the optimizer state saved beside ``doc`` (the checkpoint's state.json)."""
+    file = Path(path) / "optimizer.safetensors"
+    if doc.get("optimizer") is None or not file.exists():
+        raise CheckpointError(f"{path} holds no optimizer state to resume this stage from")
+    try:
+        sd = _optimizer_from_files(load_file(str(file)), doc["optimizer"])
+        optimizer.load_state_dict(sd)
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{file} does not fit this stage's optimizer: {e}") from None
+
+
+def load_rng(path, doc: dict, rank: int = 0) -> None:
+    """Restore this rank's torch and python RNG states."""
+    file = Path(path) / f"rng-rank{rank}.safetensors"
+    try:
+        set_rng_state(load_file(str(file)))
+    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{file} is missing or corrupt: {e}") from None
+    random.setstate(_py_rng_from_json(doc["python_rng"]))
+
+
+def _py_rng_to_json(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _py_rng_from_json(state):
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

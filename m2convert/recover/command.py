@@ -1,0 +1,107 @@
+"""``m2convert distill``: the command-line front of :func:`m2convert.distill`.
+
+The CLI wires it as
+
+    from .recover.command import add_distill_arguments, run_distill_cli
+    p = sub.add_parser("distill", ...); add_distill_arguments(p)
+    run_distill_cli(args, load_teacher=api.load_model, load_student=serialize.from_pretrained,
+                    save_student=serialize.save_pretrained)
+
+Loaders are passed in, so recovery never imports the layers above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from .config import DistillConfig, StageConfig
+from .distill import distill
+
+
+def add_distill_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``distill`` options to ``p``."""
+    p.add_argument("--teacher", required=True, help="the original model (directory or model id)")
+    p.add_argument("--student", required=True, help="directory of the converted model")
+    p.add_argument("--data", required=True, help="training data: .tsv (label column), .jsonl or plain text")
+    p.add_argument("--out", required=True, help="directory for the recovered model (checkpoints go in OUT/checkpoints)")
+    p.add_argument("--stages", default="transfer,kd,task", help="comma list, in order (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=100, help="steps of each stage (default: %(default)s)")
+    p.add_argument("--lr", action="append", default=[], metavar="STAGE=LR",
+                   help="learning rate of a stage, e.g. --lr transfer=1e-3 (repeatable)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128, help="tokens per block for plain-text data")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    p.add_argument("--on-bad", choices=("skip", "raise"), default="skip", help="bad data rows (default: skip)")
+    p.add_argument("--config", type=Path, help="a DistillConfig JSON file (overrides the options above)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    """The DistillConfig the options describe.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_distill_arguments(p)
+        >>> a = p.parse_args("--teacher t --student s --data d --out o --stages kd --lr kd=3e-4".split())
+        >>> config_from_args(a).stages[0].lr
+        0.0003
+    """
+    ckpt = str(Path(args.out) / "checkpoints")
+    if args.config is not None:
+        try:
+            cfg = DistillConfig.from_json(Path(args.config).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read --config {args.config}: {e}") from None
+        d = cfg.to_dict()
+        d.update(checkpoint_dir=d["checkpoint_dir"] or ckpt, resume=args.resume or d["resume"])
+        return DistillConfig.from_dict(d)
+    lrs = {}
+    for item in args.lr:
+        name, _, value = item.partition("=")
+        try:
+            lrs[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--lr {item!r}: write STAGE=LR, e.g. --lr kd=1e-4") from None
+    names = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(lrs) - set(names)
+    if unknown:
+        raise ConfigError(f"--lr names stages {sorted(unknown)} that are not in --stages {names}")
+    stages = [StageConfig(n, steps=args.steps, lr=lrs.get(n), temperature=args.temperature) for n in names]
+    return DistillConfig(stages=stages, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                         block_size=args.block_size, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
+                         resume=args.resume, on_bad=args.on_bad, progress=not args.no_progress)
+
+
+def run_distill_cli(args: argparse.Namespace, *, load_teacher, load_student, save_student) -> int:
+    """Load teacher and student, distill on ``--data``, save the student to ``--out``; returns 0.
+
+    Writes OUT/distill_result.json (per-stage steps, tokens, seconds, losses) beside the model.
+    """
+    logging.basicConfig(level=logging.INFO, format="m2convert: %(message)s")
+    config = config_from_args(args)
+    teacher = load_teacher(args.teacher)
+    student = load_student(args.student)
+    tokenizer = None
+    if Path(args.teacher).is_dir():
+        from transformers import AutoTokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load the teacher's tokenizer from {args.teacher}: {e}") from None
+    result = distill(student, teacher, args.data, config, tokenizer=tokenizer)
+    out = Path(args.out)
+    save_student(student, out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "distill_result.json").write_text(json.dumps({"config": config.to_dict(), **result.to_dict()}, indent=2))
+    for s in result.stages:
+        print(f"m2convert: {s.name}: {s.steps} steps, {s.tokens:,} tokens, {s.seconds:.0f} s, "
+              f"loss {s.first_loss:.4g} -> {s.final_loss:.4g}", file=sys.stderr)
+    print(f"m2convert: saved the recovered model to {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,275 @@
+"""``distill``: run the recovery stages (transfer, kd, task) on a converted student.
+
+One loop serves every stage: fetch batch ``k`` of the (resumable) data source, run the teacher, take
+the stage's loss, stop on a non-finite loss, step AdamW at the stage's scheduled learning rate,
+checkpoint every ``checkpoint_every`` steps. Under torchrun each rank reads its own batches and DDP
+averages gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import load_data
+from ..errors import CheckpointError, ConfigError, TrainingError
+from . import checkpoint as ckpt
+from .config import DistillConfig, StageConfig
+from .parallel import Group, setup
+from .stages import (EndToEndObjective, TransferObjective, capture, layer_pairs, replaced_modules,
+                     teacher_forward)
+
+log = logging.getLogger("m2convert.recover")
+
+
+@dataclass
+class StageResult:
+    """What one stage did: optimizer steps, real tokens (all ranks), seconds and the per-step losses."""
+
+    name: str
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def final_loss(self) -> float | None:
+        """Mean loss of the last 10 steps (None before the first step)."""
+        tail = self.losses[-10:]
+        return sum(tail) / len(tail) if tail else None
+
+
+@dataclass
+class DistillResult:
+    """Per-stage results, the last checkpoint folder and the data source's row report."""
+
+    stages: list[StageResult]
+    checkpoint_path: str | None = None
+    data_report: dict | None = None
+    world_size: int = 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for s, r in zip(d["stages"], self.stages):
+            s["first_loss"], s["final_loss"] = r.first_loss, r.final_loss
+        return d
+
+
+def _trainable(student: nn.Module, stage: StageConfig) -> list[str]:
+    names = [n for n, _ in student.named_parameters()]
+    if stage.train == "all":
+        return names
+    if stage.train == "replaced":
+        prefixes = [p + "." for p, _ in replaced_modules(student)]
+        chosen = [n for n in names if any(n.startswith(p) for p in prefixes)]
+    else:
+        patterns = [re.compile(p) for p in stage.train]
+        chosen = [n for n in names if any(p.search(n) for p in patterns)]
+    if not chosen:
+        raise ConfigError(f"stage {stage.name!r}: train={stage.train!r} selects no parameter of the student")
+    return chosen
+
+
+def _resolve_tokenizer(tokenizer, teacher, data):
+    if tokenizer is not None or not isinstance(data, (str, Path)) and not hasattr(data, "column_names"):
+        return tokenizer
+    source = getattr(getattr(teacher, "config", None), "_name_or_path", "")
+    if source and Path(source).is_dir():
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(source)
+    raise ConfigError("reading files needs the teacher's tokenizer: pass tokenizer= to distill "
+                      "(the teacher's config does not name a local folder to load it from)")
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class _Run:
+    """The state one distill call carries from stage to stage."""
+
+    def __init__(self, student, teacher, source, config: DistillConfig, group: Group, device, on_step):
+        self.student, self.teacher, self.source = student, teacher, source
+        self.config, self.group, self.device, self.on_step = config, group, device, on_step
+        self.ckpt_path = Path(config.checkpoint_dir) / "latest" if config.checkpoint_dir else None
+        self.results: list[StageResult] = []
+        self.stage_index, self.stage_step, self.data_pos = 0, 0, 0
+        self.current = None
+        self.resume_doc = None
+
+    def state(self) -> dict:
+        return {"stage_index": self.stage_index, "stage_step": self.stage_step, "data_position": self.data_pos,
+                "completed": [asdict(r) for r in self.results],
+                "current": asdict(self.current) if self.current is not None else None,
+                "stages": [s.name for s in self.config.stages]}
+
+    def save(self, optimizer) -> None:
+        if self.ckpt_path is None:
+            return
+        ckpt.save_checkpoint(self.ckpt_path, self.student, optimizer, self.state(), rank=self.group.rank,
+                             world=self.group.world, barrier=self.group.barrier)
+
+    def try_resume(self) -> None:
+        if not (self.config.resume and self.ckpt_path is not None):
+            return
+        doc = ckpt.read_state(self.ckpt_path)
+        if doc is None:
+            log.info("resume: no checkpoint in %s yet; starting from the beginning", self.ckpt_path)
+            return
+        st = doc["state"]
+        if doc["world_size"] != self.group.world:
+            raise CheckpointError(f"{self.ckpt_path} was written by {doc['world_size']} ranks; resume it with "
+                                  f"the same number (this run has {self.group.world}) to continue exactly")
+        if st["stages"] != [s.name for s in self.config.stages]:
+            raise CheckpointError(f"{self.ckpt_path} belongs to a run with stages {st['stages']}, this config "
+                                  f"has {[s.name for s in self.config.stages]}")
+        ckpt.load_model_weights(self.ckpt_path, self.student)
+        self.results = [StageResult(**r) for r in st["completed"]]
+        self.stage_index, self.stage_step, self.data_pos = st["stage_index"], st["stage_step"], st["data_position"]
+        self.current = StageResult(**st["current"]) if st["current"] else None
+        self.resume_doc = doc
+        log.info("resumed from %s at stage %d step %d", self.ckpt_path, self.stage_index, self.stage_step)
+
+    def run_stage(self, stage: StageConfig) -> StageResult:
+        student, group = self.student, self.group
+        pairs = layer_pairs(student, self.teacher) if stage.name == "transfer" else None
+        chosen = set(_trainable(student, stage))
+        for name, p in student.named_parameters():
+            p.requires_grad_(name in chosen)
+        params = [p for n, p in student.named_parameters() if n in chosen]
+        if pairs is not None:
+            objective = TransferObjective(pairs, stage.loss)
+            teacher_mods = {path: t for path, _, t in pairs}
+        else:
+            objective = EndToEndObjective(student, stage)
+        model = group.wrap(objective, self.device)
+        opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        result = self.current if self.current is not None else StageResult(stage.name)
+        if self.resume_doc is not None:
+            if self.stage_step > 0:
+                ckpt.load_optimizer(self.ckpt_path, opt, self.resume_doc)
+            ckpt.load_rng(self.ckpt_path, self.resume_doc, group.rank)
+            self.resume_doc = None
+        self.current = result
+        student.train()
+        bar = tqdm(total=stage.steps or stage.tokens, initial=result.steps if stage.steps else result.tokens,
+                   desc=stage.name, unit="step" if stage.steps else "tok", dynamic_ncols=True,
+                   disable=not (self.config.progress and group.rank == 0))
+        t0 = time.perf_counter() - result.seconds
+        done = lambda: ((stage.steps is not None and result.steps >= stage.steps)
+                        or (stage.tokens is not None and result.tokens >= stage.tokens))
+        while not done():
+            batch = _to(self.source.batch(self.data_pos), self.device)
+            for g in opt.param_groups:
+                g["lr"] = stage.lr * stage.lr_factor(self.stage_step)
+            mask = batch.get("attention_mask")
+            ntok = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
+            if stage.name == "transfer":
+                with torch.no_grad(), capture(teacher_mods) as calls:
+                    teacher_forward(self.teacher, batch, hidden=False)
+                loss = model(calls, mask)
+            else:
+                t_out = teacher_forward(self.teacher, batch, hidden=stage.hidden_weight > 0)
+                loss = model(batch, t_out)
+            totals = group.sum(torch.stack([loss.detach().double().cpu(), ntok.double().cpu()]))
+            mean_loss = totals[0].item() / group.world
+            if not math.isfinite(mean_loss):
+                self.save(opt)
+                where = f" (last good checkpoint: {self.ckpt_path})" if self.ckpt_path else ""
+                raise TrainingError(f"non-finite loss ({mean_loss}) in stage {stage.name!r} at step "
+                                    f"{self.stage_step}{where}; lower the learning rate or check the data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if stage.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+            opt.step()
+            self.stage_step += 1
+            self.data_pos += 1
+            result.steps += 1
+            result.tokens += int(totals[1].item())
+            result.losses.append(mean_loss)
+            result.seconds = time.perf_counter() - t0
+            bar.update(1 if stage.steps else int(totals[1].item()))
+            bar.set_postfix(loss=f"{mean_loss:.4g}", tok_s=f"{result.tokens / max(result.seconds, 1e-9):.0f}")
+            if self.config.checkpoint_every and self.stage_step % self.config.checkpoint_every == 0 and not done():
+                self.save(opt)
+            if self.on_step is not None:
+                self.on_step(stage.name, self.stage_step, mean_loss)
+        bar.close()
+        self.results.append(result)
+        self.current, self.stage_index, self.stage_step = None, self.stage_index + 1, 0
+        self.save(opt)
+        return result
+
+
+def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig | None = None, *,
+            tokenizer=None, on_step: Callable[[str, int, float], None] | None = None) -> DistillResult:
+    """Recover a converted ``student`` towards its ``teacher`` with the stages of ``config``, in place.
+
+    Args:
+        student: the converted model (m2convert.convert's output; M2 modules are ``M2Block``s).
+        teacher: the original (or a fine-tuned) model; only run forward, never changed.
+        data: a file path (.tsv / .jsonl / text), a Hugging Face dataset, an iterable of dict batches
+            (input_ids (B, N), attention_mask (B, N), labels), or a ``m2convert.data`` batch source.
+        config: DistillConfig (default: transfer, kd, task of 100 steps each).
+        tokenizer: the teacher's tokenizer (needed for files; default: loaded from the teacher's folder).
+        on_step: called as on_step(stage, step, loss) after every optimizer step.
+
+    Returns a DistillResult: per-stage steps, tokens, seconds and losses, and the checkpoint folder.
+    Raises TrainingError on a non-finite loss (after saving the last good checkpoint).
+
+    Example:
+        >>> student = m2.convert(teacher)                                         # doctest: +SKIP
+        >>> cfg = DistillConfig(stages=[StageConfig("transfer", steps=600), StageConfig("kd", steps=1200)])
+        >>> result = m2.distill(student, teacher, "sst2/train.tsv", cfg, tokenizer=tok)  # doctest: +SKIP
+        >>> [s.name for s in result.stages]                                       # doctest: +SKIP
+        ['transfer', 'kd']
+    """
+    config = config or DistillConfig()
+    if not isinstance(config, DistillConfig):
+        raise ConfigError(f"config must be a DistillConfig, got {type(config).__name__}")
+    if student is teacher:
+        raise ConfigError("student and teacher are the same object; pass the converted copy as the student")
+    device = torch.device(config.device) if config.device else next(student.parameters()).device
+    group = setup(config.distributed, device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())      # this rank's GPU under torchrun
+    try:
+        tokenizer = _resolve_tokenizer(tokenizer, teacher, data)
+        source = load_data(data, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
+                           block_size=config.block_size, on_bad=config.on_bad, seed=config.seed,
+                           bucket=config.bucket_by_length)
+        if group.active:
+            source = source.shard(group.rank, group.world)
+        student.to(device)
+        teacher.to(device).eval()
+        flags = {n: p.requires_grad for n, p in student.named_parameters()}
+        was_training = student.training
+        torch.manual_seed(config.seed * 1009 + group.rank)
+        run = _Run(student, teacher, source, config, group, device, on_step)
+        run.try_resume()
+        try:
+            for i, stage in enumerate(config.stages):
+                if i >= run.stage_index:
+                    run.run_stage(stage)
+        finally:
+            for n, p in student.named_parameters():
+                p.requires_grad_(flags[n])
+            student.train(was_training)
+        report = source.report.to_dict() if getattr(source, "report", None) else None
+        return DistillResult(run.results, str(run.ckpt_path) if run.ckpt_path else None, report, group.world)
+    finally:
+        group.close()

@@ -1,0 +1,219 @@
+"""The recovery objectives: layer-wise transfer, end-to-end KD and task fine-tuning.
+
+Each objective is an nn.Module whose forward returns the scalar loss, so DDP can wrap it and
+average the gradients of exactly the parameters it trains.
+
+Layer pairs: the outermost M2Block modules of the student (what m2convert put in) and the module at
+the same path in the teacher (what they replaced).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TrainingError
+from ..layers import M2Block
+
+
+def replaced_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost :class:`M2Block` modules of ``model`` as (path, module), in module order.
+
+    Example:
+        >>> [p for p, _ in replaced_modules(student)]            # doctest: +SKIP
+        ['bert.encoder.layer.0.attention', 'bert.encoder.layer.0.intermediate.dense', ...]
+    """
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, M2Block) and not any(path.startswith(p + ".") for p, _ in found):
+            found.append((path, module))
+    return found
+
+
+def layer_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(path, student module, teacher module) for every replaced module of the student.
+
+    Example:
+        >>> [(p, type(t).__name__) for p, _, t in layer_pairs(student, teacher)][:1]   # doctest: +SKIP
+        [('bert.encoder.layer.0.attention', 'BertAttention')]
+    """
+    pairs = []
+    for path, module in replaced_modules(student):
+        try:
+            original = teacher.get_submodule(path)
+        except AttributeError:
+            raise TrainingError(f"transfer: the teacher has no module at {path!r}, where the student has "
+                                f"{type(module).__name__}; pass the model the student was converted from") from None
+        pairs.append((path, module, original))
+    if not pairs:
+        raise TrainingError("transfer: the student has no M2 modules (nothing was converted); "
+                            "convert it with m2convert.convert first or drop the transfer stage")
+    return pairs
+
+
+@contextmanager
+def capture(modules: dict[str, nn.Module]):
+    """Record every call of the given modules: ``calls[path]`` = list of (args, kwargs, output).
+
+    Example:
+        >>> with torch.no_grad(), capture({"bert.encoder.layer.0.attention": attn}) as calls:  # doctest: +SKIP
+        ...     teacher(**batch)
+        >>> args, kwargs, out = calls["bert.encoder.layer.0.attention"][0]                     # doctest: +SKIP
+    """
+    calls: dict[str, list] = {path: [] for path in modules}
+    handles = []
+    for path, module in modules.items():
+        def hook(_module, args, kwargs, output, path=path):
+            calls[path].append((args, kwargs, output))
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def first_tensor(x) -> torch.Tensor:
+    """The main output of a module: the tensor itself, or the first element of a tuple / ModelOutput."""
+    if torch.is_tensor(x):
+        return x
+    if isinstance(x, (tuple, list)) and x and torch.is_tensor(x[0]):
+        return x[0]
+    if hasattr(x, "to_tuple"):
+        return first_tensor(x.to_tuple())
+    raise TrainingError(f"cannot find the output tensor of a module that returned {type(x).__name__}")
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+               relative: bool = True) -> torch.Tensor:
+    """MSE over real tokens; ``relative`` divides by the target's mean square (scale-free per layer).
+
+    Shapes: pred, target (B, N, ...) or (B, ...); mask (B, N) of 0/1 applied when pred is (B, N, ...).
+
+    Example:
+        >>> t = torch.ones(2, 3, 4)
+        >>> masked_mse(t * 0.5, t, torch.ones(2, 3)).item()
+        0.25
+    """
+    diff = (pred.float() - target.float()) ** 2
+    ref = target.float() ** 2
+    if mask is not None and pred.dim() >= 2 and tuple(pred.shape[:2]) == tuple(mask.shape):
+        m = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (pred.dim() - 2)))   # (B, N, 1...)
+        diff, ref = diff * m, ref * m
+        count = m.sum() * (pred[0, 0].numel())
+    else:
+        count = torch.tensor(float(diff.numel()), device=diff.device)
+    if relative:
+        return diff.sum() / ref.sum().clamp_min(1e-12)
+    return diff.sum() / count.clamp_min(1.0)
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of temperature-softened distributions, times T^2 (Hinton et al.).
+
+    Shapes: logits (B, C) for classifiers, (B, N, V) for LMs with mask (B, N); averaged over rows
+    (real tokens only).
+
+    Example:
+        >>> logits = torch.randn(4, 2)
+        >>> kd_kl(logits, logits, temperature=2.0).abs().item() < 1e-6
+        True
+    """
+    t = temperature
+    logp_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    logp_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)                          # (B,) or (B, N)
+    if mask is not None and kl.dim() == 2 and tuple(kl.shape) == tuple(mask.shape):
+        m = mask.to(kl.dtype)
+        return (kl * m).sum() / m.sum().clamp_min(1.0) * t * t
+    return kl.mean() * t * t
+
+
+class TransferObjective(nn.Module):
+    """Mean over replaced modules of the (relative) MSE between each module, fed the teacher's own
+    inputs to that layer, and the teacher module's output.
+
+    forward(calls, mask) with ``calls`` from :func:`capture` on the teacher and mask (B, N).
+    """
+
+    def __init__(self, pairs: list[tuple[str, nn.Module, nn.Module]], loss: str = "relative-mse"):
+        super().__init__()
+        self.paths = [p for p, _, _ in pairs]
+        self.layers = nn.ModuleList([s for _, s, _ in pairs])
+        self.relative = loss == "relative-mse"
+
+    def forward(self, calls: dict[str, list], mask: torch.Tensor | None) -> torch.Tensor:
+        losses = []
+        for path, layer in zip(self.paths, self.layers):
+            if not calls[path]:
+                raise TrainingError(f"transfer: the teacher never called {path!r} in its forward pass")
+            for args, kwargs, output in calls[path]:
+                pred = first_tensor(layer(*args, **kwargs))
+                losses.append(masked_mse(pred, first_tensor(output), mask, self.relative))
+        return torch.stack(losses).mean()
+
+
+def model_inputs(batch: dict, labels: bool = False) -> dict:
+    """The batch as model keyword arguments (``labels`` dropped unless asked for)."""
+    return {k: v for k, v in batch.items() if labels or k != "labels"}
+
+
+def teacher_forward(teacher: nn.Module, batch: dict, hidden: bool):
+    """The teacher's outputs on ``batch`` (no labels, no cache, no grad)."""
+    kwargs = {"output_hidden_states": True} if hidden else {}
+    if getattr(getattr(teacher, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    with torch.no_grad():
+        return teacher(**model_inputs(batch), **kwargs)
+
+
+def _logits(out):
+    return getattr(out, "logits", None) if not isinstance(out, dict) else out.get("logits")
+
+
+class EndToEndObjective(nn.Module):
+    """The ``kd`` / ``task`` loss of the whole student against the teacher's outputs.
+
+        loss = task_weight * labels' loss      (task stage only; the model's own loss)
+             + kd_weight * T^2 KL(teacher || student) on logits (last-hidden-state relative MSE
+               for models without logits)
+             + hidden_weight * mean over layers of the hidden states' relative MSE
+
+    forward(batch, teacher_out) -> scalar loss.
+    """
+
+    def __init__(self, student: nn.Module, stage):
+        super().__init__()
+        self.student = student
+        self.stage = stage
+
+    def forward(self, batch: dict, teacher_out) -> torch.Tensor:
+        st = self.stage
+        task = st.name == "task" and st.task_weight > 0
+        if task and "labels" not in batch:
+            raise TrainingError("stage 'task' needs labels in the batches (a labelled TSV/JSONL, or a "
+                                "'labels' tensor); use stage 'kd' for unlabelled data")
+        kwargs = {"output_hidden_states": True} if st.hidden_weight > 0 else {}
+        out = self.student(**model_inputs(batch, labels=task), **kwargs)
+        mask = batch.get("attention_mask")
+        loss = torch.zeros((), device=batch["input_ids"].device)
+        if task:
+            if getattr(out, "loss", None) is None:
+                raise TrainingError(f"stage 'task': {type(self.student).__name__} returned no loss for the "
+                                    "labels; use a model with a task head")
+            loss = loss + st.task_weight * out.loss
+        if st.kd_weight > 0:
+            s_logits, t_logits = _logits(out), _logits(teacher_out)
+            if s_logits is not None and t_logits is not None:
+                loss = loss + st.kd_weight * kd_kl(s_logits, t_logits, st.temperature, mask)
+            else:
+                loss = loss + st.kd_weight * masked_mse(first_tensor(out), first_tensor(teacher_out), mask)
+        if st.hidden_weight > 0:
+            hs, ht = out.hidden_states, teacher_out.hidden_states
+            terms = [masked_mse(a, b, mask) for a, b in zip(hs[1:], ht[1:])]
+            loss = loss + st.hidden_weight * torch.stack(terms).mean()
+        return loss

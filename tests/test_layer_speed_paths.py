@@ -1,0 +1,226 @@
+"""CPU fast paths of the M2 layers: equal to the references, taken only when allowed, caches invalidated."""
+
+import pytest
+import torch
+
+import m2convert as m2
+from m2convert.kernels.fftconv import cpu as conv_cpu
+from m2convert.kernels.monarch import cpu as monarch_cpu
+from m2convert.kernels.monarch.reference import monarch_matmul
+from m2convert.layers import ImplicitFilter
+from m2convert.layers import monarch as monarch_layer
+from m2convert.layers import sequence as sequence_layer
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def spy(monkeypatch, module, name):
+    """Count calls of ``module.name`` (still running it)."""
+    calls = []
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("shape,nblocks,rank", [((96, 96), 4, 1), ((96, 80), 4, 2), ((37, 53), 3, 1),
+                                                 ((53, 37), 4, 1), ((256, 256), 16, 1), ((64, 256), 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_monarch_fast_path_equals_reference(monkeypatch, shape, nblocks, rank, dtype, bias):
+    torch.manual_seed(0)
+    layer = m2.MonarchLinear(*shape, nblocks=nblocks, rank=rank, bias=bias).to(dtype)
+    # Small chunks: several chunks per call and a short last one.
+    monkeypatch.setattr(monarch_cpu, "CHUNK_ELEMENTS", 64 * shape[1])
+    monkeypatch.setattr(monarch_cpu, "MIN_CHUNK_ROWS", 16)
+    calls = spy(monkeypatch, monarch_layer, "monarch_linear")
+    x = torch.randn(3, 97, shape[0], dtype=dtype)
+    expected = layer(x)                                              # grad enabled: the reference
+    assert not calls
+    with torch.no_grad():
+        fast = layer(x)
+    assert calls and fast.shape == expected.shape and fast.is_contiguous()
+    assert rel(fast, expected) < TOL[dtype]
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x[0, :5]), expected[0, :5], rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("rows", [0, 1, 255, 256, 257, 1000])
+def test_monarch_kernel_chunk_boundaries(rows):
+    torch.manual_seed(1)
+    w1, w2, b = torch.randn(4, 64, 64), torch.randn(4, 48, 64), torch.randn(192)
+    x = torch.randn(rows, 256)
+    out = monarch_cpu.monarch_linear(x, w1, w2, b)
+    assert out.shape == (rows, 192)
+    if rows:
+        assert rel(out, monarch_matmul(x, w1, w2) + b) < 1e-5
+
+
+@pytest.mark.parametrize("shape,nblocks", [((96, 80), 4), ((37, 53), 3), ((256, 256), 16)])
+@pytest.mark.parametrize("x_t,out_t", [(False, False), (True, False), (False, True), (True, True)])
+def test_monarch_matmul_layouts(monkeypatch, shape, nblocks, x_t, out_t):
+    torch.manual_seed(2)
+    layer = m2.MonarchLinear(*shape, nblocks=nblocks).double()
+    monkeypatch.setattr(monarch_cpu, "CHUNK_ELEMENTS", 64 * shape[1])
+    monkeypatch.setattr(monarch_cpu, "MIN_CHUNK_ROWS", 16)
+    x = torch.randn(201, shape[0], dtype=torch.float64)
+    expected = layer(x)
+    with torch.no_grad():
+        y = layer.matmul(x.t().contiguous() if x_t else x, x_channels_first=x_t, out_channels_first=out_t)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y.t() if out_t else y, expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(m2.M2Error, match="features"):
+        layer.matmul(x, x_channels_first=True)
+
+
+def test_monarch_training_and_tracing_keep_the_reference(monkeypatch):
+    layer = m2.MonarchLinear(32, 48, nblocks=4)
+    calls = spy(monkeypatch, monarch_layer, "monarch_linear")
+    x = torch.randn(5, 32)
+    layer(x).sum().backward()                                         # gradients: reference
+    assert not calls and layer.w1.grad is not None
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,), strict=False)
+    assert not calls                                                  # the lowering pass sees the bmm chain
+    assert any("bmm" in str(n.target) for n in program.graph.nodes)
+    layer.requires_grad_(False)
+    xg = torch.randn(5, 32, requires_grad=True)
+    layer(xg).sum().backward()                                        # input gradient: reference
+    assert not calls and xg.grad is not None
+
+
+def mixer(mode="bidirectional", residual=True, dtype=torch.float64, h=40, seed=0):
+    torch.manual_seed(seed)
+    m = m2.M2SequenceMixer(h, mode=mode, residual_conv=residual).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "causal"])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 5, 63, 100])
+def test_mixer_fast_path_equals_reference(monkeypatch, mode, residual, dtype, n):
+    m = mixer(mode, residual, dtype)
+    # A few channels per block: several blocks and a short last one.
+    monkeypatch.setattr(conv_cpu, "BLOCK_BYTES", 3 * 2 * (conv_cpu.fft_size(n) // 2 + 1) * 8 * 7)
+    calls = spy(monkeypatch, sequence_layer, "mixer_core")
+    x = torch.randn(3, n, 40, dtype=dtype)
+    mask = torch.ones(3, n)
+    mask[1, (n + 1) // 2:] = 0
+    mask[2, : n // 3] = 0
+    for mk in (None, mask):
+        expected = m(x, mk)                                           # grad enabled: the reference
+        assert not calls
+        with torch.no_grad():
+            fast = m(x, mk)
+        assert calls
+        assert rel(fast, expected) < TOL[dtype]
+        calls.clear()
+
+
+@pytest.mark.parametrize("nblocks", [4, 3])
+def test_mixer_fast_path_with_monarch_projections(nblocks):
+    m = mixer(h=48)
+    m.in_proj = m2.MonarchLinear.from_dense(m.in_proj, nblocks=nblocks)
+    m.out_proj = m2.MonarchLinear.from_dense(m.out_proj, nblocks=nblocks)
+    x = torch.randn(3, 37, 48, dtype=torch.float64)
+    mask = torch.ones(3, 37)
+    mask[0, 30:] = 0
+    expected = m(x, mask)
+    with torch.inference_mode():
+        assert rel(m(x, mask), expected) < 1e-10
+
+
+def test_mixer_monarch_mode_and_training_use_the_reference(monkeypatch):
+    calls = spy(monkeypatch, sequence_layer, "mixer_core")
+    x = torch.randn(2, 30, 40, dtype=torch.float64)
+    with torch.no_grad():
+        mixer("causal-monarch")(x)
+    mixer().train()(x).sum().backward()
+    with torch.no_grad():
+        torch.export.export(mixer(), (x,), strict=False)
+    assert not calls
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 63, 64, 97, 509, 1000])
+def test_fft_size_is_the_smallest_even_smooth_length(n):
+    def smooth(k):
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        return k == 1
+
+    size = conv_cpu.fft_size(n)
+    assert size >= 2 * n and size % 2 == 0 and smooth(size)
+    assert not any(smooth(k) for k in range(2 * n, size, 2))
+
+
+def test_filter_cache_reuses_and_invalidates(monkeypatch):
+    m = mixer()
+    x = torch.randn(2, 50, 40, dtype=torch.float64)
+    calls = spy(monkeypatch, ImplicitFilter, "forward")
+    with torch.no_grad():
+        first = m(x)
+        assert len(calls) == 2                                        # gated + residual filter
+        torch.testing.assert_close(m(x), first, rtol=0, atol=0)
+        assert len(calls) == 2                                        # cached
+        m(x[:, :40])
+        assert len(calls) == 4                                        # another length
+        m.filter.mlp[0].weight.add_(0.1)                              # in-place change (optimizer step)
+        changed = m(x)
+        assert len(calls) == 6
+    torch.testing.assert_close(changed, m(x), rtol=1e-10, atol=1e-10)  # reference on the new weights
+    assert (changed - first).abs().max() > 1e-6
+
+
+def test_filter_cache_sees_loads_swaps_modes_and_casts(monkeypatch):
+    m, other = mixer(seed=0), mixer(seed=1)
+    x = torch.randn(1, 30, 40, dtype=torch.float64)
+    calls = spy(monkeypatch, ImplicitFilter, "forward")
+    with torch.no_grad():
+        m(x)
+        m.load_state_dict(other.state_dict())                         # copy_ bumps versions
+        torch.testing.assert_close(m(x), other(x), rtol=1e-12, atol=1e-12)
+        m.residual_filter.decay_rates.data = m.residual_filter.decay_rates.data * 2   # new storage
+        n_before = len(calls)
+        m(x)
+        assert len(calls) == n_before + 2
+        m.train()
+        assert m._spectrum_cache is None
+        m(x)
+        assert m._spectrum_cache is None                              # not cached in train mode
+        m.eval()
+        m(x)
+        assert m._spectrum_cache is not None
+        m.float()
+        assert m._spectrum_cache is None
+        assert m(x.float()).dtype == torch.float32
+    with torch.enable_grad():
+        m._spectrum_cache = None
+        m(x.float())
+        assert m._spectrum_cache is None                              # gradients on: nothing cached
+
+
+def test_filter_cache_limit_and_off_switch():
+    m = mixer()
+    x = torch.randn(1, 30, 40, dtype=torch.float64)
+    with torch.no_grad():
+        m.filter_cache_bytes = 0
+        m(x)
+        assert m._spectrum_cache is None
+        m.filter_cache_bytes = 2 * 40 * (conv_cpu.fft_size(30) // 2 + 1) * 16    # exactly the entry
+        m(x)
+        assert m._spectrum_cache is not None
+        m(torch.randn(1, 31, 40, dtype=torch.float64))                # larger than the limit: kept the old
+        assert m._spectrum_cache[0][0] == 30
