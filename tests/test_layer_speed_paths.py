@@ -169,7 +169,7 @@ def test_fft_size_is_the_smallest_even_smooth_length(n):
 def test_filter_cache_reuses_and_invalidates(monkeypatch):
     m = mixer()
     x = torch.randn(2, 50, 40, dtype=torch.float64)
-    calls = spy(monkeypatch, ImplicitFilter, "forward")
+    calls = spy(monkeypatch, ImplicitFilter, "trunk")
     with torch.no_grad():
         first = m(x)
         assert len(calls) == 2                                        # gated + residual filter
@@ -187,7 +187,7 @@ def test_filter_cache_reuses_and_invalidates(monkeypatch):
 def test_filter_cache_sees_loads_swaps_modes_and_casts(monkeypatch):
     m, other = mixer(seed=0), mixer(seed=1)
     x = torch.randn(1, 30, 40, dtype=torch.float64)
-    calls = spy(monkeypatch, ImplicitFilter, "forward")
+    calls = spy(monkeypatch, ImplicitFilter, "trunk")
     with torch.no_grad():
         m(x)
         m.load_state_dict(other.state_dict())                         # copy_ bumps versions
@@ -212,15 +212,18 @@ def test_filter_cache_sees_loads_swaps_modes_and_casts(monkeypatch):
         assert m._spectrum_cache is None                              # gradients on: nothing cached
 
 
-def test_filter_cache_limit_and_off_switch():
+def test_filter_cache_limit_and_off_switch(monkeypatch):
     m = mixer()
-    x = torch.randn(1, 30, 40, dtype=torch.float64)
+    x = torch.randn(2, 30, 40, dtype=torch.float64)
+    expected = m(x)
+    # Past the limit the responses are made block by block inside the convolution.
+    monkeypatch.setattr(conv_cpu, "BLOCK_BYTES", 2 * 2 * (conv_cpu.fft_size(30) // 2 + 1) * 8 * 7)
     with torch.no_grad():
         m.filter_cache_bytes = 0
-        m(x)
+        assert rel(m(x), expected) < 1e-12
         assert m._spectrum_cache is None
         m.filter_cache_bytes = 2 * 40 * (conv_cpu.fft_size(30) // 2 + 1) * 16    # exactly the entry
-        m(x)
+        assert rel(m(x), expected) < 1e-12
         assert m._spectrum_cache is not None
         m(torch.randn(1, 31, 40, dtype=torch.float64))                # larger than the limit: kept the old
         assert m._spectrum_cache[0][0] == 30

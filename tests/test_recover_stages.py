@@ -143,3 +143,20 @@ def test_kd_on_a_model_without_logits_matches_last_hidden_states():
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in class_batches(2)]
     res = run(student, teacher, batches, StageConfig("kd", steps=20, lr=3e-3))
     assert mean(res.losses[-4:]) < 0.8 * mean(res.losses[:4]), res.losses
+
+
+def test_students_from_m2_convert_pair_with_their_teacher_and_recover():
+    import m2convert as m2
+
+    teacher = sharp_bert()
+    student = m2.convert(teacher, m2.ConvertConfig(filter_order=16, nblocks=2))
+    pairs = layer_pairs(student, teacher)
+    assert [(p, type(t).__name__) for p, _, t in pairs][:3] == [
+        ("bert.encoder.layer.0.attention", "BertAttention"), ("bert.encoder.layer.0.intermediate.dense", "Linear"),
+        ("bert.encoder.layer.0.output.dense", "Linear")] and len(pairs) == 6
+    before = state(student)
+    res = run(student, teacher, class_batches(2), StageConfig("transfer", steps=16, lr=3e-3))
+    assert mean(res.losses[-4:]) < mean(res.losses[:4]), res.losses
+    replaced = tuple(p + "." for p, _, _ in pairs)
+    after = student.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if not k.startswith(replaced))

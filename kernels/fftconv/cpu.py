@@ -69,9 +69,10 @@ def block_channels(batch: int, groups: int, n_fft: int, channels: int) -> int:
     return max(1, min(channels, BLOCK_BYTES // per_channel))
 
 
-def mixer_core(zt: torch.Tensor, x: torch.Tensor | None, spectrum: torch.Tensor, D: torch.Tensor,
+def mixer_core(zt: torch.Tensor, x: torch.Tensor | None, spectrum, D: torch.Tensor,
                D_res: torch.Tensor | None, short_w: torch.Tensor, short_b: torch.Tensor | None,
-               keep: torch.Tensor | None, n_fft: int, out: torch.Tensor | None = None) -> torch.Tensor:
+               keep: torch.Tensor | None, n_fft: int, out: torch.Tensor | None = None,
+               z_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The M2 mixer between its projections, channel block by channel block.
 
         c = short_conv(z * keep)                  z = in_proj(x), channels x1 | x2 | v
@@ -82,23 +83,28 @@ def mixer_core(zt: torch.Tensor, x: torch.Tensor | None, spectrum: torch.Tensor,
         zt: (B, 3H, N) in-projection output, channels first (rows of N contiguous is fastest; any
             strides work, e.g. ``z.transpose(1, 2)`` of a (B, N, 3H) tensor).
         x: (B, N, H) mixer input for the residual convolution, or None (no residual conv).
-        spectrum: (G, H, F) complex filter responses from :func:`conv_spectrum`, G = 1 + (x is not None).
+        spectrum: (G, H, F) complex filter responses from :func:`conv_spectrum`, G = 1 + (x is not None),
+            or a callable (start, stop) -> (G, stop - start, F) making them one channel block at a time.
         D, D_res: (H,) skips.  short_w: (3H, K) causal depthwise taps (nn.Conv1d weight[:, 0]).
         short_b: (3H,) or None.  keep: (B, N) 0/1 in zt's dtype, or None.  n_fft: L >= 2N - 1.
         out: (B, H, N) tensor to write into (any strides), or None for a new contiguous one.
+        z_bias: (3H,) in-projection bias still to be added to ``zt`` (added block by block, which
+            spares a full pass over (B, 3H, N)), or None.
 
     Returns:
         (B, H, N): the input of the out-projection, channels first (``out`` when given).
     """
     b, h3, n = zt.shape
     h = h3 // 3
-    groups = spectrum.shape[0]
+    groups = 1 if x is None else 2
+    respond = spectrum if callable(spectrum) else lambda start, stop: spectrum[:, start:stop]
     kernel = short_w.shape[-1]
     dtype = zt.dtype
     yt = torch.empty(b, h, n, dtype=dtype, device=zt.device) if out is None else out
     zg = zt.unflatten(1, (3, h))                                              # (B, x1|x2|v, H, N)
     w = short_w.view(3, h, kernel)
     bias = None if short_b is None else short_b.view(3, h)
+    zb = None if z_bias is None else z_bias.view(3, h)
     mask = None if keep is None else keep[:, None, None, :]                   # (B, 1, 1, N)
     step = block_channels(b, groups, n_fft, h)
     # Zero-padded transform input, reused by every block: only [..., :N] is ever written.
@@ -107,6 +113,8 @@ def mixer_core(zt: torch.Tensor, x: torch.Tensor | None, spectrum: torch.Tensor,
         c1 = min(c0 + step, h)
         c = c1 - c0
         zc = zg[:, :, c0:c1]                                                  # (B, 3, c, N)
+        if zb is not None:
+            zc = zc + zb[:, c0:c1, None]
         if mask is not None:
             zc = zc * mask
         wc = w[:, c0:c1]                                                      # (3, c, K)
@@ -130,7 +138,7 @@ def mixer_core(zt: torch.Tensor, x: torch.Tensor | None, spectrum: torch.Tensor,
             if keep is not None:
                 xr.mul_(keep[:, None, :])
         spec = torch.fft.rfft(buf, n=n_fft)                                   # (B, G, c, F)
-        spec.mul_(spectrum[:, c0:c1])
+        spec.mul_(respond(c0, c1))
         conv = torch.fft.irfft(spec, n=n_fft)[..., :n]                        # (B, G, c, N)
         y = yt[:, c0:c1]                                                      # (B, c, N)
         torch.addcmul(conv[:, 0], u, D[c0:c1, None], out=y)

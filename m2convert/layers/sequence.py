@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ShapeError, check_choice, check_int
-from ..kernels.fftconv.cpu import conv_spectrum, fft_size, mixer_core
+from ..kernels.fftconv.cpu import block_channels, conv_spectrum, fft_size, mixer_core
 from ..kernels.fftconv.monarch_dft import monarch_long_conv
 from ..kernels.fftconv.reference import fft_long_conv
 from .base import M2Block
@@ -31,6 +31,8 @@ from .filters import ImplicitFilter
 from .monarch import MonarchLinear, eager_inference
 
 MODES = ("bidirectional", "causal", "causal-monarch")
+# Filter channels whose taps are made in one GEMM when responses are built block by block.
+TAP_CHANNELS = 64
 
 
 class M2SequenceMixer(M2Block):
@@ -50,11 +52,14 @@ class M2SequenceMixer(M2Block):
     padding and a sequence's outputs do not depend on how it was batched.
 
     Filter cache: in eval mode, under ``torch.no_grad()`` / ``torch.inference_mode()``, the filters'
-    spectra for the last sequence length are kept (one (G, H, L/2 + 1) complex tensor, G = 2 with the
-    residual conv: 16 * H * N bytes, as much as a KV cache of one attention layer) unless larger than
-    ``filter_cache_bytes``. It is rebuilt when any filter parameter or buffer changes (tensor identity,
-    storage or in-place version), the dtype or device changes, and dropped on ``train()``/``eval()``
-    and ``.to()``. Set ``filter_cache_bytes = 0`` (class or instance) to turn it off.
+    spectra for the last sequence length are kept: one (G, H, L/2 + 1) complex tensor, G = 2 with the
+    residual conv, about 16 * H * N bytes in fp32 (twice one attention layer's fp32 K/V cache; 48 MiB
+    at H = 768, N = 4096), unless larger than ``filter_cache_bytes`` (default 256 MiB, so N up to
+    ~21k at H = 768). Past that, filters are regenerated per call, a channel block at a time (at
+    H = 384, N = 32768 about a quarter more time than a cached call). The entry is rebuilt when any
+    filter parameter or buffer changes (tensor identity, storage or in-place version), the dtype or
+    device changes, and dropped on ``train()``/``eval()`` and ``.to()``. Set ``filter_cache_bytes``
+    (class or instance) to trade memory for time; 0 turns the cache off.
 
     Example:
         >>> mixer = M2SequenceMixer(96, mode="causal")
@@ -62,7 +67,7 @@ class M2SequenceMixer(M2Block):
         torch.Size([2, 63, 96])
     """
 
-    filter_cache_bytes = 128 << 20
+    filter_cache_bytes = 256 << 20
 
     def __init__(self, d_model: int, mode: str = "bidirectional", filter_order: int = 128,
                  filter_emb_dim: int = 5, filter_scale: float = 512.0, short_kernel: int = 3,
@@ -139,29 +144,58 @@ class M2SequenceMixer(M2Block):
                 state.append((id(t), t.data_ptr(), t._version))
         return tuple(state)
 
-    def filter_spectrum(self, n: int, n_fft: int, dtype: torch.dtype) -> torch.Tensor:
+    def _filters(self) -> list[ImplicitFilter]:
+        return [self.filter] + ([self.residual_filter] if self.residual_filter is not None else [])
+
+    def spectrum_blocks(self, n: int, n_fft: int, dtype: torch.dtype):
+        """``block(start, stop) -> (G, stop - start, n_fft // 2 + 1)`` complex filter responses.
+
+        For increasing, adjacent blocks (as the convolution asks for them). The filter MLP trunks run
+        once, here; taps are made for TAP_CHANNELS channels at a time (a GEMM wide enough to run at
+        speed, a few MiB) and transformed block by block, so no (heads, H, N) tensor is ever built.
+        """
+        trunks = [(f, f.trunk(n).to(dtype)) for f in self._filters()]         # (n, order) each
+        bidirectional = self.mode == "bidirectional"
+        held = {"range": (0, 0), "taps": None}
+
+        def block(start: int, stop: int) -> torch.Tensor:
+            lo, hi = held["range"]
+            if not (lo <= start and stop <= hi):
+                lo, hi = start, min(max(stop, start + TAP_CHANNELS), self.d_model)
+                held["range"], held["taps"] = (lo, hi), [f.taps(t, lo, hi) for f, t in trunks]
+            specs = []
+            for taps in held["taps"]:                                         # (heads, hi - lo, n)
+                k = taps[:, start - lo: stop - lo]
+                specs.append(conv_spectrum(k[0], k[1] if bidirectional else None, n_fft))
+            return torch.stack(specs)                                         # (G, c, F)
+        return block
+
+    def filter_spectrum(self, n: int, n_fft: int, dtype: torch.dtype):
         """(G, H, n_fft // 2 + 1) complex responses of the gated (and residual) filters at length n.
 
-        Cached for the last (n, n_fft, dtype) in eval mode when gradients are off; see the class notes.
+        Cached for the last (n, n_fft, dtype) in eval mode when gradients are off (see the class notes);
+        when the entry would exceed ``filter_cache_bytes`` this returns :meth:`spectrum_blocks`'s
+        callable instead, and the convolution makes each block's responses as it goes.
         """
-        cacheable = not self.training and not torch.is_grad_enabled() and self.filter_cache_bytes > 0
+        g, f = len(self._filters()), n_fft // 2 + 1
+        cplx = torch.complex128 if dtype == torch.float64 else torch.complex64
+        nbytes = g * self.d_model * f * cplx.itemsize
         key = None
-        if cacheable:
+        if not self.training and not torch.is_grad_enabled() and nbytes <= self.filter_cache_bytes:
             state = self._filter_state()
-            device = self.D.device
-            key = None if state is None else (n, n_fft, self.mode, dtype, device, state)
+            key = None if state is None else (n, n_fft, self.mode, dtype, self.D.device, state)
             cached = getattr(self, "_spectrum_cache", None)
             if key is not None and cached is not None and cached[0] == key:
                 return cached[1]
-        filters = [self.filter] + ([self.residual_filter] if self.residual_filter is not None else [])
-        specs = []
-        for f in filters:
-            taps = f(n).to(dtype)                                             # (heads, H, n)
-            rev = taps[1] if self.mode == "bidirectional" else None
-            specs.append(conv_spectrum(taps[0], rev, n_fft))                  # (H, F)
-        spectrum = torch.stack(specs)                                         # (G, H, F)
-        if key is not None and spectrum.numel() * spectrum.element_size() <= self.filter_cache_bytes:
-            self._spectrum_cache = (key, spectrum)
+        block = self.spectrum_blocks(n, n_fft, dtype)
+        if key is None:
+            return block
+        spectrum = torch.empty(g, self.d_model, f, dtype=cplx, device=self.D.device)
+        step = block_channels(1, g, n_fft, self.d_model)
+        for start in range(0, self.d_model, step):
+            stop = min(start + step, self.d_model)
+            spectrum[:, start:stop] = block(start, stop)
+        self._spectrum_cache = (key, spectrum)
         return spectrum
 
     def _forward_fast(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -169,20 +203,22 @@ class M2SequenceMixer(M2Block):
         n_fft = fft_size(n)
         proj_in, proj_out = self.in_proj, self.out_proj
         # Both projections hand the long convolution channels-first data without a transpose copy.
+        z_bias = None
         if type(proj_in) is nn.Linear:
-            w = proj_in.weight.expand(b, -1, -1)                              # (B, 3H, H)
-            zt = torch.baddbmm(proj_in.bias[:, None].expand(b, -1, n), w, x.transpose(1, 2))  # (B, 3H, N)
+            zt = torch.matmul(proj_in.weight, x.transpose(1, 2))              # (B, 3H, N), bias added later
+            z_bias = proj_in.bias
         elif isinstance(proj_in, MonarchLinear):
             zt = proj_in.matmul(x.reshape(b * n, h), out_channels_first=True)   # (3H, B*N)
             zt = zt.view(-1, b, n).transpose(0, 1)                            # (B, 3H, N)
         else:
             zt = proj_in(x).transpose(1, 2)                                   # (B, 3H, N)
-        spectrum = self.filter_spectrum(n, n_fft, x.dtype)                    # (G, H, F)
+        spectrum = self.filter_spectrum(n, n_fft, x.dtype)                    # (G, H, F) or blocks
         residual = self.residual_filter is not None
         monarch_out = isinstance(proj_out, MonarchLinear)
         yt = torch.empty(h, b, n, dtype=x.dtype).transpose(0, 1) if monarch_out else None   # (B, H, N)
         yt = mixer_core(zt, x if residual else None, spectrum, self.D, self.D_res if residual else None,
-                        self.short_conv.weight[:, 0], self.short_conv.bias, keep, n_fft, out=yt)  # (B, H, N)
+                        self.short_conv.weight[:, 0], self.short_conv.bias, keep, n_fft, out=yt,
+                        z_bias=z_bias)                                        # (B, H, N)
         if type(proj_out) is nn.Linear:
             # y W^T + b with y read through its transpose: BLAS takes the strided operand as is.
             w = proj_out.weight.t().expand(b, -1, -1)                         # (B, H, H)
