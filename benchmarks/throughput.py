@@ -46,7 +46,11 @@ def log(msg: str) -> None:
 
 
 def monarch_linear_rows(dims, nblocks_list, rows: int, repeats: int) -> list[dict]:
-    """Interleaved nn.Linear / MonarchLinear / reference timings; ratio = median of per-round ratios."""
+    """Interleaved nn.Linear / MonarchLinear / reference timings; ratio = median of per-round ratios.
+
+    The order rotates each round: whichever call ran right after the dense layer measured up to 1.4x
+    slower (d = 1024), so a fixed order would favour one side.
+    """
     out = []
     for d in dims:
         torch.manual_seed(0)
@@ -60,10 +64,11 @@ def monarch_linear_rows(dims, nblocks_list, rows: int, repeats: int) -> list[dic
             with torch.inference_mode():
                 for f in calls.values():
                     f()
-                for _ in range(repeats):
-                    for k, f in calls.items():
+                order = list(calls)
+                for i in range(repeats):
+                    for k in order[i % 3:] + order[: i % 3]:      # rotated: who follows whom matters
                         start = time.perf_counter()
-                        f()
+                        calls[k]()
                         times[k].append(time.perf_counter() - start)
             ratio = statistics.median(a / b for a, b in zip(times["dense"], times["monarch"]))
             ref = statistics.median(a / b for a, b in zip(times["dense"], times["reference"]))
@@ -116,6 +121,24 @@ def bert_base(max_len: int) -> nn.Module:
     return transformers.BertModel(config).eval()
 
 
+def encoder_flops(model: nn.Module, n: int) -> float:
+    """Forward FLOPs of a BERT encoder at length n (batch 1): linears, attention's N^2 core, M2 blocks."""
+    from m2convert.layers.base import M2Block
+    from m2convert.layers.cost import attention_flops, evaluate
+    total, inside = 0.0, set()
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside) or ".encoder." not in f".{name}.":
+            continue
+        if isinstance(module, M2Block):
+            total += float(module.flops(n, 1))
+            inside.add(name)
+        elif isinstance(module, nn.Linear):
+            total += 2 * n * module.in_features * module.out_features
+        elif type(module).__name__.endswith("SelfAttention"):
+            total += evaluate(attention_flops(model.config.hidden_size), n)
+    return total
+
+
 def profile_table(model: nn.Module, n: int, rows: int = 15) -> str:
     """Self-CPU time by op of one forward at length n (after a warm-up call)."""
     from torch.profiler import ProfilerActivity, profile
@@ -139,7 +162,7 @@ def parse_args(argv=None):
     p.add_argument("--max-call-s", type=float, default=150.0)
     p.add_argument("--micro-dims", default="1024,4096,8192")
     p.add_argument("--micro-rows", type=int, default=2048)
-    p.add_argument("--micro-repeats", type=int, default=5)
+    p.add_argument("--micro-repeats", type=int, default=9)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--smoke", action="store_true", help="tiny sizes to check the pipeline")
     args = p.parse_args(argv)
@@ -176,6 +199,11 @@ def main(argv=None) -> int:
             converted["bert-base-fastest"] = monarch_projections(convert(original, fcfg),
                                                                  FASTEST["projection_nblocks"])
         results.update(bench_many(original, converted, seq_lens, **opts))
+        bound = ["## FLOP ratio of the BERT-base encoders (the speedup at equal FLOP/s)", "",
+                 "| N | " + " | ".join(converted) + " |", "|---|" + "---|" * len(converted)]
+        bound += [f"| {n} | " + " | ".join(f"{encoder_flops(original, n) / encoder_flops(m, n):.2f}x"
+                                             for m in converted.values()) + " |" for n in seq_lens]
+        sections.append("\n".join(bound) + "\n")
         both = [r.seq_len for r in results[base_names[0]].rows if r.ratio]
         if both and "bert-base" in converted:
             n = max(both)

@@ -12,8 +12,9 @@ Reports (markdown table, JSON, log-log plot): ``m2convert.bench_report``.
 
 Method: both models get the same random token ids (batch, N) and run under ``torch.inference_mode()``.
 After one warm-up call each, the calls are interleaved (original, eager original, converted, again...)
-for ``repeats`` rounds, fewer at lengths where a round is slow; latency is the median call and the
-ratio is the median of the per-round ratios, so a burst of load on a shared machine hits both sides.
+for ``repeats`` rounds, fewer at lengths where a round is slow, with the order rotated each round;
+latency is the median call and the ratio is the median of the per-round ratios, so a burst of load on
+a shared machine hits both sides.
 Peak memory is the growth of the process's resident set during the warm-up call: the kernel's
 high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` just before it. It counts what
 the call touches (activations, workspaces, the converted model's filter cache), not weights or inputs;
@@ -384,9 +385,12 @@ def _time_rounds(calls, repeats, seconds_per_length) -> tuple[dict, int]:
     round_s = sum(warm for _, warm in calls.values())
     rounds = max(1, min(repeats, int(seconds_per_length // max(round_s, 1e-9))))
     times = {k: [] for k in calls}
+    order = list(calls)
     with torch.inference_mode():
-        for _ in range(rounds):
-            for key, (call, _) in calls.items():
+        for i in range(rounds):
+            # Rotate who goes first: a call measured right after another's large frees ran slower.
+            for key in order[i % len(order):] + order[: i % len(order)]:
+                call = calls[key][0]
                 call.prepare()
                 start = time.perf_counter()
                 call()

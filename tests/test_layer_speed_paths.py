@@ -227,3 +227,33 @@ def test_filter_cache_limit_and_off_switch(monkeypatch):
         assert m._spectrum_cache is not None
         m(torch.randn(1, 31, 40, dtype=torch.float64))                # larger than the limit: kept the old
         assert m._spectrum_cache[0][0] == 30
+
+
+def test_filter_taps_by_block_equal_the_whole_filter():
+    torch.manual_seed(3)
+    f = ImplicitFilter(40, heads=2).double()
+    whole = f(300)
+    trunk = f.trunk(300)
+    torch.testing.assert_close(torch.cat([f.taps(trunk, 0, 17), f.taps(trunk, 17, 40)], dim=1), whole,
+                               rtol=1e-12, atol=1e-14)
+    t = torch.arange(300, dtype=torch.float64) / f.scale
+    exact = torch.exp(-f.decay_rates.double()[:, None] * t[None, :])
+    torch.testing.assert_close(f.decay(300, dtype=torch.float64), exact, rtol=1e-14, atol=0)
+
+
+def test_block_built_responses_equal_the_cached_spectrum():
+    m = mixer()
+    with torch.no_grad():
+        n, n_fft = 70, conv_cpu.fft_size(70)
+        full = m.filter_spectrum(n, n_fft, torch.float64)
+        block = m.spectrum_blocks(n, n_fft, torch.float64)
+        parts = torch.cat([block(0, 9), block(9, 30), block(30, 40)], dim=1)
+    torch.testing.assert_close(parts, full, rtol=1e-12, atol=1e-12)
+
+
+def test_mixer_flops_follow_monarch_projections():
+    m = m2.M2SequenceMixer(64)
+    dense = m.flops(256, 1)
+    m.in_proj = m2.MonarchLinear.from_dense(m.in_proj, nblocks=4)
+    m.out_proj = m2.MonarchLinear.from_dense(m.out_proj, nblocks=4)
+    assert m.flops(256, 1) < dense

@@ -215,7 +215,7 @@ class M2SequenceMixer(M2Block):
         spectrum = self.filter_spectrum(n, n_fft, x.dtype)                    # (G, H, F) or blocks
         residual = self.residual_filter is not None
         monarch_out = isinstance(proj_out, MonarchLinear)
-        yt = torch.empty(h, b, n, dtype=x.dtype).transpose(0, 1) if monarch_out else None   # (B, H, N)
+        yt = torch.empty(h, b, n, dtype=x.dtype, device=x.device).transpose(0, 1) if monarch_out else None
         yt = mixer_core(zt, x if residual else None, spectrum, self.D, self.D_res if residual else None,
                         self.short_conv.weight[:, 0], self.short_conv.bias, keep, n_fft, out=yt,
                         z_bias=z_bias)                                        # (B, H, N)
@@ -269,7 +269,10 @@ class M2SequenceMixer(M2Block):
         bidir = self.mode == "bidirectional"
         conv = monarch_conv_flops(h) if self.mode == "causal-monarch" else fft_conv_flops(h, bidir)
         convs = 2 if self.residual_filter is not None else 1
-        expr = (linear_flops(h, 3 * h) + linear_flops(h, h)
+        # Projections swapped for other M2 blocks (e.g. MonarchLinear) report their own cost.
+        projections = [p.flops() if isinstance(p, M2Block) else linear_flops(h, f)
+                       for p, f in ((self.in_proj, 3 * h), (self.out_proj, h))]
+        expr = (sum(projections)
                 + B * N * 3 * h * 2 * self.short_kernel                       # depthwise short conv
                 + B * N * h * 4                                               # gates and skips
                 + convs * conv)
