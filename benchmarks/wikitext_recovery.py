@@ -9,8 +9,10 @@ fixed budget and everything is evaluated on ``test.txt``:
     4. recover on valid.txt: layer-wise transfer, then KD (+ LM loss)
     5. test perplexity (non-overlapping blocks of 128 tokens) of teacher, converted, each stage
 
-Run:   python benchmarks/wikitext_recovery.py            (the committed report)
-       python benchmarks/wikitext_recovery.py --smoke    (a couple of minutes; writes to runs/bench_smoke/)
+Run:   python benchmarks/wikitext_recovery.py --task-weight 0    (the committed report: KD only)
+       python benchmarks/wikitext_recovery.py                    (KD + 0.5 x LM loss, its variant)
+       python benchmarks/wikitext_recovery.py --smoke            (a couple of minutes; writes to runs/bench_smoke/)
+       python benchmarks/common.py wikitext_recovery OTHER.json LABEL; then --render   (add a variant)
 """
 
 from __future__ import annotations
@@ -231,10 +233,14 @@ def render(doc: dict) -> str:
              f"(student / teacher = {doc['ppl_ratio']:.3f})"]
     if task is not None and task["config"]["task_weight"] > 0:
         lines.append(f"- the task stage adds {task['config']['task_weight']} x the LM loss on valid.txt to KD, so "
-                     "the student also trains longer on the teacher's data than the teacher did; the KD-only "
-                     "run below (task_weight 0) isolates what conversion + distillation alone recover")
+                     "the student also trains longer on the teacher's data than the teacher did; a KD-only run "
+                     "(task_weight 0) isolates what conversion + distillation alone recover")
+    elif task is not None:
+        lines.append(f"- recovery learns from the teacher only: layer-wise transfer, then KL to the teacher's "
+                     f"next-token distributions (temperature {task['config']['temperature']}, no LM loss), so the "
+                     "student gets no extra signal from the data beyond what the teacher passes on")
     if doc.get("variants"):
-        vrows = [[v["label"], v["config"]["task_weight"], v["config"]["temperature"],
+        vrows = [[v["label"], f"{v['config']['task_weight']:g}", f"{v['config']['temperature']:g}",
                   "/".join(str(s["steps"]) for s in v["stages"]), f"{v['converted_test_ppl']:.1f}",
                   f"{v['recovered_test_ppl']:.1f}", f"{v['ppl_ratio']:.3f}", f"{v['cpu_seconds'] / 60:.1f}"]
                  for v in [{**doc, "label": "this report"}] + doc["variants"]]
