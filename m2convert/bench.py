@@ -23,8 +23,9 @@ reads None where ``/proc`` is missing.
 
 A variant that cannot run at a length says why instead of a number: past its position table, out of
 memory (eager attention's (B, heads, N, N) scores are sized before the call and skipped when they
-would not fit), or over ``max_call_s`` (predicted from the previous length: quadratic for the
-originals, linear for the converted model). The converted model's number stands on its own.
+would not fit), or over ``max_call_s`` (predicted from the previous lengths' slope, or from one
+length: quadratic for the originals, linear for converted models). The converted model's number
+stands on its own.
 """
 
 from __future__ import annotations
@@ -208,8 +209,8 @@ def bench(model, seq_lens=(512, 2048, 8192), batch: int = 1, dtype: str = "float
         config: ConvertConfig (or its dict) for ``m2.convert``; ignored when ``converted`` is given.
         converted: an already converted model to measure instead of converting ``model``.
         name: row-set name in reports (default: the model argument).
-        options: see :func:`bench_many` (repeats, seconds_per_length, max_call_s, eager, threads, seed,
-            progress).
+        options: see :func:`bench_many` (repeats, seconds_per_length, max_call_s, eager, eager_max_len,
+            threads, seed, progress).
 
     Returns:
         BenchResult with a BenchRow per N and ``meta`` describing the run.
@@ -233,7 +234,8 @@ def bench(model, seq_lens=(512, 2048, 8192), batch: int = 1, dtype: str = "float
 
 def bench_many(model, converted: dict, seq_lens=(512, 2048, 8192), batch: int = 1, dtype: str = "float32", *,
                repeats: int = 5, seconds_per_length: float = 60.0, max_call_s: float = 300.0,
-               eager: bool = True, threads: int | None = None, seed: int = 0, progress=None) -> dict:
+               eager: bool = True, eager_max_len: int | None = None, threads: int | None = None, seed: int = 0,
+               progress=None) -> dict:
     """One original against several converted models, all interleaved in the same rounds.
 
     Args:
@@ -242,6 +244,7 @@ def bench_many(model, converted: dict, seq_lens=(512, 2048, 8192), batch: int = 
             (at least one timed round after the warm-up).
         max_call_s: skip a variant whose predicted call time exceeds this (reported as skipped).
         eager: also time the original with eager attention.
+        eager_max_len: time eager attention only up to this N (it is the slowest variant), or None.
         threads: torch intra-op threads for the run (default: leave as is).
         progress: callable(str) taking one line per measurement, or None.
 
@@ -262,20 +265,20 @@ def bench_many(model, converted: dict, seq_lens=(512, 2048, 8192), batch: int = 
         attn = getattr(original.config, "_attn_implementation", None) or "sdpa"
         try:
             rows = _run(original, converted, attn, seq_lens, batch, torch_dtype,
-                        (repeats, seconds_per_length, max_call_s, eager, seed), say)
+                        (repeats, seconds_per_length, max_call_s, eager, eager_max_len, seed), say)
         finally:
             _set_attention(original, attn)
     finally:
         torch.set_num_threads(old_threads)
     meta = {"model": model if isinstance(model, str) else type(model).__name__, "batch": batch, "dtype": dtype,
             "threads": threads or old_threads, "attention": attn, "max_repeats": repeats,
-            "seconds_per_length": seconds_per_length, "max_call_s": max_call_s,
+            "seconds_per_length": seconds_per_length, "max_call_s": max_call_s, "eager_max_len": eager_max_len,
             "position_limit": position_limit(original)}
     return {k: BenchResult(k, rows[k], dict(meta)) for k in converted}
 
 
 def _run(original, converted, attn, seq_lens, batch, dtype, opts, say) -> dict:
-    repeats, seconds_per_length, max_call_s, eager, seed = opts
+    repeats, seconds_per_length, max_call_s, eager, eager_max_len, seed = opts
     limit = position_limit(original)
     vocab = getattr(original.config, "vocab_size", 1000)
     last = {}                                                # variant -> [(N, median latency s), ...]
@@ -288,6 +291,10 @@ def _run(original, converted, attn, seq_lens, batch, dtype, opts, say) -> dict:
         for key, target, impl in variants:
             if key == "eager" and (not eager or attn == "eager"):
                 status[key] = "not run" if not eager else "same as original (eager)"
+                continue
+            if key == "eager" and eager_max_len is not None and n > eager_max_len:
+                status[key] = f"not run (eager timed up to N={eager_max_len})"
+                say(f"N={n} eager: {status[key]}")
                 continue
             status[key] = _check(key, target, n, batch, dtype, limit, last, max_call_s)
             if status[key] != "ok":
@@ -362,20 +369,22 @@ def _check(key, target, n, batch, dtype, limit, last, max_call_s) -> str:
         if have is not None and need > 0.6 * have:
             return f"out of memory (eager scores need ~{need / 2**30:.0f} GiB, {have / 2**30:.0f} GiB free)"
     if last.get(key):
+        # One point: linear for converted models, quadratic for attention; two: the measured slope.
         predicted = _predict(last[key], n, 1 if is_converted else 2)
         if predicted > max_call_s:
             return f"skipped: ~{predicted:.0f} s per call predicted (max_call_s={max_call_s:g})"
     return "ok"
 
 
-def _predict(history: list, n: int, worst: float) -> float:
+def _predict(history: list, n: int, single: float) -> float:
     """Call time at length n from the measured (N, seconds) history: power law through the last two
-    points (exponent clamped to [1, worst]), or exponent ``worst`` from a single point."""
+    points (exponent clamped to [1, 2]), or exponent ``single`` from one point."""
     (n1, t1) = history[-1]
-    slope = worst
+    slope = single
     if len(history) > 1:
         n0, t0 = history[-2]
-        slope = min(max(math.log(t1 / t0) / math.log(n1 / n0), 1.0), worst) if t0 > 0 and n1 > n0 else worst
+        if t0 > 0 and n1 > n0:
+            slope = min(max(math.log(t1 / t0) / math.log(n1 / n0), 1.0), 2.0)
     return t1 * (n / n1) ** slope
 
 

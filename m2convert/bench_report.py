@@ -46,13 +46,13 @@ ROW_KEYS = ("seq_len", "original_tokens_per_ms", "converted_tokens_per_ms", "rat
 
 
 def write_report(results: dict, out_dir, stem: str = "throughput", *, extra: dict | None = None,
-                 notes: list[str] | None = None, sections: list[str] | None = None, command: str | None = None,
-                 config: dict | None = None) -> dict:
+                 notes: list[str] | None = None, sections: list[str] | None = None, intro: list[str] | None = None,
+                 command: str | None = None, config: dict | None = None) -> dict:
     """Write ``stem``.json, ``stem``.md and (matplotlib permitting) ``stem``.png; returns the JSON dict.
 
     JSON: ``{"models": {name: [row, ...]}, **extra, "command", "date", "machine", "config"}``; each row
     has the keys ``ROW_KEYS`` first, then the eager, latency and status fields of :class:`BenchRow`.
-    ``sections`` are markdown blocks appended after the tables (e.g. a profile).
+    ``intro`` / ``sections`` are markdown blocks put before / after the tables (e.g. a profile).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def write_report(results: dict, out_dir, stem: str = "throughput", *, extra: dic
                         "torch_threads": torch.get_num_threads()},
             "config": config or {name: res.meta for name, res in results.items()}}
     (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
-    md = [f"# {stem}", ""]
+    md = [f"# {stem}", "", *(intro or [])]
     for name, res in results.items():
         md += [f"## {name}", "", ", ".join(f"{k}: {v}" for k, v in res.meta.items() if k != "config"), "",
                res.table(), ""]

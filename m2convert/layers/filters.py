@@ -14,6 +14,11 @@ from torch import nn
 from ..errors import ShapeError, check_int
 
 
+def _traced(t: torch.Tensor) -> bool:
+    """True under torch.compile / torch.export (fake or functional tensors, or a compiling frame)."""
+    return torch.compiler.is_compiling() or type(t) not in (torch.Tensor, nn.Parameter)
+
+
 class Sin(nn.Module):
     """sin(w * x) with a learned frequency per feature."""
 
@@ -93,20 +98,36 @@ class ImplicitFilter(nn.Module):
         n = trunk.shape[0]
         w = last.weight.view(self.heads, self.channels, -1)[:, start:stop]              # (heads, c, order)
         c = w.shape[1]
-        # A plain linear layer (not matmul): exported graphs keep it as aten.linear, which the
-        # lowering pass leaves to the compiler.
-        h = torch.nn.functional.linear(trunk, w.reshape(self.heads * c, -1))           # (n, heads * c)
-        h = h.t().reshape(self.heads, c, n)                                             # (heads, c, n)
+        if _traced(trunk):
+            # A plain linear layer (not matmul): exported graphs keep it as aten.linear, which the
+            # lowering pass leaves to the compiler.
+            h = torch.nn.functional.linear(trunk, w.reshape(self.heads * c, -1))       # (n, heads * c)
+            h = h.t().reshape(self.heads, c, n)                                         # (heads, c, n)
+        else:
+            # Eager: W @ trunk^T lands offsets-last directly, without the transposing copy.
+            h = torch.matmul(w, trunk.t())                                              # (heads, c, n)
         if last.bias is not None:
             h = h + last.bias.view(self.heads, self.channels, 1)[:, start:stop]
         return h * self.decay(n, start, stop, trunk.dtype)                            # (heads, c, n)
 
     def decay(self, n: int, start: int = 0, stop: int | None = None, dtype=torch.float32) -> torch.Tensor:
-        """(stop - start, n) exponential modulation exp(-rate_c * k / scale) of channels [start, stop)."""
+        """(stop - start, n) exponential modulation exp(-rate_c * k / scale) of channels [start, stop).
+
+        Eager calls evaluate it as exp(-rate qB / scale) * exp(-rate j / scale) for k = qB + j (B = 128):
+        two small tables and a multiply per tap instead of an exp per tap (within 2 ulp of exp; the
+        exps were 7% of a MiniLM forward at N = 32768 with the filters regenerated). Traced calls keep
+        one exp over the offsets, whose shapes stay symbolic in N.
+        """
         stop = self.channels if stop is None else stop
         rates = self.decay_rates[start:stop].to(dtype)[:, None] / self.scale          # (c, 1)
-        t = torch.arange(n, device=rates.device, dtype=dtype)                          # (n,)
-        return torch.exp(-rates * t[None, :])                                           # (c, n)
+        if _traced(rates):
+            t = torch.arange(n, device=rates.device, dtype=dtype)                      # (n,)
+            return torch.exp(-rates * t[None, :])                                       # (c, n)
+        block = 128
+        q = -(-n // block)
+        hi = torch.exp(rates * -(torch.arange(q, device=rates.device, dtype=dtype) * block))   # (c, q)
+        lo = torch.exp(rates * -torch.arange(block, device=rates.device, dtype=dtype))         # (c, B)
+        return (hi[:, :, None] * lo[:, None, :]).view(rates.shape[0], q * block)[:, :n]        # (c, n)
 
     def forward(self, n: int) -> torch.Tensor:
         return self.taps(self.trunk(n))                                                 # (heads, H, n)

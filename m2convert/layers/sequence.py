@@ -46,6 +46,8 @@ class M2SequenceMixer(M2Block):
         filter_scale: tokens per unit offset in the filter features (fixes its frequencies/decay).
         short_kernel: depthwise short convolution width (default 3, causal).
         residual_conv: add the residual long convolution of the input with its skip D.
+        projection_nblocks: 0 (default) for dense nn.Linear in/out projections; n >= 1 for MonarchLinear
+            ones with n blocks per factor (n <= d_model) and rank ``projection_rank``.
 
     Shapes: forward(x: (B, N, H), mask: (B, N) with 1 = token, 0 = padding, or None) -> (B, N, H).
     Positions where mask == 0 are zeroed before every convolution, so real positions never see
@@ -71,15 +73,17 @@ class M2SequenceMixer(M2Block):
 
     def __init__(self, d_model: int, mode: str = "bidirectional", filter_order: int = 128,
                  filter_emb_dim: int = 5, filter_scale: float = 512.0, short_kernel: int = 3,
-                 residual_conv: bool = True, device=None, dtype=None):
+                 residual_conv: bool = True, projection_nblocks: int = 0, projection_rank: int = 1,
+                 device=None, dtype=None):
         super().__init__()
         check_int("d_model", d_model, low=1)
+        check_int("projection_nblocks", projection_nblocks, low=0)
         check_choice("mode", mode, MODES)
         check_int("short_kernel", short_kernel, low=1)
         self.d_model, self.mode, self.short_kernel = d_model, mode, short_kernel
         heads = 2 if mode == "bidirectional" else 1
         factory = {"device": device, "dtype": dtype}
-        self.in_proj = nn.Linear(d_model, 3 * d_model, **factory)
+        self.in_proj = _projection(d_model, 3 * d_model, projection_nblocks, projection_rank, factory)
         self.short_conv = nn.Conv1d(3 * d_model, 3 * d_model, short_kernel, groups=3 * d_model,
                                     padding=short_kernel - 1, **factory)
         self.filter = ImplicitFilter(d_model, heads, filter_order, filter_emb_dim, filter_scale).to(**factory)
@@ -89,7 +93,7 @@ class M2SequenceMixer(M2Block):
             self.residual_filter = ImplicitFilter(d_model, heads, filter_order, filter_emb_dim,
                                                   filter_scale).to(**factory)
             self.D_res = nn.Parameter(torch.zeros(d_model, **factory))
-        self.out_proj = nn.Linear(d_model, d_model, **factory)
+        self.out_proj = _projection(d_model, d_model, projection_nblocks, projection_rank, factory)
         self._spectrum_cache = None                                   # (key, (G, H, F) complex)
         with torch.no_grad():
             # Start the short conv as the identity (tap on the current token) so that seeded
@@ -101,20 +105,21 @@ class M2SequenceMixer(M2Block):
     def seed_projections(self, q, k, v, o) -> None:
         """Copy pretrained attention weights: Q, K, V -> in_proj (x1, x2, v), O -> out_proj.
 
-        Each argument is a (weight (H, H), bias (H,) or None) pair in nn.Linear convention.
+        Each argument is a (weight (H, H), bias (H,) or None) pair in nn.Linear convention. MonarchLinear
+        projections get the Frobenius projection of the stacked (3H, H) Q|K|V and of the (H, H) O weight.
         """
         h = self.d_model
-        with torch.no_grad():
-            for i, (name, (w, b)) in enumerate((("q", q), ("k", k), ("v", v))):
-                if tuple(w.shape) != (h, h):
-                    raise ShapeError(f"seed_projections: {name} weight has shape {tuple(w.shape)}, expected {(h, h)}")
-                self.in_proj.weight[i * h:(i + 1) * h].copy_(w)            # rows x1 | x2 | v
-                self.in_proj.bias[i * h:(i + 1) * h].copy_(b if b is not None else torch.zeros(h))
-            w, b = o
+        for name, (w, _) in (("q", q), ("k", k), ("v", v), ("o", o)):
             if tuple(w.shape) != (h, h):
-                raise ShapeError(f"seed_projections: o weight has shape {tuple(w.shape)}, expected {(h, h)}")
-            self.out_proj.weight.copy_(w)
-            self.out_proj.bias.copy_(b if b is not None else torch.zeros(h))
+                raise ShapeError(f"seed_projections: {name} weight has shape {tuple(w.shape)}, expected {(h, h)}")
+
+        def bias(w, b):
+            return b if b is not None else torch.zeros(h, dtype=w.dtype, device=w.device)
+
+        w_in = torch.cat([q[0], k[0], v[0]])                                  # (3H, H) rows x1 | x2 | v
+        b_in = torch.cat([bias(*q), bias(*k), bias(*v)])                      # (3H,)
+        _load_projection(self.in_proj, w_in, b_in)
+        _load_projection(self.out_proj, o[0], bias(*o))                       # (H, H), (H,)
 
     def long_conv(self, u: torch.Tensor, filt: ImplicitFilter, D: torch.Tensor) -> torch.Tensor:
         """Long convolution of u (B, H, N) with the filter's taps and skip D, in this mixer's mode."""
@@ -205,7 +210,9 @@ class M2SequenceMixer(M2Block):
         # Both projections hand the long convolution channels-first data without a transpose copy.
         z_bias = None
         if type(proj_in) is nn.Linear:
-            zt = torch.matmul(proj_in.weight, x.transpose(1, 2))              # (B, 3H, N), bias added later
+            # W @ x^T as one batched GEMM: torch.matmul would compute (x W^T)^T and copy it over.
+            w = proj_in.weight.expand(b, -1, -1)                              # (B, 3H, H)
+            zt = torch.bmm(w, x.transpose(1, 2))                              # (B, 3H, N), bias added later
             z_bias = proj_in.bias
         elif isinstance(proj_in, MonarchLinear):
             zt = proj_in.matmul(x.reshape(b * n, h), out_channels_first=True)   # (3H, B*N)
@@ -280,3 +287,22 @@ class M2SequenceMixer(M2Block):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, mode={self.mode!r}, residual_conv={self.residual_filter is not None}"
+
+
+def _projection(in_features: int, out_features: int, nblocks: int, rank: int, factory: dict) -> nn.Module:
+    """Dense nn.Linear (nblocks 0) or MonarchLinear (nblocks >= 1) in -> out projection."""
+    if nblocks == 0:
+        return nn.Linear(in_features, out_features, **factory)
+    return MonarchLinear(in_features, out_features, nblocks=nblocks, rank=rank, **factory)
+
+
+def _load_projection(proj: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Set a projection to the dense (out, in) ``weight`` and (out,) ``bias``; projected if Monarch."""
+    with torch.no_grad():
+        if isinstance(proj, MonarchLinear):
+            fit = MonarchLinear.from_weight(weight, bias, nblocks=proj.nblocks, rank=proj.rank)
+            for name in ("w1", "w2", "bias"):
+                getattr(proj, name).copy_(getattr(fit, name))
+        else:
+            proj.weight.copy_(weight)
+            proj.bias.copy_(bias)
