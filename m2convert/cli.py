@@ -35,6 +35,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help=f"sequence length at which FLOPs are evaluated (default {d.seq_len})")
     g.add_argument("--nblocks", type=int, default=d.nblocks,
                    help=f"Monarch blocks for MLP linears (default {d.nblocks})")
+    g.add_argument("--projection-nblocks", type=int, default=d.projection_nblocks, metavar="N",
+                   help="Monarch blocks for the sequence mixers' in/out projections "
+                        f"(default {d.projection_nblocks}: dense)")
     g.add_argument("--rank", type=int, default=d.rank, help=f"Monarch projection rank (default {d.rank})")
     g.add_argument("--causal-mode", default=d.causal_mode, help=f"decoder mixers: {' | '.join(CAUSAL_MODES)}")
     g.add_argument("--filter-order", type=int, default=d.filter_order, help="implicit filter MLP width")
@@ -49,6 +52,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _config(args) -> ConvertConfig:
     return ConvertConfig(nblocks=args.nblocks, rank=args.rank, causal_mode=args.causal_mode,
                          filter_order=args.filter_order, filter_emb_dim=args.filter_emb_dim,
+                         projection_nblocks=args.projection_nblocks,
                          sequence=not args.no_sequence, dimension=not args.no_dimension,
                          overrides={r: None for r in args.skip}, strict=args.strict, seq_len=args.seq_len)
 

@@ -18,13 +18,15 @@ from .errors import ConfigError, check_choice, check_int
 CAUSAL_MODES = ("causal", "causal-monarch")
 
 # Settings a per-path override may change, with the validator of each.
-SITE_SETTINGS = ("nblocks", "rank", "causal_mode", "filter_order", "filter_emb_dim")
+SITE_SETTINGS = ("nblocks", "rank", "causal_mode", "filter_order", "filter_emb_dim", "projection_nblocks")
 
 # Upper limits of the integer settings. Each sequence mixer holds filter MLP layers of
 # filter_order x filter_order weights, so 4096 already means 16M weights per layer per mixer (the default
 # is 128); filter_emb_dim counts positional features (t plus sin/cos pairs), and 129 is far beyond the
 # few the filter needs (default 5). rank is clamped to each block's full rank by MonarchLinear.
-LIMITS = {"nblocks": (1, 4096), "rank": (1, 65536), "filter_order": (1, 4096), "filter_emb_dim": (3, 129)}
+# projection_nblocks 0 keeps the mixers' in/out projections dense.
+LIMITS = {"nblocks": (1, 4096), "rank": (1, 65536), "filter_order": (1, 4096), "filter_emb_dim": (3, 129),
+          "projection_nblocks": (0, 4096)}
 
 
 def check_site_settings(where: str, settings: dict) -> dict:
@@ -38,6 +40,13 @@ def check_site_settings(where: str, settings: dict) -> dict:
         name = f"{where}[{key!r}]" if where else key
         if key == "causal_mode":
             check_choice(name, value, CAUSAL_MODES)
+        elif key == "projection_nblocks":
+            low, high = LIMITS[key]
+            check_int(name, value)
+            if not low <= value <= high:
+                raise ConfigError(f"{name}={value} is out of range [{low}, {high}]; use 0 to keep the sequence "
+                                  "mixers' in/out projections dense, or n >= 1 (at most the hidden size) for "
+                                  "MonarchLinear projections with n blocks")
         else:
             low, high = LIMITS[key]
             check_int(name, value, low=low, high=high)
@@ -60,19 +69,25 @@ class ConvertConfig:
         filter_order: width of the implicit long-conv filter MLP, 1 to 4096 (its layers hold
             filter_order x filter_order weights).
         filter_emb_dim: positional features of that filter, odd, 3 to 129.
+        projection_nblocks: the sequence mixers' in/out projections (H -> 3H from attention Q, K, V;
+            H -> H from O). 0 (default) keeps them dense nn.Linear; n >= 1 makes them MonarchLinear with
+            n blocks per factor, projected from the attention weights at ``rank``. At most the hidden
+            size; a larger value skips the site with the reason. 0 to 4096.
         sequence: convert attention sites into M2 sequence mixers.
         dimension: convert dense MLP sites into Monarch MLPs.
         filter_fn: ``filter_fn(module, fqn) -> bool``, asked for every module a site would replace
             (the attention module; each MLP linear); a site converts only if every answer is True.
         overrides: ``{regex: settings | None}``; the first regex found (``re.search``) in a site's path
             or one of its replaced paths gives that site's settings (a dict of the fields above from
-            nblocks to filter_emb_dim, within the same limits), or excludes the site (None).
+            nblocks to projection_nblocks, within the same limits), or excludes the site (None).
         strict: raise ConversionError instead of skipping a site that cannot be converted.
         seq_len: sequence length N at which the plan evaluates its FLOP formulas (per sequence, B = 1).
 
     Example:
         >>> ConvertConfig(nblocks=2, dimension=False).nblocks
         2
+        >>> ConvertConfig(projection_nblocks=16, dimension=False).projection_nblocks
+        16
     """
 
     nblocks: int = 4
@@ -80,6 +95,7 @@ class ConvertConfig:
     causal_mode: str = "causal"
     filter_order: int = 128
     filter_emb_dim: int = 5
+    projection_nblocks: int = 0
     sequence: bool = True
     dimension: bool = True
     filter_fn: Callable[[Any, str], bool] | None = None

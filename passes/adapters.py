@@ -68,10 +68,12 @@ class M2Attention(M2Block):
     """
 
     def __init__(self, d_model: int, mode: str, arg_names, num_outputs: int = 0, dropout: float = 0.0,
-                 filter_order: int = 128, filter_emb_dim: int = 5, device=None, dtype=None):
+                 filter_order: int = 128, filter_emb_dim: int = 5, projection_nblocks: int = 0,
+                 projection_rank: int = 1, device=None, dtype=None):
         super().__init__()
         self.mixer = M2SequenceMixer(d_model, mode=mode, filter_order=filter_order,
-                                     filter_emb_dim=filter_emb_dim, device=device, dtype=dtype)
+                                     filter_emb_dim=filter_emb_dim, projection_nblocks=projection_nblocks,
+                                     projection_rank=projection_rank, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
         self.arg_names = tuple(arg_names)
         self.num_outputs = int(num_outputs)
@@ -135,8 +137,10 @@ class M2PostNormAttention(M2Attention):
 
     def __init__(self, d_model: int, mode: str, arg_names, num_outputs: int = 0, dropout: float = 0.0,
                  filter_order: int = 128, filter_emb_dim: int = 5, norm_eps: float = 1e-12,
-                 norm_affine: bool = True, norm_bias: bool = True, device=None, dtype=None):
+                 norm_affine: bool = True, norm_bias: bool = True, projection_nblocks: int = 0,
+                 projection_rank: int = 1, device=None, dtype=None):
         super().__init__(d_model, mode, arg_names, num_outputs, dropout, filter_order, filter_emb_dim,
+                         projection_nblocks=projection_nblocks, projection_rank=projection_rank,
                          device=device, dtype=dtype)
         self.norm = nn.LayerNorm(d_model, eps=norm_eps, elementwise_affine=norm_affine,
                                  bias=norm_bias, device=device, dtype=dtype)

@@ -8,6 +8,8 @@ Weight mapping (source -> destination, nn.Linear convention (out, in)):
     attention K (kv_heads * d, H)      -> repeated to (H, H) -> rows [H, 2H)   (x2)
     attention V (kv_heads * d, H)      -> repeated to (H, H) -> rows [2H, 3H)  (v)
     attention O (H, H)                 -> mixer.out_proj
+    (projection_nblocks >= 1: the stacked (3H, H) Q|K|V and the O weight are each projected onto a
+     MonarchLinear with that many blocks at the site's rank, as MLP linears are)
     BERT-style post-norm LayerNorm     -> adapter.norm
     MLP linear / Conv1D (out, in)      -> MonarchLinear.from_weight (Frobenius projection)
 """
@@ -56,6 +58,8 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
     kwargs = dict(d_model=layout["hidden"], mode=site.mode, arg_names=layout["arg_names"],
                   num_outputs=layout["num_outputs"], dropout=layout.get("dropout", 0.0),
                   filter_order=settings["filter_order"], filter_emb_dim=settings["filter_emb_dim"],
+                  # Plans saved before projection_nblocks existed mean dense projections.
+                  projection_nblocks=settings.get("projection_nblocks", 0), projection_rank=settings.get("rank", 1),
                   device=device or ref.device, dtype=ref.dtype)
     norm = layout.get("norm")
     if norm:

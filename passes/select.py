@@ -22,7 +22,11 @@ from .site import CONVERT, EXCLUDE, SKIP, Site
 def _site_settings(site: Site, settings: dict) -> dict:
     if site.kind == "sequence":
         mode = "bidirectional" if not site.causal else settings["causal_mode"]
-        return {"mode": mode, "filter_order": settings["filter_order"], "filter_emb_dim": settings["filter_emb_dim"]}
+        out = {"mode": mode, "filter_order": settings["filter_order"], "filter_emb_dim": settings["filter_emb_dim"],
+               "projection_nblocks": settings["projection_nblocks"]}
+        if settings["projection_nblocks"]:
+            out["rank"] = settings["rank"]                      # of the Monarch in/out projections
+        return out
     return {"nblocks": settings["nblocks"], "rank": settings["rank"]}
 
 
@@ -150,9 +154,15 @@ def flops_before(site: Site, model) -> sympy.Expr:
 
 
 def describe(site: Site) -> str:
-    """Human name of what a site becomes, e.g. 'M2PostNormAttention(bidirectional)'."""
+    """Human name of what a site becomes, e.g. 'M2PostNormAttention(bidirectional)'.
+
+    Sequence mixers with Monarch in/out projections say so: 'M2Attention(causal, proj nblocks=16, rank=1)'.
+    """
     if site.kind == "sequence":
-        return f"{site.layout.get('adapter', 'M2Attention')}({site.mode})"
+        s, proj = site.settings, ""
+        if s.get("projection_nblocks"):
+            proj = f", proj nblocks={s['projection_nblocks']}, rank={s.get('rank', 1)}"
+        return f"{site.layout.get('adapter', 'M2Attention')}({site.mode}{proj})"
     s = site.settings
     return f"{len(site.replaces)}x MonarchLinear(nblocks={s['nblocks']}, rank={s['rank']})"
 
