@@ -46,7 +46,7 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def _optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
@@ -72,7 +72,8 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer, state: dict, *, ran
     """Save model, optimizer, RNG and the JSON-able ``state`` to the folder ``path`` atomically.
 
     Under data parallelism every rank calls this (each writes its RNG state) and passes ``barrier``;
-    rank 0 writes the rest and renames the folder into place.
+    rank 0 writes the rest and renames the folder into place. ``optimizer`` is an optimizer, its
+    (index-keyed) state dict, or None.
 
     Example:
         >>> save_checkpoint("runs/ckpt/latest", student, opt, {"stage_index": 0, "stage_step": 10})  # doctest: +SKIP
@@ -138,16 +139,25 @@ def load_model_weights(path, model: torch.nn.Module) -> None:
                               f"unexpected {sorted(unexpected)[:5]}")
 
 
-def load_optimizer(path, optimizer, doc: dict) -> None:
-    """Restore the optimizer state saved beside ``doc`` (the checkpoint's state.json)."""
+def read_optimizer(path, doc: dict) -> dict:
+    """The optimizer state dict (index-keyed, as ``optimizer.state_dict()``) saved beside ``doc``."""
     file = Path(path) / "optimizer.safetensors"
     if doc.get("optimizer") is None or not file.exists():
         raise CheckpointError(f"{path} holds no optimizer state to resume this stage from")
     try:
-        sd = _optimizer_from_files(load_file(str(file)), doc["optimizer"])
-        optimizer.load_state_dict(sd)
+        return _optimizer_from_files(load_file(str(file)), doc["optimizer"])
     except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{file} does not fit this stage's optimizer: {e}") from None
+        raise CheckpointError(f"{file} is corrupt: {e}") from None
+
+
+def load_optimizer(path, optimizer, doc: dict) -> None:
+    """Restore the optimizer state saved beside ``doc`` (the checkpoint's state.json)."""
+    sd = read_optimizer(path, doc)
+    try:
+        optimizer.load_state_dict(sd)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{Path(path) / 'optimizer.safetensors'} does not fit this stage's optimizer: "
+                              f"{e}") from None
 
 
 def load_rng(path, doc: dict, rank: int = 0) -> None:

@@ -15,7 +15,7 @@ from ..errors import ConfigError, check_choice, check_int
 STAGES = ("transfer", "kd", "task")
 SCHEDULES = ("constant", "linear", "cosine")
 TRANSFER_LOSSES = ("relative-mse", "mse")
-DISTRIBUTED = ("auto", "none", "ddp")
+DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 
 _STAGE_DEFAULTS = {
     "transfer": {"lr": 1e-3, "train": "replaced"},
@@ -138,7 +138,9 @@ class DistillConfig:
         resume: continue from the checkpoint in ``checkpoint_dir`` (exactly: weights, optimizer,
             scheduler, RNG and data position).
         on_bad: "skip" or "raise" for bad data rows.
-        distributed: "auto" (DDP when launched by torchrun with WORLD_SIZE > 1), "none" or "ddp".
+        distributed: "auto" (DDP when launched by torchrun with WORLD_SIZE > 1), "none", "ddp", or
+            "fsdp" (FSDP2: parameters, gradients and AdamW state sharded over the ranks; needs
+            torchrun with more than one process; the student ends whole on every rank).
         progress: show a tqdm bar (rank 0) with loss and tokens/s.
         device: "cpu", "cuda", ... (None: the student's device).
 

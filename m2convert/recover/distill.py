@@ -3,7 +3,8 @@
 One loop serves every stage: fetch batch ``k`` of the (resumable) data source, run the teacher, take
 the stage's loss, stop on a non-finite loss, step AdamW at the stage's scheduled learning rate,
 checkpoint every ``checkpoint_every`` steps. Under torchrun each rank reads its own batches and DDP
-averages gradients.
+averages gradients; with ``distributed="fsdp"`` a sharded copy of the student trains instead (FSDP2,
+:mod:`.fsdp`) and its full weights are loaded back into the student at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..data import load_data
 from ..errors import CheckpointError, ConfigError, TrainingError
 from . import checkpoint as ckpt
 from .config import DistillConfig, StageConfig
+from .fsdp import ShardedStudent
 from .parallel import Group, setup
 from .stages import (EndToEndObjective, TransferObjective, capture, layer_pairs, replaced_modules,
                      teacher_forward)
@@ -109,6 +111,13 @@ class _Run:
         self.stage_index, self.stage_step, self.data_pos = 0, 0, 0
         self.current = None
         self.resume_doc = None
+        self.sharded: ShardedStudent | None = None      # fsdp: the sharded copy that trains
+        self.opt_names: list[str] = []                   # the names of the optimizer's parameters, in order
+
+    @property
+    def model(self) -> nn.Module:
+        """The module that trains: the student, or its sharded copy under fsdp."""
+        return self.sharded.module if self.sharded is not None else self.student
 
     def state(self) -> dict:
         return {"stage_index": self.stage_index, "stage_step": self.stage_step, "data_position": self.data_pos,
@@ -119,6 +128,9 @@ class _Run:
     def save(self, optimizer) -> None:
         if self.ckpt_path is None:
             return
+        if self.sharded is not None:               # gather full weights and AdamW state to rank 0's plain student
+            self.sharded.copy_into(self.student, rank0_only=True)
+            optimizer = self.sharded.optimizer_state(optimizer, self.opt_names) if optimizer.state else None
         ckpt.save_checkpoint(self.ckpt_path, self.student, optimizer, self.state(), rank=self.group.rank,
                              world=self.group.world, barrier=self.group.barrier)
 
@@ -144,22 +156,26 @@ class _Run:
         log.info("resumed from %s at stage %d step %d", self.ckpt_path, self.stage_index, self.stage_step)
 
     def run_stage(self, stage: StageConfig) -> StageResult:
-        student, group = self.student, self.group
+        student, group = self.model, self.group
         pairs = layer_pairs(student, self.teacher) if stage.name == "transfer" else None
         chosen = set(_trainable(student, stage))
         for name, p in student.named_parameters():
             p.requires_grad_(name in chosen)
+        self.opt_names = [n for n, _ in student.named_parameters() if n in chosen]
         params = [p for n, p in student.named_parameters() if n in chosen]
         if pairs is not None:
             objective = TransferObjective(pairs, stage.loss)
             teacher_mods = {path: t for path, _, t in pairs}
         else:
             objective = EndToEndObjective(student, stage)
-        model = group.wrap(objective, self.device)
+        model = self.sharded.bind(objective) if self.sharded is not None else group.wrap(objective, self.device)
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
         result = self.current if self.current is not None else StageResult(stage.name)
         if self.resume_doc is not None:
-            if self.stage_step > 0:
+            if self.stage_step > 0 and self.sharded is not None:
+                self.sharded.load_optimizer_state(opt, self.opt_names, ckpt.read_optimizer(
+                    self.ckpt_path, self.resume_doc), self.ckpt_path / "optimizer.safetensors")
+            elif self.stage_step > 0:
                 ckpt.load_optimizer(self.ckpt_path, opt, self.resume_doc)
             ckpt.load_rng(self.ckpt_path, self.resume_doc, group.rank)
             self.resume_doc = None
@@ -188,6 +204,8 @@ class _Run:
             mean_loss = totals[0].item() / group.world
             if not math.isfinite(mean_loss):
                 self.save(opt)
+                if self.sharded is not None:       # the student keeps the last good weights, as without fsdp
+                    self.sharded.copy_into(self.student)
                 where = f" (last good checkpoint: {self.ckpt_path})" if self.ckpt_path else ""
                 raise TrainingError(f"non-finite loss ({mean_loss}) in stage {stage.name!r} at step "
                                     f"{self.stage_step}{where}; lower the learning rate or check the data")
@@ -254,7 +272,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig 
                            bucket=config.bucket_by_length)
         if group.active:
             source = source.shard(group.rank, group.world)
-        student.to(device)
+        student.to("cpu" if group.fsdp else device)     # fsdp: the caller's copy waits on CPU, whole
         teacher.to(device).eval()
         flags = {n: p.requires_grad for n, p in student.named_parameters()}
         was_training = student.training
@@ -262,13 +280,18 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig 
         run = _Run(student, teacher, source, config, group, device, on_step)
         run.try_resume()
         try:
+            if group.fsdp:
+                run.sharded = ShardedStudent(student, device, group.rank, group.world)
             for i, stage in enumerate(config.stages):
                 if i >= run.stage_index:
                     run.run_stage(stage)
+            if run.sharded is not None:
+                run.sharded.copy_into(student)                 # full weights on every rank
         finally:
             for n, p in student.named_parameters():
                 p.requires_grad_(flags[n])
             student.train(was_training)
+            student.to(device)
         report = source.report.to_dict() if getattr(source, "report", None) else None
         return DistillResult(run.results, str(run.ckpt_path) if run.ckpt_path else None, report, group.world)
     finally:

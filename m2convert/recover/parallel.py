@@ -1,7 +1,9 @@
-"""Data parallelism for recovery: torchrun + DDP (gloo on CPU, nccl on GPU).
+"""Data parallelism for recovery: torchrun + DDP or FSDP2 (gloo on CPU, nccl on GPU).
 
 Every rank runs the same stages on its own shard of the batches; DDP averages gradients, so all
 ranks hold the same weights after every step. Rank 0 writes checkpoints and shows progress.
+FSDP2 (``distributed="fsdp"``, see :mod:`.fsdp`) averages the same gradients but keeps only a shard
+of each parameter, gradient and optimizer state per rank.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Group:
     rank: int = 0
     world: int = 1
     owns_group: bool = False
+    fsdp: bool = False
 
     @property
     def active(self) -> bool:
@@ -52,7 +55,10 @@ class Group:
 
 
 def setup(mode: str, device: torch.device) -> Group:
-    """Join the torchrun process group when asked to (``mode`` "ddp", or "auto" with WORLD_SIZE > 1).
+    """Join the torchrun process group when asked to (``mode`` "ddp" or "fsdp", or "auto" with WORLD_SIZE > 1).
+
+    "fsdp" needs more than one rank: with one there is nothing to shard over, so it is refused
+    (ConfigError) rather than silently run unsharded.
 
     Example:
         >>> setup("none", torch.device("cpu")).world
@@ -64,13 +70,24 @@ def setup(mode: str, device: torch.device) -> Group:
     if not dist.is_available():
         raise ConfigError("distributed training was asked for but torch.distributed is not available")
     if world <= 1 and not dist.is_initialized():
-        raise ConfigError("distributed='ddp' needs a torchrun launch (WORLD_SIZE > 1); "
-                          "run `torchrun --nproc_per_node N ...` or use distributed='none'")
+        raise ConfigError(f"distributed={mode!r} needs a torchrun launch (WORLD_SIZE > 1, found "
+                          f"{os.environ.get('WORLD_SIZE', 'unset')}); run `torchrun --nproc_per_node N ...` "
+                          "or use distributed='none'")
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        try:
+            dist.init_process_group(backend=backend)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"distributed={mode!r}: cannot join the {backend} process group ({e}); launch with "
+                              "`torchrun --nproc_per_node N ...`, which sets RANK, WORLD_SIZE, MASTER_ADDR and "
+                              "MASTER_PORT, or use distributed='none'") from None
         owns = True
-    return Group(dist.get_rank(), dist.get_world_size(), owns)
+    group = Group(dist.get_rank(), dist.get_world_size(), owns, fsdp=mode == "fsdp")
+    if group.fsdp and group.world <= 1:
+        group.close()
+        raise ConfigError("distributed='fsdp' shards the student over ranks, but the process group has 1; "
+                          "launch with `torchrun --nproc_per_node N ...` (N > 1) or use distributed='none'")
+    return group
