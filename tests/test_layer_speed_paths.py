@@ -257,3 +257,31 @@ def test_mixer_flops_follow_monarch_projections():
     m.in_proj = m2.MonarchLinear.from_dense(m.in_proj, nblocks=4)
     m.out_proj = m2.MonarchLinear.from_dense(m.out_proj, nblocks=4)
     assert m.flops(256, 1) < dense
+
+
+def test_fast_paths_switch_each_path_and_restore(monkeypatch):
+    from m2convert.layers.monarch import fast_paths
+    torch.manual_seed(0)
+    mixer = m2.M2SequenceMixer(32, filter_order=8, mode="bidirectional").eval()
+    mixer.in_proj = m2.MonarchLinear.from_dense(mixer.in_proj, nblocks=4)
+    x = torch.randn(2, 40, 32)
+    monarch_calls = spy(monkeypatch, monarch_layer, "monarch_linear")
+    mixer_calls = spy(monkeypatch, sequence_layer, "mixer_core")
+    with torch.no_grad():
+        fast = mixer(x)
+        assert monarch_calls and mixer_calls
+        monarch_calls.clear(), mixer_calls.clear()
+        with fast_paths(mixer=False):
+            no_mixer = mixer(x)
+            assert monarch_calls and not mixer_calls            # the reference mixer, Monarch still fast
+            monarch_calls.clear()
+            with fast_paths(monarch=False):
+                ref = mixer(x)
+            assert not monarch_calls and not mixer_calls
+        after = mixer(x)                                         # both switched back on
+        assert monarch_calls and mixer_calls
+    for out in (no_mixer, ref, after):
+        assert rel(out, fast) < 1e-5
+    with pytest.raises(m2.M2Error, match="unknown paths"):
+        with fast_paths(fft=False):
+            pass

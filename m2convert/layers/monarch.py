@@ -26,13 +26,47 @@ from .base import M2Block
 from .cost import B, N, substitute
 
 
-def eager_inference(*tensors: torch.Tensor | None) -> bool:
-    """True when a CPU fast path may replace the reference: eager, no autograd graph, plain CPU tensors.
+# The CPU fast paths by name: "monarch" (MonarchLinear's BLAS layout, kernels/monarch/cpu.py) and "mixer"
+# (M2SequenceMixer's smooth-FFT, channel-blocked core with its filter-spectrum cache, kernels/fftconv/cpu.py).
+FAST_PATHS = ("monarch", "mixer")
+_disabled: set[str] = set()
+
+
+@contextmanager
+def fast_paths(**enabled: bool):
+    """Switch CPU fast paths on or off inside a ``with`` block (to measure them, or to debug one).
+
+    Example:
+        >>> layer = MonarchLinear(64, 64, nblocks=4)
+        >>> x = torch.randn(8, 64)
+        >>> with torch.no_grad():
+        ...     fast = layer(x)
+        ...     with fast_paths(monarch=False):            # the reference two-GEMM product
+        ...         ref = layer(x)
+        >>> torch.allclose(fast, ref, atol=1e-5)
+        True
+    """
+    unknown = sorted(set(enabled) - set(FAST_PATHS))
+    if unknown:
+        raise ConfigError(f"fast_paths got unknown paths {unknown}; known: {list(FAST_PATHS)}")
+    before = set(_disabled)
+    _disabled.update(k for k, on in enabled.items() if not on)
+    _disabled.difference_update(k for k, on in enabled.items() if on)
+    try:
+        yield
+    finally:
+        _disabled.clear()
+        _disabled.update(before)
+
+
+def eager_inference(*tensors: torch.Tensor | None, path: str = "monarch") -> bool:
+    """True when the CPU fast path ``path`` may replace the reference: enabled (see :func:`fast_paths`),
+    eager, no autograd graph, plain CPU tensors.
 
     Tracers (torch.compile, torch.export) keep the reference, whose graph the lowering pass rewrites;
     fake and functional tensors are subclasses, so ``type(t) is torch.Tensor`` tells them apart.
     """
-    if torch.compiler.is_compiling():
+    if path in _disabled or torch.compiler.is_compiling():
         return False
     need_grad = torch.is_grad_enabled()
     for t in tensors:

@@ -240,7 +240,7 @@ class M2SequenceMixer(M2Block):
             return False
         if self.short_conv.padding != (self.short_kernel - 1,) or self.D.dtype != x.dtype:
             return False
-        return eager_inference(x, mask, *self.parameters())
+        return eager_inference(x, mask, *self.parameters(), path="mixer")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
