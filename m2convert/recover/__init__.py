@@ -6,7 +6,8 @@
 
 from .config import DistillConfig, StageConfig
 from .distill import DistillResult, StageResult, distill
+from .seed import seed_filters_from_attention
 from .stages import layer_pairs, replaced_modules
 
 __all__ = ["DistillConfig", "DistillResult", "StageConfig", "StageResult", "distill", "layer_pairs",
-           "replaced_modules"]
+           "replaced_modules", "seed_filters_from_attention"]
