@@ -4,7 +4,7 @@ WikiText-2's train split is not in the data folder, so the teacher trains on ``v
 fixed budget and everything is evaluated on ``test.txt``:
 
     1. tokenizer: byte-level BPE (8,192 tokens) trained on valid.txt          (cached)
-    2. teacher: GPT-2 architecture, ~7M parameters, trained on valid.txt    (cached)
+    2. teacher: GPT-2 architecture, ~11M parameters, trained on valid.txt   (cached per size)
     3. convert: attention -> causal M2 sequence mixers (m2convert.convert)
     4. recover on valid.txt: layer-wise transfer, then KD (+ LM loss)
     5. test perplexity (non-overlapping blocks of 128 tokens) of teacher, converted, each stage
@@ -45,8 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSON report")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--block", type=int, default=128)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--n-embd", type=int, default=320)
+    p.add_argument("--n-layer", type=int, default=7)
     p.add_argument("--teacher-steps", type=int, default=400)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
@@ -148,7 +148,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     data = args.data or default_data_dir()
     valid, test = data / "wikitext2" / "valid.txt", data / "wikitext2" / "test.txt"
-    folder = cache_dir("wikitext_teacher_smoke" if args.smoke else "wikitext_teacher")
+    folder = cache_dir("wikitext_teacher_smoke" if args.smoke
+                       else f"wikitext_teacher_e{args.n_embd}_l{args.n_layer}_v{args.vocab}_s{args.teacher_steps}")
     tokenizer = get_tokenizer(args, valid, folder)
     test_blocks, _ = pack_text(test, tokenizer, args.block, on_bad="raise")
     if args.smoke:
