@@ -127,3 +127,31 @@ def test_vit_overrides_select_layers():
     converted = plan.apply()
     assert not any(isinstance(m, M2Block) for m in converted.vit.layers[0].modules())
     assert isinstance(converted.vit.layers[1].attention, M2Block)
+
+
+def test_distill_takes_image_batches():
+    """m2.distill on pixel_values batches: transfer, kd and task lower their losses; images are counted."""
+    from m2convert.recover import DistillConfig, StageConfig, distill
+    teacher = _vit("ViTForImageClassification")
+    student = m2.convert(teacher, filter_order=16)
+    gen = torch.Generator().manual_seed(2)
+    batches = [{"pixel_values": torch.randn(8, 3, 16, 16, generator=gen),
+                "labels": torch.randint(0, 5, (8,), generator=gen)} for _ in range(2)]
+    stages = [StageConfig("transfer", steps=12, lr=3e-3), StageConfig("kd", steps=12, lr=3e-3),
+              StageConfig("task", steps=12, lr=3e-3)]
+    result = distill(student, teacher, batches, DistillConfig(stages=stages, progress=False))
+    for stage in result.stages:
+        assert stage.steps == 12
+        assert sum(stage.losses[-3:]) < sum(stage.losses[:3]), (stage.name, stage.losses)
+        assert stage.tokens == 12 * 8                                # images, not pixels
+    assert isinstance(student, transformers.ViTForImageClassification)
+
+
+def test_distill_refuses_batches_without_model_inputs():
+    from m2convert.recover import DistillConfig, StageConfig, distill
+    teacher = _vit("ViTForImageClassification")
+    student = m2.convert(teacher, filter_order=16)
+    bad = [{"images": torch.randn(2, 3, 16, 16)}]
+    with pytest.raises(m2.M2Error, match="input_ids' or 'pixel_values'"):
+        distill(student, teacher, bad, DistillConfig(stages=[StageConfig("kd", steps=1)], progress=False,
+                                                     on_bad="raise"))

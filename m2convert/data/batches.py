@@ -13,6 +13,25 @@ from ..errors import ConfigError, DataError, check_choice, check_int
 from .readers import ON_BAD, RowReport, _blocks, _rows_to_examples, pack_text, read_jsonl, read_tsv
 
 log = logging.getLogger("m2convert.data")
+# The model input a batch is counted and placed by: token ids for text, images for vision models.
+INPUT_KEYS = ("input_ids", "pixel_values")
+
+
+def primary_input(batch: dict) -> torch.Tensor | None:
+    """The batch's ``input_ids`` (B, N) or, for vision models, ``pixel_values`` (B, C, H, W); None if neither."""
+    return next((batch[k] for k in INPUT_KEYS if torch.is_tensor(batch.get(k))), None)
+
+
+def batch_items(batch: dict) -> int:
+    """What a batch counts for in token budgets and tokens/s: its real tokens (attention_mask's sum, else
+    every input id) for text, its images for vision batches."""
+    mask = batch.get("attention_mask")
+    if torch.is_tensor(mask):
+        return int(mask.sum())
+    if torch.is_tensor(batch.get("input_ids")):
+        return batch["input_ids"].numel()
+    first = primary_input(batch)
+    return 0 if first is None else first.shape[0]
 
 
 class Batches:
@@ -86,7 +105,7 @@ class StreamBatches:
 
     ``batch(k)`` must be asked for in increasing k; a resumed run skips the first k batches by
     reading them. A re-iterable source restarts when exhausted; a one-shot iterator raises DataError.
-    Bad batches (not a dict of tensors, no ``input_ids``) are counted and skipped or raised.
+    Bad batches (not a dict of tensors, neither ``input_ids`` nor ``pixel_values``) are counted and skipped or raised.
 
     Example:
         >>> src = StreamBatches([{"input_ids": torch.zeros(2, 5, dtype=torch.long)}])
@@ -119,11 +138,11 @@ class StreamBatches:
         for _ in range(1000):
             b = self._raw()
             self._seen += 1
-            if isinstance(b, dict) and torch.is_tensor(b.get("input_ids")) and all(
-                    torch.is_tensor(v) for v in b.values()):
+            if isinstance(b, dict) and primary_input(b) is not None and all(torch.is_tensor(v) for v in b.values()):
                 self.report.rows += 1
                 return b
-            self.report.add_bad(self._seen, "batch is not a dict of tensors with 'input_ids'", self.on_bad)
+            self.report.add_bad(self._seen, "batch is not a dict of tensors with 'input_ids' or 'pixel_values'",
+                                self.on_bad)
             self.report.log()
         raise DataError(f"{self.report.source}: no usable batch in 1000 tries")
 

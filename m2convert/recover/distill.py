@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import load_data
+from ..data.batches import batch_items
 from ..errors import CheckpointError, ConfigError, TrainingError
 from . import checkpoint as ckpt
 from .config import DistillConfig, StageConfig
@@ -192,7 +193,7 @@ class _Run:
             for g in opt.param_groups:
                 g["lr"] = stage.lr * stage.lr_factor(self.stage_step)
             mask = batch.get("attention_mask")
-            ntok = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
+            ntok = torch.tensor(batch_items(batch))                       # tokens, or images
             if stage.name == "transfer":
                 with torch.no_grad(), capture(teacher_mods) as calls:
                     teacher_forward(self.teacher, batch, hidden=False)

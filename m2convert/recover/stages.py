@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batches import primary_input
 from ..errors import TrainingError
 from ..layers import M2Block
 
@@ -200,7 +201,7 @@ class EndToEndObjective(nn.Module):
         kwargs = {"output_hidden_states": True} if st.hidden_weight > 0 else {}
         out = self.student(**model_inputs(batch, labels=task), **kwargs)
         mask = batch.get("attention_mask")
-        loss = torch.zeros((), device=batch["input_ids"].device)
+        loss = torch.zeros((), device=primary_input(batch).device)
         if task:
             if getattr(out, "loss", None) is None:
                 raise TrainingError(f"stage 'task': {type(self.student).__name__} returned no loss for the "
