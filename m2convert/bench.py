@@ -223,12 +223,14 @@ def bench(model, seq_lens=(512, 2048, 8192), batch: int = 1, dtype: str = "float
     _check_args(seq_lens, batch, dtype)
     label = name or (model if isinstance(model, str) else type(model).__name__)
     described = model if isinstance(model, str) else type(model).__name__
-    if converted is None:
+    given = converted is not None
+    if not given:
         from .api import convert
         model = _load(model)
         converted = convert(model, config, example_inputs={"input_ids": torch.ones(1, 16, dtype=torch.long)})
     result = bench_many(model, {label: converted}, seq_lens, batch, dtype, **options)[label]
-    result.meta.update(model=described, config=config.to_dict() if hasattr(config, "to_dict") else config)
+    shown = "converted model given" if given else config.to_dict() if hasattr(config, "to_dict") else config
+    result.meta.update(model=described, config=shown)
     return result
 
 

@@ -177,7 +177,12 @@ def _run_bench(args) -> int:
     from .bench import bench
 
     lens = [int(x) for x in args.seq_lens.split(",") if x.strip()]
-    result = bench(args.model, seq_lens=lens, batch=args.batch, dtype=args.dtype)
+    converted = None
+    if args.converted:
+        from .serialize import from_pretrained
+        converted = from_pretrained(args.converted)
+    result = bench(args.model, seq_lens=lens, batch=args.batch, dtype=args.dtype, config=_config(args),
+                   converted=converted)
     print(result.table())
     if args.out:
         result.write(args.out)
@@ -187,13 +192,19 @@ def _run_bench(args) -> int:
 
 def add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="time the original and the converted model side by side",
-                       description="Convert MODEL with the default settings and measure tokens/ms of the "
-                                   "original and the converted model, interleaved, at each sequence length.")
+                       description="Convert MODEL (with the conversion settings below) and measure tokens/ms "
+                                   "of the original and the converted model, interleaved, at each sequence "
+                                   "length; or time a converted model saved in DIR (--converted DIR) against "
+                                   "MODEL.")
     p.add_argument("model", metavar="MODEL", help="model directory or Hugging Face id")
+    p.add_argument("--converted", metavar="DIR",
+                   help="a converted (and recovered) model written by m2convert convert/distill to time instead "
+                        "of converting MODEL; the conversion settings are then ignored")
     p.add_argument("--seq-lens", default="512,2048,8192", help="comma-separated lengths (default 512,2048,8192)")
     p.add_argument("--batch", type=int, default=1, help="sequences per call (default 1)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--out", metavar="DIR", help="also write JSON + markdown (+ PNG) reports to DIR")
+    _add_config_args(p)
     p.set_defaults(func=_run_bench)
 
 

@@ -42,3 +42,21 @@ def test_bench_prints_rows_and_writes_reports(tmp_path, capsys):
     assert "16" in out and "32" in out
     written = list((tmp_path / "report").glob("*.json"))
     assert written and json.loads(written[0].read_text())
+
+
+def test_bench_takes_conversion_settings_and_a_converted_dir(tmp_path, capsys):
+    teacher = _tiny_bert_dir(tmp_path)
+    code = main(["bench", str(teacher), "--seq-lens", "16", "--nblocks", "2", "--projection-nblocks", "2",
+                 "--filter-order", "8", "--out", str(tmp_path / "a")])
+    assert code == 0
+    (meta,) = json.loads(next((tmp_path / "a").glob("*.json")).read_text())["config"].values()
+    assert meta["config"]["nblocks"] == 2 and meta["config"]["projection_nblocks"] == 2, meta
+    assert main(["convert", str(teacher), "--out", str(tmp_path / "student"), "--filter-order", "8"]) == 0
+    code = main(["bench", str(teacher), "--seq-lens", "16", "--converted", str(tmp_path / "student"),
+                 "--out", str(tmp_path / "b")])
+    assert code == 0
+    rows = json.loads(next((tmp_path / "b").glob("*.json")).read_text())["models"]
+    (row,) = next(iter(rows.values()))
+    assert row["seq_len"] == 16 and row["converted_tokens_per_ms"] > 0
+    assert main(["bench", str(teacher), "--seq-lens", "16", "--nblocks", "0"]) == 1     # ConfigError, one line
+    assert "nblocks" in capsys.readouterr().err
