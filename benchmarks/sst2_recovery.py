@@ -312,12 +312,13 @@ def render(doc: dict) -> str:
               "- what moved it: keeping attention (MLPs only) loses least; with attention converted, a longer "
               "budget (400/800 -> 600/2000 steps) and then seeding the filters from the teacher's attention "
               "by offset with open gates (--seed-filters --seed-open-gates, same budget) each closed part of the "
-              "gap; 100-step seeding ablations are in docs/recover.md",
+              "gap; 100-step seeding ablations are in docs/recover.md; the task learning rate: 1e-4 and 3e-4 both 0.8681, "
+              "5e-5 0.8532",
               "- rank > 1 was not run: at every equal-parameter budget, rank 1 with fewer blocks keeps more of "
               "MiniLM's weights (benchmarks/results/projection_study.md), e.g. MLPs at 0.31 of the dense "
               "weights: nblocks 4 rank 1 error 0.686 vs nblocks 8 rank 2 0.699",
               "- not tried for lack of CPU time on the shared machine: converting a subset of layers, "
-              "learning-rate sweeps"]
+              "transfer learning rates other than 1e-3"]
     return "\n".join(lines) + "\n"
 
 
