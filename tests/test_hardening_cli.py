@@ -26,8 +26,9 @@ PROGRESS = re.compile(r"\d+%\|")
 ANY_INT = st.one_of(st.integers(-3, 6), st.integers(-(2 ** 40), 2 ** 40))
 
 
-def _valid(nblocks, rank, filter_order, filter_emb_dim, seq_len, causal_mode) -> bool:
+def _valid(nblocks, rank, filter_order, filter_emb_dim, seq_len, causal_mode, projection_nblocks=0) -> bool:
     return (1 <= nblocks <= 4096 and 1 <= rank <= 65536 and 1 <= filter_order <= 4096
+            and 0 <= projection_nblocks <= 4096
             and 3 <= filter_emb_dim <= 129 and filter_emb_dim % 2 == 1 and 1 <= seq_len <= 2 ** 24
             and causal_mode in CAUSAL_MODES)
 
@@ -35,11 +36,11 @@ def _valid(nblocks, rank, filter_order, filter_emb_dim, seq_len, causal_mode) ->
 @FAST
 @given(nblocks=ANY_INT, rank=ANY_INT, filter_order=ANY_INT, filter_emb_dim=ANY_INT,
        seq_len=st.one_of(st.integers(-2, 4), st.integers(2 ** 24 - 1, 2 ** 24 + 1)),
-       causal_mode=st.sampled_from([*CAUSAL_MODES, "bidirectional", "", "CAUSAL"]))
+       causal_mode=st.sampled_from([*CAUSAL_MODES, "bidirectional", "", "CAUSAL"]), projection_nblocks=ANY_INT)
 def test_convert_config_accepts_exactly_the_valid_values(nblocks, rank, filter_order, filter_emb_dim, seq_len,
-                                                         causal_mode):
+                                                         causal_mode, projection_nblocks):
     kw = dict(nblocks=nblocks, rank=rank, filter_order=filter_order, filter_emb_dim=filter_emb_dim,
-              seq_len=seq_len, causal_mode=causal_mode)
+              seq_len=seq_len, causal_mode=causal_mode, projection_nblocks=projection_nblocks)
     if _valid(**kw):
         cfg = m2.ConvertConfig(**kw)
         assert m2.ConvertConfig.from_dict(cfg.to_dict()) == cfg
@@ -173,7 +174,8 @@ def test_cli_bad_input_is_one_line(dirs, argv, needle):
 
 
 @settings(max_examples=25, deadline=None)
-@given(flag=st.sampled_from(["--nblocks", "--rank", "--filter-order", "--filter-emb-dim", "--seq-len"]),
+@given(flag=st.sampled_from(["--nblocks", "--projection-nblocks", "--rank", "--filter-order", "--filter-emb-dim",
+                             "--seq-len"]),
        value=st.one_of(st.integers(-(2 ** 31), 2 ** 31).map(str), st.sampled_from(["", "x", "1e3", "0x10", "-"])))
 def test_cli_any_numeric_setting_without_a_model_fails_in_one_line(flag, value):
     code, err = _run(["plan", "/nonexistent/m2convert-model", flag, value])
