@@ -8,10 +8,6 @@ ranks wrote.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,7 +18,7 @@ from safetensors.torch import load_file
 from m2convert.errors import ConfigError
 from m2convert.recover import DistillConfig, StageConfig, distill
 from m2convert.recover.fsdp import shard_units
-from test_recover_common import (class_batches, convert_bert, convert_gpt2, one_thread,  # noqa: F401
+from test_recover_common import (class_batches, convert_bert, convert_gpt2, one_thread, torchrun_two_ranks,  # noqa: F401
                                  tiny_bert, tiny_gpt2)
 
 WORKER = textwrap.dedent("""
@@ -96,18 +92,7 @@ def runs(tmp_path_factory) -> Path:
     tests = str(Path(__file__).resolve().parent)
     script = out / "worker.py"
     script.write_text(WORKER.format(tests=tests, out=str(out)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:                                  # never leave the workers behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, err[-4000:]
+    torchrun_two_ranks(script)
     return out
 
 

@@ -8,6 +8,7 @@ Hugging Face attention signature.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,25 @@ def test_convert_bert_puts_m2_blocks_at_the_original_paths():
                      for s in ("attention.self", "intermediate.dense", "output.dense")]
     out = student(**class_batches(1)[0])
     assert torch.isfinite(out.logits).all()
+
+
+def torchrun_two_ranks(script: Path, timeout: float = 300) -> None:
+    """Run ``script`` as 2 gloo ranks under ``torchrun --standalone`` (one thread each, tests/ importable);
+    asserts a clean exit and never leaves the workers behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-4000:]

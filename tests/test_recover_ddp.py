@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,7 +10,8 @@ import pytest
 
 from m2convert.errors import ConfigError
 from m2convert.recover import DistillConfig, StageConfig, distill
-from test_recover_common import class_batches, convert_bert, one_thread, tiny_bert  # noqa: F401
+from test_recover_common import (class_batches, convert_bert, one_thread, tiny_bert,  # noqa: F401
+                                 torchrun_two_ranks)
 
 WORKER = textwrap.dedent("""
     import hashlib, json, os, sys
@@ -44,18 +41,7 @@ def test_two_process_gloo_run_ranks_agree(tmp_path):
     tests = str(Path(__file__).resolve().parent)
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=tests, ckpt=str(tmp_path / "ckpt"), out=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:                                  # never leave the workers behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, err[-4000:]
+    torchrun_two_ranks(script)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["digest"] == r1["digest"]
