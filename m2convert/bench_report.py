@@ -47,11 +47,13 @@ ROW_KEYS = ("seq_len", "original_tokens_per_ms", "converted_tokens_per_ms", "rat
 
 def write_report(results: dict, out_dir, stem: str = "throughput", *, extra: dict | None = None,
                  notes: list[str] | None = None, sections: list[str] | None = None, intro: list[str] | None = None,
-                 command: str | None = None, config: dict | None = None) -> dict:
+                 command: str | None = None, config: dict | None = None, aside: tuple[str, ...] = ()) -> dict:
     """Write ``stem``.json, ``stem``.md and (matplotlib permitting) ``stem``.png; returns the JSON dict.
 
     JSON: ``{"models": {name: [row, ...]}, **extra, "command", "date", "machine", "config"}``; each row
     has the keys ``ROW_KEYS`` first, then the eager, latency and status fields of :class:`BenchRow`.
+    Row sets named in ``aside`` go under ``"other_models"`` instead of ``"models"`` (kept out of a fixed
+    set of names a reader expects there); the markdown and the plot show every row set alike.
     ``intro`` / ``sections`` are markdown blocks put before / after the tables (e.g. a profile).
     """
     out = Path(out_dir)
@@ -60,7 +62,8 @@ def write_report(results: dict, out_dir, stem: str = "throughput", *, extra: dic
     for name, res in results.items():
         models[name] = [{**{k: d[k] for k in ROW_KEYS}, **{k: v for k, v in d.items() if k not in ROW_KEYS}}
                         for d in res.to_dicts()]
-    data = {"models": models, **(extra or {}),
+    others = {name: models.pop(name) for name in aside if name in models}
+    data = {"models": models, **({"other_models": others} if others else {}), **(extra or {}),
             "command": command or " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

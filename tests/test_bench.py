@@ -56,6 +56,14 @@ def test_report_files(result, tmp_path):
     assert result.table().count("\n") == 1 + len(result.rows)
 
 
+def test_row_sets_set_aside_leave_models_but_stay_in_the_markdown(result, tmp_path):
+    from m2convert.bench_report import write_report
+    data = write_report({"tiny": result, "extra": result}, tmp_path, "t", aside=("extra",))
+    assert list(data["models"]) == ["tiny"] and list(data["other_models"]) == ["extra"]
+    assert data["other_models"]["extra"] == data["models"]["tiny"]
+    assert "## extra" in (tmp_path / "t.md").read_text()
+
+
 def test_the_input_model_is_left_as_it_was(tiny_bert, result):
     assert position_limit(tiny_bert) == 48
     assert tiny_bert.config._attn_implementation == "sdpa"
