@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .hf import attention_implementation, set_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -156,13 +157,6 @@ def extend_positions(model: nn.Module, n: int) -> bool:
     return False
 
 
-def _set_attention(model: nn.Module, impl: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
-    else:
-        model.config._attn_implementation = impl
-
-
 def _eager_bytes(model: nn.Module, batch: int, n: int, dtype: torch.dtype) -> int:
     heads = getattr(model.config, "num_attention_heads", 1)
     # scores, softmax probabilities and the dropout/matmul temporary live at the same time
@@ -264,12 +258,12 @@ def bench_many(model, converted: dict, seq_lens=(512, 2048, 8192), batch: int = 
         torch_dtype = DTYPES[dtype]
         original = original.to(torch_dtype).eval()
         converted = {k: m.to(torch_dtype).eval() for k, m in converted.items()}
-        attn = getattr(original.config, "_attn_implementation", None) or "sdpa"
+        attn = attention_implementation(original) or "sdpa"
         try:
             rows = _run(original, converted, attn, seq_lens, batch, torch_dtype,
                         (repeats, seconds_per_length, max_call_s, eager, eager_max_len, seed), say)
         finally:
-            _set_attention(original, attn)
+            set_attention(original, attn)
     finally:
         torch.set_num_threads(old_threads)
     meta = {"model": model if isinstance(model, str) else type(model).__name__, "batch": batch, "dtype": dtype,
@@ -354,7 +348,7 @@ def _caller(target, ids, switch):
     """A call of ``target`` on ``ids``; ``.prepare()`` (untimed) selects the original's attention."""
     def call():
         return target(input_ids=ids)
-    call.prepare = (lambda: _set_attention(*switch)) if switch else (lambda: None)
+    call.prepare = (lambda: set_attention(*switch)) if switch else (lambda: None)
     return call
 
 

@@ -97,10 +97,7 @@ def read_tsv(path, *, text_column: str | None = None, label_column: str = "label
             ti = header.index(text_column)
         else:
             raise DataError(f"{path}: header {header} has no {text_column!r} column")
-        for n, raw in enumerate(f, start=2):
-            line = _decode(raw, n, report, on_bad)
-            if line is None:
-                continue
+        for n, line in _lines(f, report, on_bad, start=2):
             parts = line.rstrip("\r\n").split("\t")
             if len(parts) != len(header):
                 report.add_bad(n, f"{len(parts)} fields, expected {len(header)}", on_bad)
@@ -132,9 +129,8 @@ def read_jsonl(path, *, text_key: str = "text", label_key: str | None = "label",
     report = RowReport(str(path))
     rows = []
     with _open(path) as f:
-        for n, raw in enumerate(f, start=1):
-            line = _decode(raw, n, report, on_bad)
-            if line is None or not line.strip():
+        for n, line in _lines(f, report, on_bad):
+            if not line.strip():
                 continue
             try:
                 rows.append((n, json.loads(line)))
@@ -181,6 +177,14 @@ def _decode(raw: bytes, n: int, report: RowReport, on_bad: str) -> str | None:
         return None
 
 
+def _lines(f, report: RowReport, on_bad: str, start: int = 1):
+    """(line number, text) of an open binary file's lines that decode as UTF-8 (the others are reported)."""
+    for n, raw in enumerate(f, start=start):
+        line = _decode(raw, n, report, on_bad)
+        if line is not None:
+            yield n, line
+
+
 def pack_text(path, tokenizer, block_size: int, *, on_bad: str = "skip") -> tuple[torch.Tensor, RowReport]:
     """Tokenise a plain-text file (no special tokens) and pack it into (num_blocks, block_size) ids.
 
@@ -194,12 +198,8 @@ def pack_text(path, tokenizer, block_size: int, *, on_bad: str = "skip") -> tupl
     check_int("block_size", block_size, low=2)
     path = Path(path)
     report = RowReport(str(path))
-    lines = []
     with _open(path) as f:
-        for n, raw in enumerate(f, start=1):
-            line = _decode(raw, n, report, on_bad)
-            if line is not None:
-                lines.append(line)
+        lines = [line for _, line in _lines(f, report, on_bad)]
     report.rows = len(lines)
     report.log()
     ids: list[int] = []

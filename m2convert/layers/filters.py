@@ -12,11 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ShapeError, check_int
-
-
-def _traced(t: torch.Tensor) -> bool:
-    """True under torch.compile / torch.export (fake or functional tensors, or a compiling frame)."""
-    return torch.compiler.is_compiling() or type(t) not in (torch.Tensor, nn.Parameter)
+from .base import traced
 
 
 class Sin(nn.Module):
@@ -98,7 +94,7 @@ class ImplicitFilter(nn.Module):
         n = trunk.shape[0]
         w = last.weight.view(self.heads, self.channels, -1)[:, start:stop]              # (heads, c, order)
         c = w.shape[1]
-        if _traced(trunk):
+        if traced(trunk):
             # A plain linear layer (not matmul): exported graphs keep it as aten.linear, which the
             # lowering pass leaves to the compiler.
             h = torch.nn.functional.linear(trunk, w.reshape(self.heads * c, -1))       # (n, heads * c)
@@ -120,7 +116,7 @@ class ImplicitFilter(nn.Module):
         """
         stop = self.channels if stop is None else stop
         rates = self.decay_rates[start:stop].to(dtype)[:, None] / self.scale          # (c, 1)
-        if _traced(rates):
+        if traced(rates):
             t = torch.arange(n, device=rates.device, dtype=dtype)                      # (n,)
             return torch.exp(-rates * t[None, :])                                       # (c, n)
         block = 128

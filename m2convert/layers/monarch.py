@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import ConfigError, ShapeError, check_int
 from ..kernels.monarch.cpu import monarch_linear
 from ..kernels.monarch.reference import monarch_matmul, monarch_to_dense
-from .base import M2Block
+from .base import M2Block, traced
 from .cost import B, N, substitute
 
 
@@ -63,16 +63,16 @@ def eager_inference(*tensors: torch.Tensor | None, path: str = "monarch") -> boo
     """True when the CPU fast path ``path`` may replace the reference: enabled (see :func:`fast_paths`),
     eager, no autograd graph, plain CPU tensors.
 
-    Tracers (torch.compile, torch.export) keep the reference, whose graph the lowering pass rewrites;
-    fake and functional tensors are subclasses, so ``type(t) is torch.Tensor`` tells them apart.
+    Tracers (torch.compile, torch.export; see :func:`~m2convert.layers.base.traced`) keep the reference,
+    whose graph the lowering pass rewrites.
     """
-    if path in _disabled or torch.compiler.is_compiling():
+    if path in _disabled:
         return False
     need_grad = torch.is_grad_enabled()
     for t in tensors:
         if t is None:
             continue
-        if type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != "cpu" or (need_grad and t.requires_grad):
+        if traced(t) or t.device.type != "cpu" or (need_grad and t.requires_grad):
             return False
     return True
 

@@ -140,9 +140,8 @@ class M2SequenceMixer(M2Block):
 
     def _filter_state(self):
         """Identity, storage and version of every filter tensor; None when they cannot be tracked."""
-        filters = [self.filter] + ([self.residual_filter] if self.residual_filter is not None else [])
         state = []
-        for f in filters:
+        for f in self._filters():
             for t in (*f.parameters(), *f.buffers()):
                 if t.is_inference():                     # no version counter: changes would go unseen
                     return None

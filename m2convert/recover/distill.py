@@ -162,8 +162,9 @@ class _Run:
         chosen = set(_trainable(student, stage))
         for name, p in student.named_parameters():
             p.requires_grad_(name in chosen)
-        self.opt_names = [n for n, _ in student.named_parameters() if n in chosen]
-        params = [p for n, p in student.named_parameters() if n in chosen]
+        trained = [(n, p) for n, p in student.named_parameters() if n in chosen]
+        self.opt_names = [n for n, _ in trained]                   # optimizer order, for fsdp's state dicts
+        params = [p for _, p in trained]
         if pairs is not None:
             objective = TransferObjective(pairs, stage.loss)
             teacher_mods = {path: t for path, _, t in pairs}

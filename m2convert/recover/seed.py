@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ShapeError, TrainingError, UnsupportedModelError, check_int
+from ..hf import attention_implementation, set_attention
 from ..layers import M2SequenceMixer
 from .stages import capture, layer_pairs, model_inputs, replaced_modules
 
@@ -53,16 +54,15 @@ def _mixer_of(module: nn.Module) -> M2SequenceMixer | None:
 @contextmanager
 def _eager_attention(teacher: nn.Module):
     """Run HF models with eager attention (the only kind that materialises probabilities), then restore."""
-    config = getattr(teacher, "config", None)
-    old = getattr(config, "_attn_implementation", None)
-    switch = hasattr(teacher, "set_attn_implementation") and old not in (None, "eager")
+    old = attention_implementation(teacher)
+    switch = old not in (None, "eager")
     if switch:
-        teacher.set_attn_implementation("eager")
+        set_attention(teacher, "eager")
     try:
         yield
     finally:
         if switch:
-            teacher.set_attn_implementation(old)
+            set_attention(teacher, old)
 
 
 def _probabilities(output, pair: torch.Tensor) -> torch.Tensor | None:
