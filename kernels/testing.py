@@ -10,17 +10,7 @@ import sys
 
 import torch
 
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| in float64 (0 when both are all zero; inf on NaN)."""
-    a, e = actual.detach().double(), expected.detach().double()
-    if a.shape != e.shape:
-        raise AssertionError(f"shapes differ: {tuple(a.shape)} vs {tuple(e.shape)}")
-    if not torch.isfinite(a).all():
-        return float("inf")
-    scale = e.abs().max().item() if e.numel() else 0.0
-    err = (a - e).abs().max().item() if e.numel() else 0.0
-    return err / scale if scale > 0 else err
+from .numerics import rel_err  # noqa: F401  re-exported for the tests
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4, name: str = "") -> None:

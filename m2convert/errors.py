@@ -6,9 +6,11 @@ derive from the matching builtin (``ValueError``, ``RuntimeError``...) so generi
 
 from __future__ import annotations
 
+from m2convert.kernels.errors import KernelError, M2Error
 
-class M2Error(Exception):
-    """Base class of every error m2convert raises."""
+__all__ = ["M2Error", "ConfigError", "ShapeError", "UnsupportedModelError", "CaptureError", "ConversionError",
+           "CheckpointError", "DataError", "TrainingError", "KernelError", "ModelLoadError", "check_int",
+           "check_choice"]
 
 
 class ConfigError(M2Error, ValueError):
@@ -41,10 +43,6 @@ class DataError(M2Error, ValueError):
 
 class TrainingError(M2Error, RuntimeError):
     """Recovery training cannot go on (non-finite loss, bad stage setup)."""
-
-
-class KernelError(M2Error, RuntimeError):
-    """A fused kernel cannot run on the given inputs or device."""
 
 
 class ModelLoadError(M2Error, OSError):

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConversionError, M2Error
-from ..layers.monarch import MonarchLinear
-from .adapters import ADAPTERS
-from .graph import projection_dims, projection_weight
-from .site import Site
+from m2convert.errors import ConversionError, M2Error
+from m2convert.layers.monarch import MonarchLinear
+from m2convert.layers.attention import ADAPTERS
+from m2convert.passes.graph import projection_dims, projection_weight
+from m2convert.passes.site import Site
 
 
 def _role_weight(model: nn.Module, site: Site, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -161,7 +161,7 @@ def apply_plan(plan, model: nn.Module | None = None, inplace: bool = False, seed
     target.m2convert_plan = plan.to_dict()
     if any(s.causal for s in plan.converted if s.kind == "sequence"):
         # Plain forward calls (training, evaluation) keep no decoding state; generate() still uses its
-        # cache, in which the causal mixers keep their O(N)-per-token state (m2convert.generation).
+        # cache, in which the causal mixers keep their O(N)-per-token state (m2convert.layers.cache).
         config = getattr(target, "config", None)
         if config is not None and hasattr(config, "use_cache"):
             config.use_cache = False

@@ -13,9 +13,9 @@ import inspect
 import torch
 from torch import fx, nn
 
-from .graph import (RESHAPES, GraphIndex, common_prefix, module_path, op_name, projection_dims, users,
+from m2convert.passes.graph import (RESHAPES, GraphIndex, common_prefix, module_path, op_name, projection_dims, users,
                     within)
-from .site import Site
+from m2convert.passes.site import Site
 
 MATMULS = ("aten.matmul", "aten.bmm")
 SOFTMAXES = ("aten.softmax", "aten._softmax", "aten._safe_softmax")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import CaptureError, UnsupportedModelError
+from m2convert.errors import CaptureError, UnsupportedModelError
 
 EXAMPLE_BATCH = 2
 EXAMPLE_SEQ_LEN = 16

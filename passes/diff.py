@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import networkx as nx
 from torch import nn
 
-from ..layers.base import M2Block
-from .capture import capture, check_model
-from .graph import BOOKKEEPING, GraphIndex, module_entry, op_name, within
+from m2convert.layers.base import M2Block
+from m2convert.passes.capture import capture, check_model
+from m2convert.passes.graph import BOOKKEEPING, GraphIndex, module_entry, op_name, within
 
 
 def module_graph(index: GraphIndex) -> nx.DiGraph:

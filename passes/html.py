@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from html import escape
 
-from .diff import plan_graphs
-from .plan import change, growth, human
+from m2convert.passes.diff import plan_graphs
+from m2convert.passes.plan import change, growth, human
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, 'Segoe UI', sans-serif; color: #1f2328; margin: 24px auto;

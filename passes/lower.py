@@ -29,13 +29,13 @@ import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind, TensorArgument
 
-from ..errors import CaptureError
-from ..kernels import ops as _ops  # noqa: F401  registers torch.ops.m2 (torch.export.load of lowered programs)
-from ..kernels.testing import rel_err
-from .capture import _split_inputs, check_model, example_inputs_for
-from .graph import BOOKKEEPING, module_path, op_name, users
-from .lower_rules import RULES, Candidate, Emit, GraphView, Skip, is_data, val
-from .pipeline import PassResult, debug
+from m2convert.errors import CaptureError
+from m2convert.kernels import ops as _ops  # noqa: F401  registers torch.ops.m2 (torch.export.load of lowered programs)
+from m2convert.kernels.numerics import rel_err
+from m2convert.passes.capture import _split_inputs, check_model, example_inputs_for
+from m2convert.passes.graph import BOOKKEEPING, module_path, op_name, users
+from m2convert.passes.lower_rules import RULES, Candidate, Emit, GraphView, Skip, is_data, val
+from m2convert.passes.pipeline import PassResult, debug
 
 # Agreement needed between a subgraph and its fused op on random operands, by output dtype.
 TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}

@@ -28,7 +28,7 @@ import sympy
 import torch
 from torch import fx
 
-from .graph import RESHAPES, module_path, op_name, users
+from m2convert.passes.graph import RESHAPES, module_path, op_name, users
 
 aten = torch.ops.aten
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from .graph import (ACTIVATIONS, ELEMENTWISE, GraphIndex, common_prefix, module_entry, op_name, projection_dims,
+from m2convert.passes.graph import (ACTIVATIONS, ELEMENTWISE, GraphIndex, common_prefix, module_entry, op_name, projection_dims,
                     users)
-from .site import Site
+from m2convert.passes.site import Site
 
 
 def _region(index: GraphIndex, down) -> tuple[set, list, bool]:

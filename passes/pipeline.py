@@ -13,15 +13,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ..config import ConvertConfig
-from ..errors import ConfigError
-from .attention import find_eager_attention, find_sdpa_attention
-from .capture import Captured, capture, check_model
-from .graph import GraphIndex
-from .mlp import find_mlps
-from .plan import RewritePlan
-from .select import check_sharing, estimate_costs, select_sites
-from .site import CONVERT, Site
+from m2convert.config import ConvertConfig
+from m2convert.errors import ConfigError
+from m2convert.passes.attention import find_eager_attention, find_sdpa_attention
+from m2convert.passes.capture import Captured, capture, check_model
+from m2convert.passes.graph import GraphIndex
+from m2convert.passes.mlp import find_mlps
+from m2convert.passes.plan import RewritePlan
+from m2convert.passes.select import check_sharing, estimate_costs, select_sites
+from m2convert.passes.site import CONVERT, Site
 
 log = logging.getLogger("m2convert.passes")
 

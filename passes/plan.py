@@ -15,10 +15,10 @@ from pathlib import Path
 
 import sympy
 
-from ..config import ConvertConfig
-from ..errors import M2Error
-from ..layers.cost import B, N, evaluate
-from .site import CONVERT, EXCLUDE, SKIP, Site
+from m2convert.config import ConvertConfig
+from m2convert.errors import M2Error
+from m2convert.layers.cost import B, N, evaluate
+from m2convert.passes.site import CONVERT, EXCLUDE, SKIP, Site
 
 FORMAT_VERSION = 1
 
@@ -209,17 +209,17 @@ class RewritePlan:
             >>> converted.m2convert_plan["sites"][0]["fqn"]
             'encoder.layer.0.attention'
         """
-        from .apply import apply_plan
+        from m2convert.passes.apply import apply_plan
         return apply_plan(self, model=model, inplace=inplace, seed=seed)
 
     def graph_diff(self):
         """networkx.DiGraph of the module-level graph, nodes marked kept/removed/replaced/added."""
-        from .diff import plan_graph_diff
+        from m2convert.passes.diff import plan_graph_diff
         return plan_graph_diff(self)
 
     def to_html(self, path) -> Path:
         """Write a self-contained HTML page: the table, skipped sites and the before/after graph."""
-        from .html import render_plan
+        from m2convert.passes.html import render_plan
         path = Path(path)
         path.write_text(render_plan(self), encoding="utf-8")
         return path

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import sympy
 
-from ..errors import ConfigError, M2Error
-from ..layers.cost import attention_flops, linear_flops
-from .apply import build_replacements
-from .graph import projection_dims, within
-from .site import CONVERT, EXCLUDE, SKIP, Site
+from m2convert.errors import ConfigError, M2Error
+from m2convert.layers.cost import attention_flops, linear_flops
+from m2convert.passes.apply import build_replacements
+from m2convert.passes.graph import projection_dims, within
+from m2convert.passes.site import CONVERT, EXCLUDE, SKIP, Site
 
 
 def _site_settings(site: Site, settings: dict) -> dict:

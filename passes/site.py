@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from ..layers.cost import B, N
+from m2convert.layers.cost import B, N
 
 CONVERT, SKIP, EXCLUDE = "convert", "skip", "exclude"
 STATUSES = (CONVERT, SKIP, EXCLUDE)

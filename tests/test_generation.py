@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import m2convert as m2
-import m2convert.generation as generation
+import m2convert.layers.cache as generation
 from m2convert.errors import ConversionError
-from m2convert.generation import M2CacheLayer
+from m2convert.layers.cache import M2CacheLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = m2.ConvertConfig(filter_order=16)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from m2convert.errors import KernelError
+from ..errors import KernelError
 
 MAX_N = 8192
 # Parsed as triton.jit parses it: the kernels below are interpreted (numpy on the CPU) when it is set.

@@ -1,8 +1,12 @@
-"""The M2 layers: Monarch matrices and the sequence mixer. Framework-neutral nn.Modules."""
+"""The M2 layers: Monarch matrices, the sequence mixer, and the attention adapters that put a mixer in
+an HF attention module's place (with its decoding cache). Plain nn.Modules; they import no passes."""
 
+from .attention import ADAPTERS, M2Attention, M2PostNormAttention, padding_mask
 from .base import M2Block
+from .cache import M2CacheLayer
 from .filters import ImplicitFilter
 from .monarch import MonarchLinear, monarch_shape
 from .sequence import M2SequenceMixer
 
-__all__ = ["ImplicitFilter", "M2Block", "M2SequenceMixer", "MonarchLinear", "monarch_shape"]
+__all__ = ["ADAPTERS", "ImplicitFilter", "M2Attention", "M2Block", "M2CacheLayer", "M2PostNormAttention",
+           "M2SequenceMixer", "MonarchLinear", "monarch_shape", "padding_mask"]

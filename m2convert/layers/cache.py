@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .errors import ConversionError
-from .layers.decode import DecodeState, decode_step, prefill
+from ..errors import ConversionError
+from .decode import DecodeState, decode_step, prefill
 
 
 class M2CacheLayer(DynamicLayer):

@@ -19,8 +19,9 @@ import sympy
 import torch
 from torch import nn
 
-from ..layers.base import M2Block
-from ..layers.sequence import M2SequenceMixer
+from .base import M2Block
+from .cache import cached_mix
+from .sequence import M2SequenceMixer
 
 
 def padding_mask(mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
@@ -111,7 +112,6 @@ class M2Attention(M2Block):
         cache = self._read_cache(args, kwargs)
         if cache is not None and self.mixer.mode != "bidirectional":
             # Generation: prompt once, then each new token at O(N) from the state kept in the cache.
-            from ..generation import cached_mix
             keep = padding_mask(mask, x.shape[0], x.shape[1])              # (B, n) or None
             return self._pack(self.dropout(cached_mix(self.mixer, x, keep, cache, self.layer_idx)))
         return self._pack(self._mix(x, mask))
