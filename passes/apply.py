@@ -26,15 +26,15 @@ from m2convert.errors import ConversionError, M2Error
 from m2convert.layers.monarch import MonarchLinear
 from m2convert.layers.attention import ADAPTERS
 from m2convert.passes.graph import projection_dims, projection_weight
-from m2convert.passes.site import Site
+from m2convert.passes.site import AttentionLayout, MLPLayout, Site
 
 
 def _role_weight(model: nn.Module, site: Site, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     info = site.roles[role]
-    weight, bias = projection_weight(model.get_submodule(info["path"]))   # (out, in), (out,)
-    if info.get("rows") is not None:                                        # a fused QKV projection
-        weight = torch.cat([weight[a:b] for a, b in info["rows"]])          # (sum of range widths, in)
-        bias = None if bias is None else torch.cat([bias[a:b] for a, b in info["rows"]])
+    weight, bias = projection_weight(model.get_submodule(info.path))      # (out, in), (out,)
+    if info.rows is not None:                                               # a fused QKV projection
+        weight = torch.cat([weight[a:b] for a, b in info.rows])             # (sum of range widths, in)
+        bias = None if bias is None else torch.cat([bias[a:b] for a, b in info.rows])
     return weight.detach(), None if bias is None else bias.detach()
 
 
@@ -52,28 +52,29 @@ def _repeat_heads(weight, bias, hidden: int, head_dim: int):
 
 
 def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[str, nn.Module]:
-    layout, settings = site.layout, site.settings
+    layout: AttentionLayout = site.layout
+    settings = site.settings
     original = model.get_submodule(site.fqn)
-    ref, _ = projection_weight(model.get_submodule(site.roles["q"]["path"]))
-    kwargs = dict(d_model=layout["hidden"], mode=site.mode, arg_names=layout["arg_names"],
-                  num_outputs=layout["num_outputs"], dropout=layout.get("dropout", 0.0),
+    ref, _ = projection_weight(model.get_submodule(site.roles["q"].path))
+    kwargs = dict(d_model=layout.hidden, mode=site.mode, arg_names=layout.arg_names,
+                  num_outputs=layout.num_outputs, dropout=layout.dropout,
                   filter_order=settings["filter_order"], filter_emb_dim=settings["filter_emb_dim"],
                   # Plans saved before projection_nblocks existed mean dense projections.
                   projection_nblocks=settings.get("projection_nblocks", 0), projection_rank=settings.get("rank", 1),
                   device=device or ref.device, dtype=ref.dtype)
-    norm = layout.get("norm")
-    if norm:
-        kwargs.update(norm_eps=norm["eps"], norm_affine=norm["affine"], norm_bias=norm["bias"])
-    new = ADAPTERS[layout["adapter"]](**kwargs)
+    norm = layout.norm
+    if norm is not None:
+        kwargs.update(norm_eps=norm.eps, norm_affine=norm.affine, norm_bias=norm.bias)
+    new = ADAPTERS[layout.adapter](**kwargs)
     new.layer_idx = getattr(original, "layer_idx", None)                   # its slot in a generation cache
     if seed:
-        hidden, head_dim = layout["hidden"], layout["head_dim"]
+        hidden, head_dim = layout.hidden, layout.head_dim
         q, o = _role_weight(model, site, "q"), _role_weight(model, site, "o")
         k = _repeat_heads(*_role_weight(model, site, "k"), hidden, head_dim)
         v = _repeat_heads(*_role_weight(model, site, "v"), hidden, head_dim)
         new.mixer.seed_projections(q, k, v, o)
-        if norm:
-            new.norm.load_state_dict(model.get_submodule(norm["path"]).state_dict())
+        if norm is not None:
+            new.norm.load_state_dict(model.get_submodule(norm.path).state_dict())
     new.train(original.training)
     return {site.fqn: new}
 
@@ -81,8 +82,8 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
 def _mlp_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[str, nn.Module]:
     nblocks, rank = site.settings["nblocks"], site.settings["rank"]
     out = {}
-    for info in site.roles.values():
-        original = model.get_submodule(info["path"])
+    for role in site.roles.values():
+        original = model.get_submodule(role.path)
         weight, bias = projection_weight(original)                         # (out, in), (out,)
         if seed:
             new = MonarchLinear.from_weight(weight.detach(), None if bias is None else bias.detach(),
@@ -92,8 +93,12 @@ def _mlp_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[s
             new = MonarchLinear(in_f, out_f, nblocks=nblocks, bias=bias is not None, rank=rank,
                                 device=device or weight.device, dtype=weight.dtype)
         new.train(original.training)
-        out[info["path"]] = new
+        out[role.path] = new
     return out
+
+
+# One replacement builder per site layout type.
+BUILDERS = {AttentionLayout: _attention_replacement, MLPLayout: _mlp_replacement}
 
 
 def build_replacements(site: Site, model: nn.Module, seed: bool = True, device=None) -> dict[str, nn.Module]:
@@ -102,11 +107,11 @@ def build_replacements(site: Site, model: nn.Module, seed: bool = True, device=N
     Example:
         >>> build_replacements(plan.sites[0], model)          # {'encoder.layer.0.attention': M2PostNormAttention(...)}
     """
-    if site.kind == "sequence":
-        return _attention_replacement(site, model, seed, device)
-    if site.kind == "dimension":
-        return _mlp_replacement(site, model, seed, device)
-    raise ConversionError(f"site '{site.fqn}' has unknown kind {site.kind!r}")
+    builder = BUILDERS.get(type(site.layout))
+    if builder is None:
+        raise ConversionError(f"site '{site.fqn}' ({site.kind}) has layout {type(site.layout).__name__}, which "
+                              f"no replacement builder takes (known: {[c.__name__ for c in BUILDERS]})")
+    return builder(site, model, seed, device)
 
 
 def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
@@ -159,7 +164,7 @@ def apply_plan(plan, model: nn.Module | None = None, inplace: bool = False, seed
                                   "the input model is unchanged") from exc
     swap_modules(target, replacements)
     target.m2convert_plan = plan.to_dict()
-    if any(s.causal for s in plan.converted if s.kind == "sequence"):
+    if any(s.causal for s in plan.converted if isinstance(s.layout, AttentionLayout)):
         # Plain forward calls (training, evaluation) keep no decoding state; generate() still uses its
         # cache, in which the causal mixers keep their O(N)-per-token state (m2convert.layers.cache).
         config = getattr(target, "config", None)

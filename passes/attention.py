@@ -1,21 +1,27 @@
-"""Analysis passes that find attention ("sequence") sites.
+"""The analysis pass that finds attention ("sequence") sites, and the registry of attention patterns.
 
-Two graph patterns find the attention core; one analysis turns each core into a site:
-Q, K, V traced back to their projections, O found after the core, the owning module (the deepest
-module holding all four), causality read from ``is_causal`` or by evaluating the mask, and what the
-module does after O (nothing, dropout, or BERT's residual LayerNorm) so an adapter can reproduce it.
+Each registered pattern is one matcher, ``match(index) -> list[AttentionCore]``, that finds attention
+cores written one way (``aten.scaled_dot_product_attention``, or matmul -> softmax -> matmul). One
+analysis turns every core into a typed site: Q, K, V traced back to their projections, O found after the
+core, the owning module (the deepest module holding all four), causality read from ``is_causal`` or by
+evaluating the mask, and what the module does after O (nothing, dropout, or BERT's residual LayerNorm)
+so an adapter can reproduce it. A new way of writing attention is one matcher plus
+:func:`register_attention_pattern`; nothing else changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import fx, nn
 
 from m2convert.passes.graph import (RESHAPES, GraphIndex, common_prefix, module_path, op_name, projection_dims, users,
                     within)
-from m2convert.passes.site import Site
+from m2convert.passes.site import SEQUENCE, AttentionLayout, NormLayout, Role, Site
 
 MATMULS = ("aten.matmul", "aten.bmm")
 SOFTMAXES = ("aten.softmax", "aten._softmax", "aten._safe_softmax")
@@ -25,7 +31,15 @@ SPLITS = ("aten.split", "aten.split_with_sizes", "aten.chunk")
 
 
 class AttentionCore:
-    """The softmax(Q K^T) V core: its output node, the q/k/v operands, the mask and is_causal."""
+    """The softmax(Q K^T) V core a matcher found.
+
+    Args:
+        node: the node computing the core's output (B, heads, N, d), e.g. the probs @ V matmul.
+        pattern: the matching pattern's name (the registry sets it when a matcher leaves it empty).
+        q, k, v: the nodes feeding the core as queries, keys and values (traced back to projections).
+        mask: the attention mask node added to the scores, or None.
+        is_causal: the core applies a causal mask by itself (SDPA's ``is_causal``).
+    """
 
     def __init__(self, node, pattern, q, k, v, mask=None, is_causal=False):
         self.node, self.pattern = node, pattern
@@ -34,10 +48,57 @@ class AttentionCore:
         self.is_causal = bool(is_causal)
 
 
+@dataclass(frozen=True)
+class AttentionPattern:
+    """A registered way of writing attention: its name and its matcher ``match(index) -> cores``."""
+
+    name: str
+    match: Callable[[GraphIndex], list]
+
+
+ATTENTION_PATTERNS: list[AttentionPattern] = []
+"""The attention patterns :func:`find_attention` runs, in order; a core found twice keeps the first match."""
+
+
+def register_attention_pattern(name: str):
+    """Decorator registering ``match(index) -> list[AttentionCore]`` as attention pattern ``name``.
+
+    Example:
+        >>> @register_attention_pattern("my-attention")
+        ... def match_mine(index):
+        ...     return []
+        >>> [p.name for p in ATTENTION_PATTERNS][-1]
+        'my-attention'
+        >>> unregister_attention_pattern("my-attention")
+    """
+    def register(match):
+        if any(p.name == name for p in ATTENTION_PATTERNS):
+            raise ValueError(f"attention pattern {name!r} is already registered")
+        ATTENTION_PATTERNS.append(AttentionPattern(name, match))
+        return match
+    return register
+
+
+def unregister_attention_pattern(name: str) -> None:
+    """Remove attention pattern ``name`` from the registry (a no-op when it is not there)."""
+    ATTENTION_PATTERNS[:] = [p for p in ATTENTION_PATTERNS if p.name != name]
+
+
+@contextlib.contextmanager
+def attention_pattern(name: str, match):
+    """Register ``match`` as attention pattern ``name`` for the duration of a ``with`` block."""
+    register_attention_pattern(name)(match)
+    try:
+        yield
+    finally:
+        unregister_attention_pattern(name)
+
+
 def _arg(node: fx.Node, i: int, name: str, default=None):
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
+@register_attention_pattern("sdpa-attention")
 def match_sdpa(index: GraphIndex) -> list[AttentionCore]:
     # HF BERT / GPT-2 / Llama sdpa path:
     #   q, k, v (B, heads, N, d) -> aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
@@ -55,6 +116,7 @@ def _reaches(node, ops, depth: int = 6) -> bool:
     return False
 
 
+@register_attention_pattern("eager-attention")
 def match_eager(index: GraphIndex) -> list[AttentionCore]:
     # HF eager path (eager_attention_forward of BERT, GPT-2, Llama):
     #   scores = matmul(q, k^T) [* scale] [+ mask | where(mask, ., min)]
@@ -224,7 +286,7 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
     """Analyse one attention core into a Site (status "skip" with a reason when it cannot convert)."""
     cap = index.captured
     owner = module_path(core.node)
-    site = Site(fqn=owner, kind="sequence", pattern=core.pattern, replaces=[owner])
+    site = Site(fqn=owner, kind=SEQUENCE, pattern=core.pattern, replaces=[owner])
     found = {}
     for scope in (owner, owner.rpartition(".")[0]):
         found = {r: index.nearest_projections(a, scope) for r, a in (("q", core.q), ("k", core.k), ("v", core.v))}
@@ -241,7 +303,7 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
     projs["o"] = o
     fqn = common_prefix([p.fqn for p in projs.values()] + [owner])
     site.fqn, site.replaces = fqn, [fqn]
-    site.roles = {r: {"path": p.fqn, "rows": None} for r, p in projs.items()}
+    site.roles = {r: Role(p.fqn) for r, p in projs.items()}
     if not fqn:
         site.replaces = list(dict.fromkeys(p.fqn for p in projs.values()))
         return site.skip("the attention projections share no module below the model itself")
@@ -257,7 +319,7 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
             if rows is None:
                 return site.skip(f"fused projection '{projs[role].fqn}': cannot tell which outputs feed "
                                  f"{role.upper()} (no split/chunk/slice of its last dimension was found)")
-            site.roles[role]["rows"] = rows
+            site.roles[role].rows = rows
     causal, why = _causality(index, core)
     site.causal = causal
     if why:
@@ -281,8 +343,7 @@ def _fill_layout(site: Site, index: GraphIndex, core, projs, kind, dropout, norm
     cap = index.captured
 
     def width(role: str) -> int:
-        rows = site.roles[role]["rows"]
-        return sum(b - a for a, b in rows) if rows else projection_dims(projs[role].module)[1]
+        return site.roles[role].width(projection_dims(projs[role].module)[1])
 
     hidden = projection_dims(projs["q"].module)[0]
     o_in, o_out = projection_dims(projs["o"].module)
@@ -300,30 +361,29 @@ def _fill_layout(site: Site, index: GraphIndex, core, projs, kind, dropout, norm
     if structure["type"] not in ("tensor", "tuple"):
         return site.skip(f"'{site.fqn}' returns {structure['type']}; adapters reproduce tensors and tuples")
     module = cap.modules[site.fqn]
-    site.layout = {
-        "adapter": "M2PostNormAttention" if kind == "post-norm" else "M2Attention",
-        "hidden": hidden, "heads": heads, "kv_heads": kv // head_dim, "head_dim": head_dim,
-        "arg_names": _arg_names(module), "num_outputs": structure.get("len", 0), "dropout": dropout,
-        "module_class": type(module).__name__, "norm": None,
-    }
+    kept_norm = None
     if norm is not None:
         ln = cap.modules[module_path(norm)]
-        site.layout["norm"] = {"path": module_path(norm), "eps": ln.eps, "affine": ln.elementwise_affine,
-                               "bias": ln.bias is not None}
+        kept_norm = NormLayout(module_path(norm), ln.eps, ln.elementwise_affine, ln.bias is not None)
+    site.layout = AttentionLayout(
+        adapter="M2PostNormAttention" if kind == "post-norm" else "M2Attention", hidden=hidden, heads=heads,
+        kv_heads=kv // head_dim, head_dim=head_dim, arg_names=_arg_names(module),
+        num_outputs=structure.get("len", 0), dropout=dropout, module_class=type(module).__name__,
+        norm=kept_norm)
     return site
 
 
-def find_sdpa_attention(ctx):
-    """Pass: attention sites whose core is aten.scaled_dot_product_attention."""
-    cores = match_sdpa(ctx.index)
-    for core in cores:
-        ctx.add(attention_site(ctx.index, core), f"sdpa-attention fired at '{module_path(core.node)}'")
-    return len(cores)
+def find_attention(ctx) -> int:
+    """Pass: attention sites from every registered pattern's cores. Returns the cores found.
 
-
-def find_eager_attention(ctx):
-    """Pass: attention sites written out as matmul -> softmax -> matmul."""
-    cores = match_eager(ctx.index)
-    for core in cores:
-        ctx.add(attention_site(ctx.index, core), f"eager-attention fired at '{module_path(core.node)}'")
-    return len(cores)
+    A core two patterns both find (the same output node) becomes one site, from the first pattern.
+    """
+    seen = set()
+    for pattern in ATTENTION_PATTERNS:
+        for core in pattern.match(ctx.index):
+            if core.node in seen:
+                continue
+            seen.add(core.node)
+            core.pattern = core.pattern or pattern.name
+            ctx.add(attention_site(ctx.index, core), f"{core.pattern} fired at '{module_path(core.node)}'")
+    return len(seen)

@@ -16,6 +16,7 @@ from torch import nn
 from m2convert.layers.base import M2Block
 from m2convert.passes.capture import capture, check_model
 from m2convert.passes.graph import BOOKKEEPING, GraphIndex, module_entry, op_name, within
+from m2convert.passes.site import AttentionLayout, MLPLayout
 
 
 def module_graph(index: GraphIndex) -> nx.DiGraph:
@@ -58,8 +59,9 @@ def plan_graphs(plan) -> tuple[nx.DiGraph, nx.DiGraph, nx.DiGraph]:
     if plan._graphs is not None:
         return plan._graphs
     before = module_graph(GraphIndex(plan.captured))
-    seq = [s for s in plan.converted if s.kind == "sequence"]
-    dim = {p: s for s in plan.converted if s.kind == "dimension" for p in s.replaces}
+    # Attention sites swap a whole module for an adapter; MLP sites swap each linear for a MonarchLinear.
+    seq = [s for s in plan.converted if isinstance(s.layout, AttentionLayout)]
+    dim = {p: s for s in plan.converted if isinstance(s.layout, MLPLayout) for p in s.replaces}
     diff = nx.DiGraph()
     mapped = {}
     for key, data in before.nodes(data=True):
@@ -69,8 +71,8 @@ def plan_graphs(plan) -> tuple[nx.DiGraph, nx.DiGraph, nx.DiGraph]:
             new_key = f"{site.fqn}::m2"
             attrs.update(change="removed", after_type=None, site=site.fqn)
             if new_key not in diff:
-                diff.add_node(new_key, path=site.fqn, type=site.layout.get("adapter"), ops=Counter(),
-                              order=data["order"], before_type=None, after_type=site.layout.get("adapter"),
+                diff.add_node(new_key, path=site.fqn, type=site.layout.adapter, ops=Counter(),
+                              order=data["order"], before_type=None, after_type=site.layout.adapter,
                               change="added", site=site.fqn, replacement=site.replacement)
             mapped[key] = new_key
         elif data["path"] in dim:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from html import escape
+from itertools import groupby
 
 from m2convert.passes.diff import plan_graphs
-from m2convert.passes.plan import change, growth, human
+from m2convert.passes.formatting import change, growth, human
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, 'Segoe UI', sans-serif; color: #1f2328; margin: 24px auto;
@@ -65,68 +66,73 @@ def _node_html(key: str, data: dict, block: str, preds: list[str]) -> str:
 def _graph_section(plan) -> str:
     before, after, diff = plan_graphs(plan)
     rows = sorted((k for k, d in diff.nodes(data=True) if d["change"] != "added"), key=lambda k: diff.nodes[k]["order"])
-    sites = {d["site"]: (k, d) for k, d in diff.nodes(data=True) if d["change"] == "added"}
-    by_site = {s.fqn: s for s in plan.converted}
     counts = {c: sum(d["change"] == c for _, d in diff.nodes(data=True)) for c in ("removed", "added", "replaced")}
     out = [f'<p class="summary">Module-level graph: <b>{before.number_of_nodes()}</b> nodes before, '
            f'<b>{after.number_of_nodes()}</b> after ({counts["removed"]} removed, {counts["added"]} added, '
            f'{counts["replaced"]} re-typed). Each row is one module call; &larr; lists where its inputs come from.</p>',
            '<p class="legend"><span class="removed">removed</span><span class="added">new M2 module</span>'
            '<span class="replaced">re-typed (dense &rarr; Monarch)</span><span class="kept">kept</span></p>']
-    i = 0
-    while i < len(rows):
-        block = _block(diff.nodes[rows[i]]["path"])
-        j = i
-        while j < len(rows) and _block(diff.nodes[rows[j]]["path"]) == block:
-            j += 1
-        group = rows[i:j]
-        n_sites = len({diff.nodes[k]["site"] for k in group if diff.nodes[k]["site"]})
+    tables = _GraphTables(plan, before, after, diff)
+    for block, group in groupby(rows, key=lambda k: _block(diff.nodes[k]["path"])):     # runs of one block
+        out.append(tables.block_table(block, list(group)))
+    return "\n".join(out)
+
+
+class _GraphTables:
+    """The before/after module graphs of a plan, rendered one block (e.g. 'encoder.layer.3') at a time."""
+
+    def __init__(self, plan, before, after, diff):
+        self.before, self.after, self.diff = before, after, diff
+        self.new_nodes = {d["site"]: k for k, d in diff.nodes(data=True) if d["change"] == "added"}
+        self.by_site = {s.fqn: s for s in plan.converted}
+
+    def block_table(self, block: str, group: list) -> str:
+        """A <details> table of the block's nodes: before on the left, after on the right."""
+        n_sites = len({self.diff.nodes[k]["site"] for k in group if self.diff.nodes[k]["site"]})
         label = f"{escape(block)} &middot; {len(group)} nodes"
         if n_sites:
             label += f" &middot; {n_sites} site(s) rewritten"
-        out.append(f'<details open><summary>{label}</summary><table class="graph">'
-                   '<tr><th>before</th><th>after</th></tr>')
+        out = [f'<details open><summary>{label}</summary><table class="graph">'
+               '<tr><th>before</th><th>after</th></tr>']
         k = 0
         while k < len(group):
-            key = group[k]
-            data = diff.nodes[key]
-            preds = [diff.nodes[p]["path"] for p in before.predecessors(key)]
-            left = f'<td class="{data["change"]}">{_node_html(key, data, block, preds)}</td>'
-            if data["change"] == "removed":
-                run = 1
-                while k + run < len(group) and diff.nodes[group[k + run]]["site"] == data["site"]:
+            data = self.diff.nodes[group[k]]
+            run = 1
+            if data["change"] == "removed":          # the site's removed nodes share one new-module cell
+                while k + run < len(group) and self.diff.nodes[group[k + run]]["site"] == data["site"]:
                     run += 1
-                site = by_site[data["site"]]
-                new_key, _ = sites[data["site"]]
-                inputs = ", ".join(escape(_short(after.nodes[p]["path"], block)) for p in after.predecessors(new_key))
-                right = (f'<td class="added" rowspan="{run}" data-site="{escape(site.fqn)}">'
-                         f'<span class="arrow">&rarr;</span> '
-                         f'<span class="path">{escape(_short(site.fqn, block))}</span>'
-                         f'<span class="type">{escape(site.replacement)}</span>'
-                         f'<div class="ops">replaces {run} node(s); params {site.params_before:,} &rarr; '
-                         f'{site.params_after:,}; cost grows as '
-                         f'{_arrow(growth(site.flops_before) + " -> " + growth(site.flops_after))}</div>'
-                         f'<div class="inputs">&larr; {inputs}</div></td>')
-                out.append(f"<tr>{left}{right}</tr>")
-                for extra in group[k + 1: k + run]:
-                    d2 = diff.nodes[extra]
-                    p2 = [diff.nodes[p]["path"] for p in before.predecessors(extra)]
-                    out.append(f'<tr><td class="removed">{_node_html(extra, d2, block, p2)}</td></tr>')
-                k += run
-                continue
-            if data["change"] == "replaced":
-                site = by_site[data["site"]]
-                right = (f'<td class="replaced" data-site="{escape(site.fqn)}"><span class="path">'
-                         f'{escape(_short(data["path"], block))}</span><span class="type">MonarchLinear</span>'
-                         f'<div class="ops">nblocks={site.settings["nblocks"]}, rank={site.settings["rank"]} '
-                         f'({escape(site.pattern)})</div></td>')
-            else:
-                right = f'<td class="kept"><span class="path">{escape(_short(data["path"], block))}</span></td>'
-            out.append(f"<tr>{left}{right}</tr>")
-            k += 1
+            out.append(f"<tr>{self._before_cell(group[k], block)}{self._after_cell(data, block, run)}</tr>")
+            out += [f"<tr>{self._before_cell(extra, block, 'removed')}</tr>" for extra in group[k + 1: k + run]]
+            k += run
         out.append("</table></details>")
-        i = j
-    return "\n".join(out)
+        return "\n".join(out)
+
+    def _before_cell(self, key, block: str, change: str | None = None) -> str:
+        data = self.diff.nodes[key]
+        preds = [self.diff.nodes[p]["path"] for p in self.before.predecessors(key)]
+        return f'<td class="{change or data["change"]}">{_node_html(key, data, block, preds)}</td>'
+
+    def _after_cell(self, data: dict, block: str, run: int) -> str:
+        if data["change"] == "removed":
+            site = self.by_site[data["site"]]
+            new_key = self.new_nodes[data["site"]]
+            inputs = ", ".join(escape(_short(self.after.nodes[p]["path"], block))
+                               for p in self.after.predecessors(new_key))
+            return (f'<td class="added" rowspan="{run}" data-site="{escape(site.fqn)}">'
+                    f'<span class="arrow">&rarr;</span> '
+                    f'<span class="path">{escape(_short(site.fqn, block))}</span>'
+                    f'<span class="type">{escape(site.replacement)}</span>'
+                    f'<div class="ops">replaces {run} node(s); params {site.params_before:,} &rarr; '
+                    f'{site.params_after:,}; cost grows as '
+                    f'{_arrow(growth(site.flops_before) + " -> " + growth(site.flops_after))}</div>'
+                    f'<div class="inputs">&larr; {inputs}</div></td>')
+        if data["change"] == "replaced":
+            site = self.by_site[data["site"]]
+            return (f'<td class="replaced" data-site="{escape(site.fqn)}"><span class="path">'
+                    f'{escape(_short(data["path"], block))}</span><span class="type">MonarchLinear</span>'
+                    f'<div class="ops">nblocks={site.settings["nblocks"]}, rank={site.settings["rank"]} '
+                    f'({escape(site.pattern)})</div></td>')
+        return f'<td class="kept"><span class="path">{escape(_short(data["path"], block))}</span></td>'
 
 
 def _sites_table(plan) -> str:
@@ -166,7 +172,15 @@ def _arrow(text: str) -> str:
 
 
 def render_plan(plan) -> str:
-    """The HTML page for ``plan`` (see :meth:`RewritePlan.to_html`)."""
+    """The HTML page for ``plan`` (see :meth:`RewritePlan.to_html`).
+
+    Example:
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> page = render_plan(m2.plan(transformers.BertModel(config)))
+        >>> page.startswith("<!doctype html>"), "Graph before and after" in page
+        (True, True)
+    """
     t = plan.totals()
     summary = (f'<b>{t["convert"]}</b> site(s) to convert, <b>{t["skip"]}</b> skipped, <b>{t["exclude"]}</b> excluded'
                f' &middot; parameters <b>{t["params_before"]:,}</b> &rarr; <b>{t["params_after"]:,}</b> '

@@ -1,22 +1,65 @@
-"""Analysis pass that finds dense MLP ("dimension") sites.
+"""The analysis pass that finds dense MLP ("dimension") sites, and the registry of MLP patterns.
 
 For every projection (the "down" linear), walk back from its input through elementwise ops only; the
-projections where that walk stops are its sources:
+projections where that walk stops are its sources. Each registered pattern reads that region:
 
     one source with an activation on the way       linear -> act -> linear          ("gelu-mlp", ...)
     two sources, act on one, multiplied together   act(gate(x)) * up(x) -> down     ("gated-mlp")
 
 Anything else on the way (a norm, a residual add, a reshape, attention) means it is not an MLP, and an
 MLP maps the model width back to itself (H -> I -> H), which leaves task heads (pooler -> classifier) alone.
+A new MLP shape is one matcher plus :func:`register_mlp_pattern`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from torch import fx
 
-from m2convert.passes.graph import (ACTIVATIONS, ELEMENTWISE, GraphIndex, common_prefix, module_entry, op_name, projection_dims,
-                    users)
-from m2convert.passes.site import Site
+from m2convert.passes.graph import (ACTIVATIONS, ELEMENTWISE, GraphIndex, common_prefix, module_entry, op_name,
+                                   projection_dims, users)
+from m2convert.passes.site import DIMENSION, MLPLayout, Role, Site
+
+
+@dataclass
+class MLPMatch:
+    """What an MLP matcher found: role -> projection (``index.projections`` items), activation, name."""
+
+    roles: dict
+    activation: str | None
+    pattern: str
+
+
+@dataclass(frozen=True)
+class MLPPattern:
+    """A registered MLP shape: ``match(index, down, region, sources) -> MLPMatch | None``.
+
+    ``region`` holds the elementwise nodes between the ``sources`` projections and ``down``.
+    """
+
+    name: str
+    match: Callable
+
+
+MLP_PATTERNS: list[MLPPattern] = []
+"""The MLP patterns :func:`find_mlps` tries for each projection, in order; the first match wins."""
+
+
+def register_mlp_pattern(name: str):
+    """Decorator registering ``match(index, down, region, sources) -> MLPMatch | None`` as ``name``."""
+    def register(match):
+        if any(p.name == name for p in MLP_PATTERNS):
+            raise ValueError(f"MLP pattern {name!r} is already registered")
+        MLP_PATTERNS.append(MLPPattern(name, match))
+        return match
+    return register
+
+
+def unregister_mlp_pattern(name: str) -> None:
+    """Remove MLP pattern ``name`` from the registry (a no-op when it is not there)."""
+    MLP_PATTERNS[:] = [p for p in MLP_PATTERNS if p.name != name]
 
 
 def _region(index: GraphIndex, down) -> tuple[set, list, bool]:
@@ -59,33 +102,42 @@ def activation_name(index: GraphIndex, nodes) -> str | None:
     return names[0] if names else None
 
 
+@register_mlp_pattern("act-mlp")
+def match_act_mlp(index: GraphIndex, down, region, sources) -> MLPMatch | None:
+    # HF BERT / GPT-2 MLP: fc1 -> act -> fc2 (named after its activation: "gelu-mlp", "relu-mlp"...)
+    if len(sources) != 1:
+        return None
+    act = activation_name(index, region)
+    return None if act is None else MLPMatch({"fc1": sources[0], "fc2": down}, act, f"{act}-mlp")
+
+
+@register_mlp_pattern("gated-mlp")
+def match_gated_mlp(index: GraphIndex, down, region, sources) -> MLPMatch | None:
+    # HF Llama MLP: down(act(gate(x)) * up(x)); gate and up read the same input
+    if len(sources) != 2 or sources[0].input is not sources[1].input:
+        return None
+    reach = [_forward_reach(s.output, region) for s in sources]
+    acts = [activation_name(index, r - reach[1 - i]) for i, r in enumerate(reach)]
+    if sum(a is not None for a in acts) != 1 or not any(op_name(n) == "aten.mul" for n in reach[0] & reach[1]):
+        return None
+    gate = 0 if acts[0] else 1
+    return MLPMatch({"gate": sources[gate], "up": sources[1 - gate], "down": down}, acts[gate], "gated-mlp")
+
+
 def mlp_site(index: GraphIndex, down) -> Site | None:
     """The MLP site ending at projection ``down``, or None if ``down`` does not end an MLP."""
     region, sources, clean = _region(index, down)
-    if not clean or not region or not 1 <= len(sources) <= 2:
+    if not clean or not region or not sources:
         return None
-    if len(sources) == 1:
-        act = activation_name(index, region)
-        if act is None:
-            return None
-        roles, pattern = {"fc1": sources[0], "fc2": down}, f"{act}-mlp"
-    else:
-        if sources[0].input is not sources[1].input:
-            return None
-        reach = [_forward_reach(s.output, region) for s in sources]
-        acts = [activation_name(index, r - reach[1 - i]) for i, r in enumerate(reach)]
-        if sum(a is not None for a in acts) != 1 or not any(op_name(n) == "aten.mul" for n in reach[0] & reach[1]):
-            return None
-        gate = 0 if acts[0] else 1
-        act = acts[gate]
-        roles = {"gate": sources[gate], "up": sources[1 - gate], "down": down}
-        pattern = "gated-mlp"
+    found = next((m for p in MLP_PATTERNS if (m := p.match(index, down, region, sources)) is not None), None)
+    if found is None:
+        return None
+    roles = found.roles
     if projection_dims(sources[0].module)[0] != projection_dims(down.module)[1]:
         return None                                   # not H -> I -> H (e.g. pooler -> classifier head)
     fqn = common_prefix([p.fqn for p in roles.values()])
-    site = Site(fqn=fqn, kind="dimension", pattern=pattern, replaces=[p.fqn for p in roles.values()],
-                roles={r: {"path": p.fqn, "rows": None} for r, p in roles.items()},
-                layout={"activation": act})
+    site = Site(fqn=fqn, kind=DIMENSION, pattern=found.pattern, replaces=[p.fqn for p in roles.values()],
+                roles={r: Role(p.fqn) for r, p in roles.items()}, layout=MLPLayout(found.activation))
     cap = index.captured
     shared = [p.fqn for p in roles.values() if p.call > 0 or cap.calls.get(p.fqn, 1) > 1]
     if shared:
@@ -104,11 +156,11 @@ def mlp_site(index: GraphIndex, down) -> Site | None:
 def find_mlps(ctx):
     """Pass: linear -> act -> linear and gated MLP sites (projections already in attention sites excluded)."""
     # HF BERT / GPT-2 MLP: dense -> GELU -> dense;  HF Llama MLP: down(silu(gate(x)) * up(x))
-    claimed = {p for s in ctx.sites for p in (r["path"] for r in s.roles.values())}
+    claimed = {r.path for s in ctx.sites for r in s.roles.values()}
     count = 0
     for down in ctx.index.projections:
         site = mlp_site(ctx.index, down)
-        if site is None or any(r["path"] in claimed for r in site.roles.values()):
+        if site is None or any(r.path in claimed for r in site.roles.values()):
             continue
         count += 1
         ctx.add(site, f"{site.pattern} fired at '{site.fqn or '(model)'}' ({', '.join(site.replaces)})")

@@ -15,20 +15,19 @@ from dataclasses import dataclass
 
 from m2convert.config import ConvertConfig
 from m2convert.errors import ConfigError
-from m2convert.passes.attention import find_eager_attention, find_sdpa_attention
+from m2convert.passes.attention import find_attention
 from m2convert.passes.capture import Captured, capture, check_model
 from m2convert.passes.graph import GraphIndex
 from m2convert.passes.mlp import find_mlps
 from m2convert.passes.plan import RewritePlan
 from m2convert.passes.select import check_sharing, estimate_costs, select_sites
-from m2convert.passes.site import CONVERT, Site
+from m2convert.passes.site import CONVERT, DIMENSION, SEQUENCE, Site
 
 log = logging.getLogger("m2convert.passes")
 
 ANALYSIS_PASSES = (
-    find_sdpa_attention,    # aten.scaled_dot_product_attention cores (HF sdpa path)
-    find_eager_attention,   # matmul -> softmax -> matmul cores (HF eager path)
-    find_mlps,              # linear -> act -> linear and gated MLPs, minus attention projections
+    find_attention,         # every ATTENTION_PATTERNS matcher (sdpa, matmul -> softmax -> matmul, ...)
+    find_mlps,              # every MLP_PATTERNS matcher (act, gated), minus attention projections
     check_sharing,          # modules at two paths, tied parameters: skipped (a swap would split them)
     select_sites,           # ConvertConfig: sequence/dimension switches, overrides, filter_fn
     estimate_costs,         # params and sympy FLOPs before/after per site
@@ -82,10 +81,10 @@ def run_passes(ctx: PassContext, passes=ANALYSIS_PASSES) -> list[PassResult]:
 
 def _notes(sites: list[Site]) -> list[str]:
     notes = []
-    if not any(s.kind == "sequence" for s in sites):
+    if not any(s.kind == SEQUENCE for s in sites):
         notes.append("no attention sites found: the graph has no scaled_dot_product_attention and no "
                      "matmul -> softmax -> matmul core")
-    if not any(s.kind == "dimension" for s in sites):
+    if not any(s.kind == DIMENSION for s in sites):
         notes.append("no dense MLP sites found (linear -> activation -> linear, or act(gate) * up -> down)")
     if not any(s.status == CONVERT for s in sites):
         notes.append("nothing to convert: apply() returns an unchanged copy of the model")

@@ -10,49 +10,13 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-
-import sympy
 
 from m2convert.config import ConvertConfig
 from m2convert.errors import M2Error
-from m2convert.layers.cost import B, N, evaluate
-from m2convert.passes.site import CONVERT, EXCLUDE, SKIP, Site
-
-FORMAT_VERSION = 1
-
-
-def growth(expr) -> str:
-    """Asymptotic order of a cost formula in N: 'N^2', 'N^1.5', 'N log N' or 'N'.
-
-    Read from the log-log slope at very large N, where the leading term dominates.
-
-    Example:
-        >>> growth(4 * N**2 + 3 * N)
-        'N^2'
-    """
-    if expr is None:
-        return "-"
-    f = sympy.sympify(expr).subs(B, 1)
-    lo, hi = (float(f.subs(N, sympy.Integer(10) ** e).evalf()) for e in (40, 50))
-    if lo <= 0 or hi <= 0:
-        return "-"
-    slope = (math.log(hi) - math.log(lo)) / (math.log(1e50) - math.log(1e40))
-    return "N^2" if slope > 1.9 else "N^1.5" if slope > 1.4 else "N log N" if slope > 1.002 else "N"
-
-
-def human(x: float) -> str:
-    """12345678 -> '12.3M'."""
-    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= size:
-            return f"{x / size:.3g}{unit}"
-    return f"{x:.0f}"
-
-
-def change(before: float, after: float) -> str:
-    """'-48.2%' (relative change), '' when before is 0."""
-    return f"{(after - before) / before * 100:+.1f}%" if before else ""
+from m2convert.layers.cost import evaluate
+from m2convert.passes.formatting import change, growth, human
+from m2convert.passes.site import CONVERT, EXCLUDE, PLAN_VERSION, SKIP, Site
 
 
 class RewritePlan:
@@ -174,7 +138,7 @@ class RewritePlan:
             d = s.to_dict()
             d["flops_before_at_n"], d["flops_after_at_n"] = self.flops(s.flops_before), self.flops(s.flops_after)
             sites.append(d)
-        return {"format": "m2convert-plan", "version": FORMAT_VERSION, "model_class": self.model_class,
+        return {"format": "m2convert-plan", "version": PLAN_VERSION, "model_class": self.model_class,
                 "model_params": self.model_params, "config": self.config.to_dict(), "sites": sites,
                 "totals": self.totals(), "notes": self.notes}
 
@@ -186,8 +150,11 @@ class RewritePlan:
         """Rebuild a plan (without model or graph) from :meth:`to_dict` output."""
         if not isinstance(data, dict) or data.get("format") != "m2convert-plan":
             raise M2Error("not an m2convert plan dict (missing format: 'm2convert-plan')")
-        keys = set(Site.__dataclass_fields__)
-        sites = [Site.from_dict({k: v for k, v in d.items() if k in keys}) for d in data["sites"]]
+        version = data.get("version", 1)
+        if not isinstance(version, int) or not 1 <= version <= PLAN_VERSION:
+            raise M2Error(f"plan format version {version!r} is not one this m2convert reads (1 to "
+                          f"{PLAN_VERSION}); it was written by a newer m2convert: upgrade m2convert")
+        sites = [Site.from_dict(d) for d in data["sites"]]
         return cls(sites, ConvertConfig.from_dict(data["config"]), data["model_class"],
                    model_params=data.get("model_params", 0), notes=data.get("notes", ()))
 

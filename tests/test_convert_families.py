@@ -41,7 +41,7 @@ def test_family_converts_and_trains(tiny_model, tiny_inputs, family, attn):
     dim = [s for s in plan.converted if s.kind == "dimension"]
     assert len(seq) == 2 and len(dim) == 2 and not plan.skipped
     assert {s.pattern for s in seq} == {f"{attn}-attention"} and {s.pattern for s in dim} == {mlp}
-    assert all(s.causal is causal and s.layout["adapter"] == adapter for s in seq)
+    assert all(s.causal is causal and s.layout.adapter == adapter for s in seq)
 
     converted = plan.apply()
     assert type(converted) is type(model)

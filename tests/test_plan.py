@@ -71,7 +71,7 @@ def test_handwritten_sdpa_model_converts():
     plan = m2.plan(model, SMALL, example_inputs=X)
     assert [(s.fqn, s.kind, s.pattern, s.causal) for s in plan.converted] == [
         ("attn", "sequence", "sdpa-attention", True), ("", "dimension", "gelu-mlp", None)]
-    assert plan.converted[0].layout["num_outputs"] == 0                           # returns a bare tensor
+    assert plan.converted[0].layout.num_outputs == 0                           # returns a bare tensor
     converted = plan.apply()
     assert isinstance(converted.attn, M2Block) and converted(*X).shape == X[0].shape
 
