@@ -17,10 +17,12 @@ from m2convert.config import ConvertConfig
 from m2convert.errors import ConfigError
 from m2convert.passes.attention import find_attention
 from m2convert.passes.capture import Captured, capture, check_model
+from m2convert.passes.costs import estimate_costs
 from m2convert.passes.graph import GraphIndex
 from m2convert.passes.mlp import find_mlps
 from m2convert.passes.plan import RewritePlan
-from m2convert.passes.select import check_sharing, estimate_costs, select_sites
+from m2convert.passes.select import select_sites
+from m2convert.passes.sharing import check_sharing
 from m2convert.passes.site import CONVERT, DIMENSION, SEQUENCE, Site
 
 log = logging.getLogger("m2convert.passes")

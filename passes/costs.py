@@ -1,0 +1,74 @@
+"""The pass that prices each rewrite.
+
+``estimate_costs``: parameters and forward FLOPs (sympy, in N and B) of each site before and after, the
+"after" side read from replacements built on the meta device, so nothing is allocated or projected.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from m2convert.errors import M2Error
+from m2convert.layers.cost import attention_flops, linear_flops
+from m2convert.passes.apply import build_replacements
+from m2convert.passes.graph import projection_dims
+from m2convert.passes.site import CONVERT, SEQUENCE, SKIP, AttentionLayout, Site
+
+
+def flops_before(site: Site, model) -> sympy.Expr:
+    """Dense cost of a site: its projections (fused ones once) plus the O(N^2) attention core."""
+    total, seen = sympy.Integer(0), set()
+    for role in site.roles.values():
+        if role.path in seen:
+            continue
+        seen.add(role.path)
+        module = model.get_submodule(role.path)
+        total += linear_flops(*projection_dims(module), bias=getattr(module, "bias", None) is not None)
+    if site.kind == SEQUENCE and "q" in site.roles:
+        hidden = site.layout.hidden if isinstance(site.layout, AttentionLayout) else None
+        total += attention_flops(hidden or projection_dims(model.get_submodule(site.roles["q"].path))[0])
+    return total
+
+
+def describe(site: Site) -> str:
+    """Human name of what a site becomes, e.g. 'M2PostNormAttention(bidirectional)'.
+
+    Sequence mixers with Monarch in/out projections say so: 'M2Attention(causal, proj nblocks=16, rank=1)'.
+    """
+    if site.kind == SEQUENCE:
+        s, proj = site.settings, ""
+        if s.get("projection_nblocks"):
+            proj = f", proj nblocks={s['projection_nblocks']}, rank={s.get('rank', 1)}"
+        adapter = site.layout.adapter if isinstance(site.layout, AttentionLayout) else "M2Attention"
+        return f"{adapter}({site.mode}{proj})"
+    s = site.settings
+    return f"{len(site.replaces)}x MonarchLinear(nblocks={s['nblocks']}, rank={s['rank']})"
+
+
+def estimate_costs(ctx) -> int:
+    """Pass: params and FLOPs before/after for every site that got far enough to be priced."""
+    model = ctx.captured.model
+    priced = 0
+    for site in ctx.sites:
+        if not site.roles:
+            continue
+        params = {id(p): p for path in site.replaces for p in model.get_submodule(path).parameters()}
+        site.params_before = sum(p.numel() for p in params.values())
+        site.flops_before = flops_before(site, model)
+        if site.status == SKIP:
+            continue
+        site.replacement = describe(site)
+        if site.layout is None:
+            # An excluded site whose analysis stopped early (it could not convert anyway) has no
+            # layout to build from; it is shown without the "after" side.
+            continue
+        try:
+            new = build_replacements(site, model, seed=False, device="meta")
+        except M2Error as exc:
+            if site.status == CONVERT:
+                site.skip(f"cannot build {site.replacement}: {exc}")
+            continue
+        site.params_after = sum(p.numel() for m in new.values() for p in m.parameters())
+        site.flops_after = sum((m.flops() for m in new.values()), sympy.Integer(0))
+        priced += 1
+    return priced
