@@ -10,6 +10,8 @@ from .passes.lower import lower
 from .passes.plan import RewritePlan
 from .recover import DistillConfig, DistillResult, StageConfig, distill
 from .serialize import from_pretrained, save_pretrained
+from .version import __version__
 
-__all__ = ["ConvertConfig", "DistillConfig", "DistillResult", "M2Error", "M2SequenceMixer", "MonarchLinear", "RewriteDiff", "RewritePlan", "StageConfig", "convert", "diff", "distill", "export", "from_pretrained", "load_model", "lower", "plan", "save_pretrained"]
-__version__ = "0.1.0"
+__all__ = ["ConvertConfig", "DistillConfig", "DistillResult", "M2Error", "M2SequenceMixer", "MonarchLinear",
+           "RewriteDiff", "RewritePlan", "StageConfig", "__version__", "convert", "diff", "distill", "export",
+           "from_pretrained", "load_model", "lower", "plan", "save_pretrained"]
