@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Clock, count_params, log, markdown_table, write_report  # noqa: E402
 
 import m2convert as m2  # noqa: E402
-from m2convert.recover.stages import TransferObjective, capture, kd_kl, layer_pairs  # noqa: E402
+from m2convert.recover.stages import TransferObjective, kd_kl, layer_pairs, record_module_io  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -175,7 +175,7 @@ def transfer(student, teacher, x, *, steps, lr, batch_size, seed) -> list[float]
             break
         for g in opt.param_groups:
             g["lr"] = lr * cosine(step, steps, warmup=max(1, steps // 20))
-        with torch.no_grad(), capture(teacher_modules) as calls:
+        with torch.no_grad(), record_module_io(teacher_modules) as calls:
             teacher(pixel_values=shifted(x[idx], gen, 1))
         loss = objective(calls, None)
         opt.zero_grad(set_to_none=True)

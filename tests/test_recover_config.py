@@ -75,7 +75,7 @@ def test_hf_trainer_route_trains_the_student_and_leaves_the_teacher(tmp_path):
     pytest.importorskip("accelerate")
     from transformers import TrainingArguments
 
-    from m2convert.recover.trainer import DistillTrainer
+    from m2convert.recover import DistillTrainer
 
     teacher = tiny_bert()
     with torch.no_grad():

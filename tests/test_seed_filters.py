@@ -17,7 +17,7 @@ import m2convert as m2
 from m2convert.errors import ConfigError, TrainingError, UnsupportedModelError
 from m2convert.layers import MonarchLinear
 from m2convert.recover import layer_pairs, seed_filters_from_attention
-from m2convert.recover.stages import TransferObjective, capture, teacher_forward
+from m2convert.recover.stages import TransferObjective, record_module_io, teacher_forward
 from test_recover_common import class_batches, lm_batches, one_thread, state, tiny_bert, tiny_gpt2  # noqa: F401
 
 SMALL = m2.ConvertConfig(filter_order=16)
@@ -136,7 +136,7 @@ def attention_transfer_loss(student, teacher, batches) -> float:
     objective = TransferObjective(pairs)
     losses = []
     for b in batches:
-        with torch.no_grad(), capture({p: t for p, _, t in pairs}) as calls:
+        with torch.no_grad(), record_module_io({p: t for p, _, t in pairs}) as calls:
             teacher_forward(teacher, b, hidden=False)
             losses.append(objective(calls, b["attention_mask"]).item())
     return sum(losses) / len(losses)

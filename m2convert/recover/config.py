@@ -2,6 +2,8 @@
 
 Defaults follow the SPEC section 7 calibration on all-MiniLM-L6-v2 / SST-2: layer-wise ``transfer``
 at lr 1e-3 with a masked relative-MSE loss, then ``kd`` at temperature 2 and ``task`` at lr 1e-4.
+Stage names, their defaults, their own checks and their order come from the stage registry
+(:mod:`.registry`); the built-in stages register in :mod:`.stages`.
 """
 
 from __future__ import annotations
@@ -11,17 +13,12 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import ConfigError, check_choice, check_int
+from . import stages as _builtin_stages  # noqa: F401  (registers transfer, kd and task)
+from .registry import TRAIN_CHOICES, stage_kind, stage_names
 
-STAGES = ("transfer", "kd", "task")
 SCHEDULES = ("constant", "linear", "cosine")
 TRANSFER_LOSSES = ("relative-mse", "mse")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
-
-_STAGE_DEFAULTS = {
-    "transfer": {"lr": 1e-3, "train": "replaced"},
-    "kd": {"lr": 1e-4, "train": "all"},
-    "task": {"lr": 1e-4, "train": "all"},
-}
 
 
 def _check_float(name: str, value, *, low: float = 0.0, strict: bool = False) -> float:
@@ -37,18 +34,21 @@ class StageConfig:
     """One recovery stage.
 
     Args:
-        name: "transfer" (layer-wise MSE of each replaced module to the teacher module at the same
-            path, fed the teacher's own inputs), "kd" (KL on logits at ``temperature``, plus
-            ``hidden_weight`` x hidden-state MSE) or "task" (labels' loss, plus ``kd_weight`` x KL).
-        lr: peak learning rate (AdamW).
+        name: a registered stage (:func:`~.registry.stage_names`); built in: "transfer" (layer-wise
+            MSE of each replaced module to the teacher module at the same path, fed the teacher's own
+            inputs), "kd" (KL on logits at ``temperature``, plus ``hidden_weight`` x hidden-state MSE)
+            or "task" (labels' loss, plus ``kd_weight`` x KL).
+        lr: peak learning rate (AdamW); default: the stage's registered lr.
         steps: optimizer steps; ``tokens``: a token budget (real tokens, all ranks). At least one;
             the stage ends at whichever is reached first.
         train: which student parameters train: "replaced" (only the M2 modules m2convert put in),
-            "all", or a list of regular expressions matched against parameter names.
+            "all", or a list of regular expressions matched against parameter names; default: the
+            stage's registered choice.
         schedule: "constant" | "linear" | "cosine" decay after ``warmup_steps`` of linear warmup.
         weight_decay, grad_clip: AdamW weight decay; max gradient norm (0 = no clipping).
         loss: transfer loss, "relative-mse" (per layer, ||s - t||^2 / ||t||^2 over real tokens) or "mse".
-        temperature: KD temperature. kd_weight: weight of the KD term (kd: default 1; task: default 0).
+        temperature: KD temperature. kd_weight: weight of the KD term (default: the stage's
+            registered weight, kd 1, task 0).
         hidden_weight: weight of the hidden-state MSE (all layers' hidden states, real tokens only).
         task_weight: weight of the labels' loss in ``task``.
 
@@ -73,14 +73,13 @@ class StageConfig:
     task_weight: float = 1.0
 
     def __post_init__(self):
-        check_choice("stage name", self.name, STAGES)
-        defaults = _STAGE_DEFAULTS[self.name]
+        kind = stage_kind(self.name)
         if self.lr is None:
-            self.lr = defaults["lr"]
+            self.lr = kind.lr
         if self.train is None:
-            self.train = defaults["train"]
+            self.train = kind.train
         if self.kd_weight is None:
-            self.kd_weight = 1.0 if self.name == "kd" else 0.0
+            self.kd_weight = kind.kd_weight
         _check_float(f"{self.name}.lr", self.lr, strict=True)
         if self.steps is None and self.tokens is None:
             raise ConfigError(f"stage {self.name!r} needs steps= or tokens= (a token budget)")
@@ -89,7 +88,7 @@ class StageConfig:
         if self.tokens is not None:
             check_int(f"{self.name}.tokens", self.tokens, low=1)
         if isinstance(self.train, str):
-            if self.train not in ("replaced", "all"):
+            if self.train not in TRAIN_CHOICES:
                 raise ConfigError(f"{self.name}.train={self.train!r}: use 'replaced', 'all' or a list of regexes")
         elif isinstance(self.train, (list, tuple)) and self.train and all(isinstance(t, str) for t in self.train):
             self.train = list(self.train)
@@ -103,10 +102,8 @@ class StageConfig:
         _check_float(f"{self.name}.temperature", self.temperature, strict=True)
         for name in ("kd_weight", "hidden_weight", "task_weight"):
             _check_float(f"{self.name}.{name}", getattr(self, name))
-        if self.name == "kd" and self.kd_weight == 0 and self.hidden_weight == 0:
-            raise ConfigError("stage 'kd' has kd_weight=0 and hidden_weight=0: it would train on nothing")
-        if self.name == "task" and self.task_weight == 0 and self.kd_weight == 0:
-            raise ConfigError("stage 'task' has task_weight=0 and kd_weight=0: it would train on nothing")
+        if kind.validate is not None:
+            kind.validate(self)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` for optimizer step ``step`` (0-based) under this schedule."""
@@ -127,7 +124,7 @@ class DistillConfig:
 
     Args:
         stages: StageConfigs (or stage names, taking defaults and ``steps``) run in order; any subset
-            of transfer, kd, task.
+            of the registered stages (transfer, kd, task), in their registered order.
         steps: default steps of stages given by name.
         batch_size: examples per batch per rank. max_length: truncation of classification texts.
         block_size: tokens per block for plain-text (LM) data.
@@ -183,9 +180,10 @@ class DistillConfig:
             elif not isinstance(s, StageConfig):
                 raise ConfigError(f"stage {s!r} is not a stage name, dict or StageConfig")
             stages.append(s)
-        order = [STAGES.index(s.name) for s in stages]
+        order = [stage_kind(s.name).order for s in stages]
         if order != sorted(order):
-            raise ConfigError(f"stages {[s.name for s in stages]} are out of order; run them as transfer, kd, task")
+            raise ConfigError(f"stages {[s.name for s in stages]} are out of order; run them as "
+                              f"{', '.join(stage_names())}")
         self.stages = stages
         for name in ("batch_size", "max_length", "block_size"):
             check_int(name, getattr(self, name), low=1)

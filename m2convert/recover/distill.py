@@ -1,10 +1,10 @@
-"""``distill``: run the recovery stages (transfer, kd, task) on a converted student.
+"""``distill``: run the recovery stages (transfer, kd, task, or any registered one) on a converted student.
 
-One loop serves every stage: fetch batch ``k`` of the (resumable) data source, run the teacher, take
-the stage's loss, stop on a non-finite loss, step AdamW at the stage's scheduled learning rate,
-checkpoint every ``checkpoint_every`` steps. Under torchrun each rank reads its own batches and DDP
-averages gradients; with ``distributed="fsdp"`` a sharded copy of the student trains instead (FSDP2,
-:mod:`.fsdp`) and its full weights are loaded back into the student at the end.
+One loop serves every stage: fetch batch ``k`` of the (resumable) data source, run the teacher and take
+the loss as the stage's registered entry says (:mod:`.registry`), stop on a non-finite loss, step AdamW
+at the stage's scheduled learning rate, checkpoint every ``checkpoint_every`` steps. Under torchrun each
+rank reads its own batches and DDP averages gradients; with ``distributed="fsdp"`` a sharded copy of the
+student trains instead (FSDP2, :mod:`.fsdp`) and its full weights are loaded back into the student at the end.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from . import checkpoint as ckpt
 from .config import DistillConfig, StageConfig
 from .fsdp import ShardedStudent
 from .parallel import Group, setup
-from .stages import (EndToEndObjective, TransferObjective, capture, layer_pairs, replaced_modules,
-                     teacher_forward)
+from .registry import stage_kind
+from .stages import replaced_modules
 
 log = logging.getLogger("m2convert.recover")
 
@@ -97,6 +97,15 @@ def _resolve_tokenizer(tokenizer, teacher, data):
                       "(the teacher's config does not name a local folder to load it from)")
 
 
+def _load_source(data, tokenizer, teacher, config: DistillConfig, group: Group):
+    """The batch source of ``data`` (this rank's shard under torchrun)."""
+    tokenizer = _resolve_tokenizer(tokenizer, teacher, data)
+    source = load_data(data, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
+                       block_size=config.block_size, on_bad=config.on_bad, seed=config.seed,
+                       bucket=config.bucket_by_length)
+    return source.shard(group.rank, group.world) if group.active else source
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -156,73 +165,102 @@ class _Run:
         self.resume_doc = doc
         log.info("resumed from %s at stage %d step %d", self.ckpt_path, self.stage_index, self.stage_step)
 
-    def run_stage(self, stage: StageConfig) -> StageResult:
-        student, group = self.model, self.group
-        pairs = layer_pairs(student, self.teacher) if stage.name == "transfer" else None
+    def _build(self, stage: StageConfig):
+        """The stage's objective (unwrapped, and as it runs: DDP / FSDP), AdamW and its parameters."""
+        student = self.model
+        # The objective comes first: its own checks (transfer: the student has M2 modules and the
+        # teacher a module at each of their paths) say more than "train= selects nothing" would.
+        objective = stage_kind(stage.name).objective(student, self.teacher, stage)
         chosen = set(_trainable(student, stage))
         for name, p in student.named_parameters():
             p.requires_grad_(name in chosen)
         trained = [(n, p) for n, p in student.named_parameters() if n in chosen]
         self.opt_names = [n for n, _ in trained]                   # optimizer order, for fsdp's state dicts
         params = [p for _, p in trained]
-        if pairs is not None:
-            objective = TransferObjective(pairs, stage.loss)
-            teacher_mods = {path: t for path, _, t in pairs}
-        else:
-            objective = EndToEndObjective(student, stage)
-        model = self.sharded.bind(objective) if self.sharded is not None else group.wrap(objective, self.device)
+        model = self.sharded.bind(objective) if self.sharded is not None else self.group.wrap(objective, self.device)
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        return objective, model, opt, params
+
+    def _restore_optimizer(self, opt) -> None:
+        """On the first stage after a resume: the optimizer state (mid-stage only) and the RNG states."""
+        if self.resume_doc is None:
+            return
+        if self.stage_step > 0 and self.sharded is not None:
+            self.sharded.load_optimizer_state(opt, self.opt_names, ckpt.read_optimizer(
+                self.ckpt_path, self.resume_doc), self.ckpt_path / "optimizer.safetensors")
+        elif self.stage_step > 0:
+            ckpt.load_optimizer(self.ckpt_path, opt, self.resume_doc)
+        ckpt.load_rng(self.ckpt_path, self.resume_doc, self.group.rank)
+        self.resume_doc = None
+
+    def _stop_on_non_finite(self, stage: StageConfig, mean_loss: float, opt) -> None:
+        if math.isfinite(mean_loss):
+            return
+        self.save(opt)
+        if self.sharded is not None:               # the student keeps the last good weights, as without fsdp
+            self.sharded.copy_into(self.student)
+        where = f" (last good checkpoint: {self.ckpt_path})" if self.ckpt_path else ""
+        raise TrainingError(f"non-finite loss ({mean_loss}) in stage {stage.name!r} at step "
+                            f"{self.stage_step}{where}; lower the learning rate or check the data")
+
+    def _step(self, stage: StageConfig, objective, model, opt, params) -> tuple[float, int]:
+        """One optimizer step on the next batch: (loss averaged over ranks, real tokens over ranks)."""
+        batch = _to(self.source.batch(self.data_pos), self.device)
+        for g in opt.param_groups:
+            g["lr"] = stage.lr * stage.lr_factor(self.stage_step)
+        ntok = torch.tensor(batch_items(batch))                       # tokens, or images
+        loss = stage_kind(stage.name).inputs.loss(model, objective, self.teacher, batch, stage)
+        totals = self.group.sum(torch.stack([loss.detach().double().cpu(), ntok.double().cpu()]))
+        mean_loss = totals[0].item() / self.group.world
+        self._stop_on_non_finite(stage, mean_loss, opt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if stage.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+        opt.step()
+        self.stage_step += 1
+        self.data_pos += 1
+        return mean_loss, int(totals[1].item())
+
+    def run_all(self) -> None:
+        """Every stage not done yet, then (fsdp) the full weights back into the student. Whatever
+        happens, the student gets back its requires_grad flags, train/eval mode and device."""
+        student = self.student
+        flags = {n: p.requires_grad for n, p in student.named_parameters()}
+        was_training = student.training
+        try:
+            if self.group.fsdp:
+                self.sharded = ShardedStudent(student, self.device, self.group.rank, self.group.world)
+            for i, stage in enumerate(self.config.stages):
+                if i >= self.stage_index:
+                    self.run_stage(stage)
+            if self.sharded is not None:
+                self.sharded.copy_into(student)                 # full weights on every rank
+        finally:
+            for n, p in student.named_parameters():
+                p.requires_grad_(flags[n])
+            student.train(was_training)
+            student.to(self.device)
+
+    def run_stage(self, stage: StageConfig) -> StageResult:
+        objective, model, opt, params = self._build(stage)
         result = self.current if self.current is not None else StageResult(stage.name)
-        if self.resume_doc is not None:
-            if self.stage_step > 0 and self.sharded is not None:
-                self.sharded.load_optimizer_state(opt, self.opt_names, ckpt.read_optimizer(
-                    self.ckpt_path, self.resume_doc), self.ckpt_path / "optimizer.safetensors")
-            elif self.stage_step > 0:
-                ckpt.load_optimizer(self.ckpt_path, opt, self.resume_doc)
-            ckpt.load_rng(self.ckpt_path, self.resume_doc, group.rank)
-            self.resume_doc = None
+        self._restore_optimizer(opt)
         self.current = result
-        student.train()
+        self.model.train()
         bar = tqdm(total=stage.steps or stage.tokens, initial=result.steps if stage.steps else result.tokens,
                    desc=stage.name, unit="step" if stage.steps else "tok", dynamic_ncols=True,
-                   disable=not (self.config.progress and group.rank == 0))
+                   disable=not (self.config.progress and self.group.rank == 0))
         t0 = time.perf_counter() - result.seconds
         done = lambda: ((stage.steps is not None and result.steps >= stage.steps)
                         or (stage.tokens is not None and result.tokens >= stage.tokens))
         while not done():
-            batch = _to(self.source.batch(self.data_pos), self.device)
-            for g in opt.param_groups:
-                g["lr"] = stage.lr * stage.lr_factor(self.stage_step)
-            mask = batch.get("attention_mask")
-            ntok = torch.tensor(batch_items(batch))                       # tokens, or images
-            if stage.name == "transfer":
-                with torch.no_grad(), capture(teacher_mods) as calls:
-                    teacher_forward(self.teacher, batch, hidden=False)
-                loss = model(calls, mask)
-            else:
-                t_out = teacher_forward(self.teacher, batch, hidden=stage.hidden_weight > 0)
-                loss = model(batch, t_out)
-            totals = group.sum(torch.stack([loss.detach().double().cpu(), ntok.double().cpu()]))
-            mean_loss = totals[0].item() / group.world
-            if not math.isfinite(mean_loss):
-                self.save(opt)
-                if self.sharded is not None:       # the student keeps the last good weights, as without fsdp
-                    self.sharded.copy_into(self.student)
-                where = f" (last good checkpoint: {self.ckpt_path})" if self.ckpt_path else ""
-                raise TrainingError(f"non-finite loss ({mean_loss}) in stage {stage.name!r} at step "
-                                    f"{self.stage_step}{where}; lower the learning rate or check the data")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if stage.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
-            opt.step()
-            self.stage_step += 1
-            self.data_pos += 1
+            mean_loss, tokens = self._step(stage, objective, model, opt, params)
             result.steps += 1
-            result.tokens += int(totals[1].item())
+            result.tokens += tokens
             result.losses.append(mean_loss)
             result.seconds = time.perf_counter() - t0
-            bar.update(1 if stage.steps else int(totals[1].item()))
+            bar.update(1 if stage.steps else tokens)
             bar.set_postfix(loss=f"{mean_loss:.4g}", tok_s=f"{result.tokens / max(result.seconds, 1e-9):.0f}")
             if self.config.checkpoint_every and self.stage_step % self.config.checkpoint_every == 0 and not done():
                 self.save(opt)
@@ -268,32 +306,13 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig 
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())      # this rank's GPU under torchrun
     try:
-        tokenizer = _resolve_tokenizer(tokenizer, teacher, data)
-        source = load_data(data, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
-                           block_size=config.block_size, on_bad=config.on_bad, seed=config.seed,
-                           bucket=config.bucket_by_length)
-        if group.active:
-            source = source.shard(group.rank, group.world)
+        source = _load_source(data, tokenizer, teacher, config, group)
         student.to("cpu" if group.fsdp else device)     # fsdp: the caller's copy waits on CPU, whole
         teacher.to(device).eval()
-        flags = {n: p.requires_grad for n, p in student.named_parameters()}
-        was_training = student.training
         torch.manual_seed(config.seed * 1009 + group.rank)
         run = _Run(student, teacher, source, config, group, device, on_step)
         run.try_resume()
-        try:
-            if group.fsdp:
-                run.sharded = ShardedStudent(student, device, group.rank, group.world)
-            for i, stage in enumerate(config.stages):
-                if i >= run.stage_index:
-                    run.run_stage(stage)
-            if run.sharded is not None:
-                run.sharded.copy_into(student)                 # full weights on every rank
-        finally:
-            for n, p in student.named_parameters():
-                p.requires_grad_(flags[n])
-            student.train(was_training)
-            student.to(device)
+        run.run_all()
         report = source.report.to_dict() if getattr(source, "report", None) else None
         return DistillResult(run.results, str(run.ckpt_path) if run.ckpt_path else None, report, group.world)
     finally:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, ShapeError, TrainingError, UnsupportedModelError, check_int
 from ..hf import attention_implementation, set_attention
 from ..layers import M2SequenceMixer
-from .stages import capture, layer_pairs, model_inputs, replaced_modules
+from .stages import layer_pairs, model_inputs, record_module_io, replaced_modules
 
 
 def _mixer_of(module: nn.Module) -> M2SequenceMixer | None:
@@ -110,7 +110,7 @@ def attention_by_offset(teacher: nn.Module, paths: list[str], batches, progress:
                 pos = torch.arange(n)
                 rel = (pos[None, :] - pos[:, None] + longest - 1).reshape(-1)                  # (N*N,) key - query
                 counts.index_add_(0, rel, pair.sum(0).reshape(-1))
-                with capture(modules) as calls:
+                with record_module_io(modules) as calls:
                     teacher(**model_inputs(batch), **kwargs)
                 for path in paths:
                     if not calls[path]:
@@ -212,27 +212,13 @@ def seed_filters_from_attention(student: nn.Module, teacher: nn.Module, batches,
         >>> layer["fit_error_after"] < layer["fit_error_before"]                              # doctest: +SKIP
         True
     """
-    check_int("steps", steps, low=1)
-    if not lr > 0:
-        raise ConfigError(f"lr={lr!r} must be > 0")
-    if max_offset is not None:
-        check_int("max_offset", max_offset, low=1)
-    if student is teacher:
-        raise ConfigError("student and teacher are the same object; pass the converted copy as the student")
+    _check_arguments(student, teacher, steps, lr, max_offset)
     batches = list(batches)
     if not batches:
         raise ConfigError("seed_filters_from_attention needs at least one batch of teacher inputs")
     start = time.perf_counter()
-    mixers = {p: m for p, m in ((p, _mixer_of(b)) for p, b in replaced_modules(student)) if m is not None}
-    if not mixers:
-        raise TrainingError("seed_filters_from_attention: the student has no M2SequenceMixer (no attention was "
-                            "converted); convert attention with m2convert.convert(..., sequence=True)")
-    pairs = [p for p, _, _ in layer_pairs(student, teacher) if p in mixers]      # same path in the teacher
-    structured = [p for p in pairs if type(mixers[p].in_proj) is not nn.Linear or mixers[p].in_proj.bias is None]
-    if open_gates and structured:
-        raise ConfigError(f"open_gates=True resets the gate rows of a dense, biased in_proj; {structured[0]!r} has "
-                          f"{mixers[structured[0]].in_proj!r}; convert with dense mixer projections or pass "
-                          "open_gates=False")
+    mixers = _seedable_mixers(student, teacher, open_gates)
+    pairs = list(mixers)
     stats = attention_by_offset(teacher, pairs, batches, progress)
     longest = max(b["input_ids"].shape[1] for b in batches)
     length = max_offset or longest
@@ -248,6 +234,32 @@ def seed_filters_from_attention(student: nn.Module, teacher: nn.Module, batches,
             _open_gates(mixer)
     report["seconds"] = time.perf_counter() - start
     return report
+
+
+def _check_arguments(student: nn.Module, teacher: nn.Module, steps, lr, max_offset) -> None:
+    check_int("steps", steps, low=1)
+    if not lr > 0:
+        raise ConfigError(f"lr={lr!r} must be > 0")
+    if max_offset is not None:
+        check_int("max_offset", max_offset, low=1)
+    if student is teacher:
+        raise ConfigError("student and teacher are the same object; pass the converted copy as the student")
+
+
+def _seedable_mixers(student: nn.Module, teacher: nn.Module, open_gates: bool) -> dict[str, M2SequenceMixer]:
+    """{path: mixer} of the student's replaced modules that hold an M2SequenceMixer, in module order,
+    each with a module at the same path in the teacher; raises before anything is changed."""
+    mixers = {p: m for p, m in ((p, _mixer_of(b)) for p, b in replaced_modules(student)) if m is not None}
+    if not mixers:
+        raise TrainingError("seed_filters_from_attention: the student has no M2SequenceMixer (no attention was "
+                            "converted); convert attention with m2convert.convert(..., sequence=True)")
+    paired = [p for p, _, _ in layer_pairs(student, teacher) if p in mixers]      # same path in the teacher
+    structured = [p for p in paired if type(mixers[p].in_proj) is not nn.Linear or mixers[p].in_proj.bias is None]
+    if open_gates and structured:
+        raise ConfigError(f"open_gates=True resets the gate rows of a dense, biased in_proj; {structured[0]!r} has "
+                          f"{mixers[structured[0]].in_proj!r}; convert with dense mixer projections or pass "
+                          "open_gates=False")
+    return {p: mixers[p] for p in paired}
 
 
 def _open_gates(mixer: M2SequenceMixer) -> None:

@@ -1,4 +1,5 @@
-"""The recovery objectives: layer-wise transfer, end-to-end KD and task fine-tuning.
+"""The recovery objectives: layer-wise transfer, end-to-end KD and task fine-tuning, each registered
+as a stage (:mod:`.registry`) at the end of this file.
 
 Each objective is an nn.Module whose forward returns the scalar loss, so DDP can wrap it and
 average the gradients of exactly the parameters it trains.
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batches import primary_input
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from ..layers import M2Block
+from .registry import TeacherInputs, register_stage, stage_kind
 
 
 def replaced_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -56,11 +58,11 @@ def layer_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Mo
 
 
 @contextmanager
-def capture(modules: dict[str, nn.Module]):
-    """Record every call of the given modules: ``calls[path]`` = list of (args, kwargs, output).
+def record_module_io(modules: dict[str, nn.Module]):
+    """Record every call of the given modules (forward hooks): ``calls[path]`` = list of (args, kwargs, output).
 
     Example:
-        >>> with torch.no_grad(), capture({"bert.encoder.layer.0.attention": attn}) as calls:  # doctest: +SKIP
+        >>> with torch.no_grad(), record_module_io({"bert.encoder.layer.0.attention": attn}) as calls:  # doctest: +SKIP
         ...     teacher(**batch)
         >>> args, kwargs, out = calls["bert.encoder.layer.0.attention"][0]                     # doctest: +SKIP
     """
@@ -138,7 +140,7 @@ class TransferObjective(nn.Module):
     """Mean over replaced modules of the (relative) MSE between each module, fed the teacher's own
     inputs to that layer, and the teacher module's output.
 
-    forward(calls, mask) with ``calls`` from :func:`capture` on the teacher and mask (B, N).
+    forward(calls, mask) with ``calls`` from :func:`record_module_io` on the teacher and mask (B, N).
     """
 
     def __init__(self, pairs: list[tuple[str, nn.Module, nn.Module]], loss: str = "relative-mse"):
@@ -179,7 +181,7 @@ def _logits(out):
 class EndToEndObjective(nn.Module):
     """The ``kd`` / ``task`` loss of the whole student against the teacher's outputs.
 
-        loss = task_weight * labels' loss      (task stage only; the model's own loss)
+        loss = task_weight * labels' loss      (stages registered with labels=True; the model's own loss)
              + kd_weight * T^2 KL(teacher || student) on logits (last-hidden-state relative MSE
                for models without logits)
              + hidden_weight * mean over layers of the hidden states' relative MSE
@@ -191,12 +193,13 @@ class EndToEndObjective(nn.Module):
         super().__init__()
         self.student = student
         self.stage = stage
+        self.labels = stage_kind(stage.name).labels
 
     def forward(self, batch: dict, teacher_out) -> torch.Tensor:
         st = self.stage
-        task = st.name == "task" and st.task_weight > 0
+        task = self.labels and st.task_weight > 0
         if task and "labels" not in batch:
-            raise TrainingError("stage 'task' needs labels in the batches (a labelled TSV/JSONL, or a "
+            raise TrainingError(f"stage {st.name!r} needs labels in the batches (a labelled TSV/JSONL, or a "
                                 "'labels' tensor); use stage 'kd' for unlabelled data")
         kwargs = {"output_hidden_states": True} if st.hidden_weight > 0 else {}
         out = self.student(**model_inputs(batch, labels=task), **kwargs)
@@ -204,7 +207,7 @@ class EndToEndObjective(nn.Module):
         loss = torch.zeros((), device=primary_input(batch).device)
         if task:
             if getattr(out, "loss", None) is None:
-                raise TrainingError(f"stage 'task': {type(self.student).__name__} returned no loss for the "
+                raise TrainingError(f"stage {st.name!r}: {type(self.student).__name__} returned no loss for the "
                                     "labels; use a model with a task head")
             loss = loss + st.task_weight * out.loss
         if st.kd_weight > 0:
@@ -218,3 +221,48 @@ class EndToEndObjective(nn.Module):
             terms = [masked_mse(a, b, mask) for a, b in zip(hs[1:], ht[1:])]
             loss = loss + st.hidden_weight * torch.stack(terms).mean()
         return loss
+
+
+def _feed_module_io(model, objective: TransferObjective, teacher: nn.Module, batch: dict, stage) -> torch.Tensor:
+    modules = {path: teacher.get_submodule(path) for path in objective.paths}
+    with torch.no_grad(), record_module_io(modules) as calls:
+        teacher_forward(teacher, batch, hidden=False)
+    return model(calls, batch.get("attention_mask"))
+
+
+def _feed_outputs(model, objective: nn.Module, teacher: nn.Module, batch: dict, stage) -> torch.Tensor:
+    return model(batch, teacher_forward(teacher, batch, hidden=stage.hidden_weight > 0))
+
+
+# The objective's forward(calls, mask) gets the teacher's recorded inputs/outputs of the modules at
+# ``objective.paths``; forward(batch, teacher_out) gets the teacher's end-to-end outputs.
+MODULE_IO = TeacherInputs("module inputs/outputs", _feed_module_io)
+TEACHER_OUTPUTS = TeacherInputs("end-to-end outputs", _feed_outputs)
+
+
+def transfer_objective(student: nn.Module, teacher: nn.Module, stage) -> TransferObjective:
+    """Every replaced module of ``student`` against the teacher module at its path (stage ``transfer``)."""
+    return TransferObjective(layer_pairs(student, teacher), stage.loss)
+
+
+def end_to_end_objective(student: nn.Module, teacher: nn.Module, stage) -> EndToEndObjective:
+    """The whole ``student`` against the teacher's outputs (stages ``kd`` and ``task``)."""
+    return EndToEndObjective(student, stage)
+
+
+def _check_kd(stage) -> None:
+    if stage.kd_weight == 0 and stage.hidden_weight == 0:
+        raise ConfigError(f"stage {stage.name!r} has kd_weight=0 and hidden_weight=0: it would train on nothing")
+
+
+def _check_task(stage) -> None:
+    if stage.task_weight == 0 and stage.kd_weight == 0:
+        raise ConfigError(f"stage {stage.name!r} has task_weight=0 and kd_weight=0: it would train on nothing")
+
+
+# Defaults follow the SPEC section 7 calibration on all-MiniLM-L6-v2 / SST-2.
+register_stage("transfer", transfer_objective, inputs=MODULE_IO, order=10, lr=1e-3, train="replaced")
+register_stage("kd", end_to_end_objective, inputs=TEACHER_OUTPUTS, order=20, lr=1e-4, train="all", kd_weight=1.0,
+               validate=_check_kd)
+register_stage("task", end_to_end_objective, inputs=TEACHER_OUTPUTS, order=30, lr=1e-4, train="all", labels=True,
+               validate=_check_task)

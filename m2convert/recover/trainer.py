@@ -27,6 +27,7 @@ class DistillTrainer(Trainer):
     Shapes: batches as the model takes them (input_ids (B, N), attention_mask (B, N), labels).
 
     Example:
+        >>> from m2convert.recover import DistillTrainer        # loaded on first use (imports Trainer)
         >>> trainer = DistillTrainer(model=student, teacher=teacher, args=TrainingArguments("out"),
         ...                          train_dataset=train, temperature=2.0)            # doctest: +SKIP
         >>> trainer.train()                                                           # doctest: +SKIP
