@@ -82,6 +82,9 @@ class ConvertConfig:
             nblocks to projection_nblocks, within the same limits), or excludes the site (None).
         strict: raise ConversionError instead of skipping a site that cannot be converted.
         seq_len: sequence length N at which the plan evaluates its FLOP formulas (per sequence, B = 1).
+        seed: seeds the freshly initialised weights of each replacement (the mixers' filters), per site
+            from this value and the site's path, so the same model and config always give bit-equal
+            converted models; converting leaves the global RNG as it was. 0 to 2**31 - 1.
 
     Example:
         >>> ConvertConfig(nblocks=2, dimension=False).nblocks
@@ -102,6 +105,7 @@ class ConvertConfig:
     overrides: dict[str, dict | None] = field(default_factory=dict)
     strict: bool = False
     seq_len: int = 512
+    seed: int = 0
 
     def __post_init__(self):
         check_site_settings("", {k: getattr(self, k) for k in SITE_SETTINGS})
@@ -109,6 +113,7 @@ class ConvertConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_int("seq_len", self.seq_len, low=1, high=1 << 24)
+        check_int("seed", self.seed, low=0, high=(1 << 31) - 1)
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError(f"filter_fn must be callable as filter_fn(module, fqn) -> bool, got {self.filter_fn!r}")
         if not isinstance(self.overrides, dict):

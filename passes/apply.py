@@ -16,7 +16,9 @@ Weight mapping (source -> destination, nn.Linear convention (out, in)):
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import zlib
 
 import torch
 from torch import nn
@@ -142,6 +144,18 @@ def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Mod
     return model
 
 
+@contextlib.contextmanager
+def site_rng(seed: int, fqn: str):
+    """Seed the CPU RNG for one site's new weights from ``seed`` and its path; restore it afterwards.
+
+    Per-site seeds keep a site's initial filters the same whichever other sites convert.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(zlib.crc32(f"{seed}:{fqn}".encode()))
+        yield
+
+
 def apply_plan(plan, model: nn.Module | None = None, inplace: bool = False, seed: bool = True) -> nn.Module:
     """Convert ``model`` (default: the planned model) by ``plan``; see :meth:`RewritePlan.apply`."""
     model = plan.model if model is None else model
@@ -157,7 +171,8 @@ def apply_plan(plan, model: nn.Module | None = None, inplace: bool = False, seed
     replacements: dict[str, nn.Module] = {}
     for site in tqdm(plan.converted, desc="m2convert: building M2 modules", disable=None, leave=False):
         try:
-            replacements.update(build_replacements(site, target, seed=seed))
+            with site_rng(plan.config.seed, site.fqn):
+                replacements.update(build_replacements(site, target, seed=seed))
         except (M2Error, RuntimeError, ValueError) as exc:
             kind = type(exc).__name__
             raise ConversionError(f"converting site '{site.fqn}' ({site.pattern}) failed: {kind}: {exc}; "

@@ -13,6 +13,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import torch
+
 from m2convert.config import ConvertConfig
 from m2convert.errors import ConfigError
 from m2convert.passes.attention import find_attention
@@ -114,8 +116,9 @@ def plan_model(model, config=None, example_inputs=None) -> RewritePlan:
     """
     check_model(model)
     config = as_config(config)
-    ctx = PassContext(capture(model, example_inputs), config)
-    run_passes(ctx)
+    with torch.random.fork_rng(devices=[]):       # planning leaves the caller's RNG as it was
+        ctx = PassContext(capture(model, example_inputs), config)
+        run_passes(ctx)
     ctx.sites.sort(key=lambda s: _site_order(ctx, s))
     model_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return RewritePlan(ctx.sites, config, type(model).__name__, model_params=model_params,
