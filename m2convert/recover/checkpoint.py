@@ -7,13 +7,22 @@ A checkpoint is a folder:
     state.json               format tag, run state (stage, step, data position, losses), optimizer
                              param groups and scalar state, python RNG state
 
-It is written to a temporary sibling and renamed into place, so a run killed while saving leaves the
-previous checkpoint whole.
+state.json marks a complete folder: it is written last, atomically (``state.json.part``, fsync,
+``os.replace``), after every other file is on disk, and it is the first file deleted when a folder goes.
+A save of ``latest`` writes the new checkpoint to ``latest.tmp``, then renames ``latest`` -> ``latest.old``
+and ``latest.tmp`` -> ``latest``, then deletes ``latest.old``. A run killed at any point of that leaves a
+complete checkpoint that :func:`find_checkpoint` resolves: ``latest`` when it exists, else a complete
+``latest.tmp`` (the new one: killed between the two renames), else a complete ``latest.old`` (the
+previous one). The next save first finishes such an interrupted rotation (the complete leftover becomes
+``latest``) and only then clears the leftovers, so the checkpoint a run resumed from is never deleted
+before a newer one replaces it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -26,6 +35,8 @@ from ..errors import CheckpointError
 
 FORMAT = "m2convert.distill-checkpoint"
 VERSION = 1
+
+log = logging.getLogger("m2convert.recover")
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -73,38 +84,136 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer, state: dict, *, ran
 
     Under data parallelism every rank calls this (each writes its RNG state) and passes ``barrier``;
     rank 0 writes the rest and renames the folder into place. ``optimizer`` is an optimizer, its
-    (index-keyed) state dict, or None.
+    (index-keyed) state dict, or None. A kill at any point leaves the previous or the new checkpoint
+    for :func:`find_checkpoint` (see the module docstring).
 
     Example:
         >>> save_checkpoint("runs/ckpt/latest", student, opt, {"stage_index": 0, "stage_step": 10})  # doctest: +SKIP
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp, old = _siblings(path)
     sync = barrier or (lambda: None)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _finish_rotation(path)
         tmp.mkdir(parents=True)
     sync()
-    save_file(rng_state(), str(tmp / f"rng-rank{rank}.safetensors"))
+    _write_tensors(rng_state(), tmp / f"rng-rank{rank}.safetensors")
     if rank == 0:
         save_model(model, str(tmp / "model.safetensors"))
+        _fsync(tmp / "model.safetensors")
         opt_meta = None
         if optimizer is not None:
             tensors, opt_meta = _optimizer_to_files(optimizer)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            _write_tensors(tensors, tmp / "optimizer.safetensors")
         doc = {"format": FORMAT, "version": VERSION, "world_size": world, "state": state,
                "optimizer": opt_meta, "python_rng": _py_rng_to_json(random.getstate())}
-        (tmp / "state.json").write_text(json.dumps(doc))
-    sync()
+    sync()                                          # every rank's RNG file is on disk before state.json
     if rank == 0:
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
+        _write_json(tmp / "state.json", doc)
         if path.exists():
             path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(path)                            # between the renames, the new checkpoint is latest.tmp
+        _fsync(path.parent)
+        _remove(old, ignore_errors=True)            # a leftover goes at the next save
     sync()
     return path
+
+
+def find_checkpoint(path) -> Path | None:
+    """The folder holding the complete checkpoint saved to ``path``, or None when nothing was saved there.
+
+    That is ``path`` itself, or, after a run killed between the renames of a save, the complete
+    ``<path>.tmp`` (the new checkpoint) or ``<path>.old`` (the previous one), with a warning that says
+    which. Raises CheckpointError when only leftovers of an interrupted save lie there (a run killed
+    during its first save): resuming from them would silently start over.
+
+    Example:
+        >>> find_checkpoint("runs/ckpt/latest")                            # doctest: +SKIP
+        PosixPath('runs/ckpt/latest')
+    """
+    path = Path(path)
+    if _holds_files(path):
+        return path                                 # read_state says whether it is a checkpoint
+    tmp, old = _siblings(path)
+    for folder, which in ((tmp, "the new checkpoint"), (old, "the previous checkpoint")):
+        if _complete(folder):
+            log.warning("%s is missing: a save was stopped between its renames; using %s, %s",
+                        path, folder, which)
+            return folder
+    leftovers = [p.name for p in (tmp, old) if p.exists()]
+    if leftovers:
+        raise CheckpointError(f"{path.parent} holds no complete checkpoint, only {', '.join(leftovers)} of a "
+                              f"save that was stopped; delete {', '.join(leftovers)} (or the folder) to start "
+                              f"from the beginning")
+    return None
+
+
+def _siblings(path: Path) -> tuple[Path, Path]:
+    """The folders a save of ``path`` writes to (``.tmp``) and moves the previous checkpoint to (``.old``)."""
+    return path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "state.json").is_file()
+
+
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _finish_rotation(path: Path) -> None:
+    """Bring a save that was stopped to its end: the leftover find_checkpoint would resume from becomes
+    ``path``, then the other leftovers go."""
+    tmp, old = _siblings(path)
+    if not _holds_files(path):
+        for folder in (tmp, old):
+            if _complete(folder):
+                if path.exists():
+                    path.rmdir()
+                folder.rename(path)
+                _fsync(path.parent)
+                break
+    _remove(tmp)
+    _remove(old)
+
+
+def _remove(folder: Path, ignore_errors: bool = False) -> None:
+    """Delete a checkpoint folder, state.json first so that a half-deleted folder is never complete."""
+    if not folder.exists():
+        return
+    try:
+        (folder / "state.json").unlink(missing_ok=True)
+        shutil.rmtree(folder)
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    save_file(tensors, str(file))
+    _fsync(file)
+
+
+def _write_json(file: Path, doc: dict) -> None:
+    """Write ``file`` so that it is either absent or whole: a sibling, fsync, then os.replace."""
+    part = file.with_name(file.name + ".part")
+    with open(part, "w") as f:
+        f.write(json.dumps(doc))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, file)
+    _fsync(file.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or, on POSIX, a folder's entries) to disk."""
+    if path.is_dir() and os.name != "posix":
+        return                                      # folders cannot be opened for fsync there
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_state(path) -> dict | None:

@@ -120,7 +120,7 @@ class _Run:
         self.results: list[StageResult] = []
         self.stage_index, self.stage_step, self.data_pos = 0, 0, 0
         self.current = None
-        self.resume_doc = None
+        self.resume_doc, self.resume_path = None, None    # the checkpoint resumed from, until the first stage loads it
         self.sharded: ShardedStudent | None = None      # fsdp: the sharded copy that trains
         self.opt_names: list[str] = []                   # the names of the optimizer's parameters, in order
 
@@ -147,23 +147,25 @@ class _Run:
     def try_resume(self) -> None:
         if not (self.config.resume and self.ckpt_path is not None):
             return
-        doc = ckpt.read_state(self.ckpt_path)
+        folder = ckpt.find_checkpoint(self.ckpt_path)
+        doc = ckpt.read_state(folder) if folder is not None else None
         if doc is None:
-            log.info("resume: no checkpoint in %s yet; starting from the beginning", self.ckpt_path)
+            log.warning("resume=True but %s holds no checkpoint; starting from the beginning",
+                        self.config.checkpoint_dir)
             return
         st = doc["state"]
         if doc["world_size"] != self.group.world:
-            raise CheckpointError(f"{self.ckpt_path} was written by {doc['world_size']} ranks; resume it with "
+            raise CheckpointError(f"{folder} was written by {doc['world_size']} ranks; resume it with "
                                   f"the same number (this run has {self.group.world}) to continue exactly")
         if st["stages"] != [s.name for s in self.config.stages]:
-            raise CheckpointError(f"{self.ckpt_path} belongs to a run with stages {st['stages']}, this config "
+            raise CheckpointError(f"{folder} belongs to a run with stages {st['stages']}, this config "
                                   f"has {[s.name for s in self.config.stages]}")
-        ckpt.load_model_weights(self.ckpt_path, self.student)
+        ckpt.load_model_weights(folder, self.student)
         self.results = [StageResult(**r) for r in st["completed"]]
         self.stage_index, self.stage_step, self.data_pos = st["stage_index"], st["stage_step"], st["data_position"]
         self.current = StageResult(**st["current"]) if st["current"] else None
-        self.resume_doc = doc
-        log.info("resumed from %s at stage %d step %d", self.ckpt_path, self.stage_index, self.stage_step)
+        self.resume_doc, self.resume_path = doc, folder
+        log.info("resumed from %s at stage %d step %d", folder, self.stage_index, self.stage_step)
 
     def _build(self, stage: StageConfig):
         """The stage's objective (unwrapped, and as it runs: DDP / FSDP), AdamW and its parameters."""
@@ -185,13 +187,14 @@ class _Run:
         """On the first stage after a resume: the optimizer state (mid-stage only) and the RNG states."""
         if self.resume_doc is None:
             return
+        folder = self.resume_path
         if self.stage_step > 0 and self.sharded is not None:
             self.sharded.load_optimizer_state(opt, self.opt_names, ckpt.read_optimizer(
-                self.ckpt_path, self.resume_doc), self.ckpt_path / "optimizer.safetensors")
+                folder, self.resume_doc), folder / "optimizer.safetensors")
         elif self.stage_step > 0:
-            ckpt.load_optimizer(self.ckpt_path, opt, self.resume_doc)
-        ckpt.load_rng(self.ckpt_path, self.resume_doc, self.group.rank)
-        self.resume_doc = None
+            ckpt.load_optimizer(folder, opt, self.resume_doc)
+        ckpt.load_rng(folder, self.resume_doc, self.group.rank)
+        self.resume_doc, self.resume_path = None, None
 
     def _stop_on_non_finite(self, stage: StageConfig, mean_loss: float, opt) -> None:
         if math.isfinite(mean_loss):
