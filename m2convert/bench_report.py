@@ -1,9 +1,13 @@
-"""Reports of the throughput benchmark: markdown table, JSON in the issue's shape, log-log plot.
+"""Reports of the throughput benchmark: markdown table, JSON, log-log plot.
 
 Example:
     >>> from m2convert.bench import bench
-    >>> from m2convert.bench_report import write_report
-    >>> write_report({"minilm": bench("all-MiniLM-L6-v2", [512])}, "benchmarks/results", "throughput")
+    >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+    ...                                  intermediate_size=64)
+    >>> result = bench(transformers.BertModel(config), seq_lens=[32], repeats=1, threads=1)
+    >>> data = write_report({"tiny": result}, "results", "throughput")      # results/throughput.json, .md (.png)
+    >>> [row["seq_len"] for row in data["models"]["tiny"]]
+    [32]
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import BenchRow
+from .bench_rows import BenchRow
+
 
 def _cell(value, status: str, fmt: str) -> str:
     return status if value is None else format(value, fmt)

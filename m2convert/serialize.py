@@ -28,13 +28,13 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError, M2Error
+from .safetensors_header import DTYPES, HeaderEntry, read_safetensors_header
 
 FORMAT = "m2convert-model"
 FORMAT_VERSION = 1
@@ -43,9 +43,6 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def _alias_groups(model: nn.Module) -> list[list[str]]:
@@ -63,7 +60,7 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
 def _versions() -> dict:
     import transformers
 
-    from . import __version__
+    from .version import __version__
     return {"m2convert": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
@@ -173,52 +170,6 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def read_safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """{tensor name: (dtype, shape)} of a safetensors file, checking that every tensor's bytes are there.
-
-    Raises:
-        CheckpointError: naming the file and, for a truncated file, the first tensor cut off.
-
-    Example:
-        >>> read_safetensors_header(Path("bert-m2/model.safetensors"))["embeddings.word_embeddings.weight"]
-        (torch.float32, (30522, 384))
-    """
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            raw = f.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if n < 2 or n > min(size - 8, 100_000_000):
-                raise CheckpointError(f"{path} is not a safetensors file (bad header length); the file is "
-                                      "corrupt or of another format")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} has an unreadable safetensors header ({type(exc).__name__}: {exc}); "
-                              "the file is corrupt") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} has a malformed safetensors header")
-    data_bytes = size - 8 - n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = _DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry {info!r}") from None
-        if end > data_bytes:
-            raise CheckpointError(f"{path} is truncated: tensor '{name}' needs bytes up to {end} but the file "
-                                  f"holds {data_bytes} data bytes; save the model again")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - start != numel * torch.empty((), dtype=dtype).element_size():
-            raise CheckpointError(f"{path}: tensor '{name}' has {end - start} bytes for shape {shape} "
-                                  f"{info['dtype']}; the file is corrupt")
-        out[name] = (dtype, shape)
-    return out
-
-
 @contextlib.contextmanager
 def parameters_on_meta():
     """Inside, new parameters live on the ``meta`` device while buffers are computed for real.
@@ -317,8 +268,6 @@ def from_pretrained(path, plan=None) -> nn.Module:
         >>> model(torch.tensor([[1, 2, 3]])).logits.shape
         torch.Size([1, 3, 50257])
     """
-    from safetensors import safe_open
-
     directory = Path(path)
     meta = _read_meta(directory, plan)
     plan_dict = meta["plan"]
@@ -332,13 +281,28 @@ def from_pretrained(path, plan=None) -> nn.Module:
         raise CheckpointError(f"'{directory}' has no weight file {weights.name}; the save is incomplete")
     header = read_safetensors_header(weights)
     model = _build_structure(meta, plan_dict, directory)
+    groups = _alias_groups(model)
+    _check_tensors(weights, header, model, groups)
+    _load_tensors(weights, header, model, groups)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{weights} left {left[:5]} unset; the directory does not match the model")
+    if (directory / "generation_config.json").is_file() and hasattr(model, "generation_config"):
+        from transformers import GenerationConfig
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+    model.m2convert_plan = plan_dict
+    return model.eval()
+
+
+def _check_tensors(weights: Path, header: dict[str, HeaderEntry], model: nn.Module, groups: list[list[str]]) -> None:
+    """Raise CheckpointError unless ``header`` holds each tied group of ``model`` once or more, in the
+    model's shapes and dtypes torch has, and nothing else."""
     expected = model.state_dict(keep_vars=True)
     known = set(expected)
     unexpected = sorted(set(header) - known)
     if unexpected:
         raise CheckpointError(f"{weights} holds tensors the model does not have: {unexpected[:5]}"
                               f"{' ...' if len(unexpected) > 5 else ''}; was it saved from another model or plan?")
-    groups = _alias_groups(model)
     for group in groups:
         present = [n for n in group if n in header]
         if not present:
@@ -346,9 +310,18 @@ def from_pretrained(path, plan=None) -> nn.Module:
                                   f"{len(known)} missing); the file is incomplete or from another model")
         for name in present:
             want = tuple(expected[name].shape)
-            if header[name][1] != want:
-                raise CheckpointError(f"{weights}: tensor '{name}' has shape {header[name][1]} but the model "
+            if header[name].dtype not in DTYPES:
+                raise CheckpointError(f"{weights}: tensor '{name}' has dtype {header[name].dtype}, which "
+                                      "m2convert never saves; the file is corrupt or from elsewhere")
+            if header[name].shape != want:
+                raise CheckpointError(f"{weights}: tensor '{name}' has shape {header[name].shape} but the model "
                                       f"expects {want}; the file does not match this config/plan")
+
+
+def _load_tensors(weights: Path, header: dict[str, HeaderEntry], model: nn.Module, groups: list[list[str]]) -> None:
+    """Assign each tied group's saved tensor to every name of the group (one tensor, shared)."""
+    from safetensors import safe_open
+
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
             for group in groups:
@@ -363,11 +336,3 @@ def from_pretrained(path, plan=None) -> nn.Module:
         raise
     except Exception as exc:
         raise CheckpointError(f"cannot read {weights}: {type(exc).__name__}: {exc}") from exc
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise CheckpointError(f"{weights} left {left[:5]} unset; the directory does not match the model")
-    if (directory / "generation_config.json").is_file() and hasattr(model, "generation_config"):
-        from transformers import GenerationConfig
-        model.generation_config = GenerationConfig.from_pretrained(str(directory))
-    model.m2convert_plan = plan_dict
-    return model.eval()

@@ -11,14 +11,16 @@ Module objects reachable by more than one path (``model.b = model.a``) are liste
 would either change the other use or silently split the two.
 
 Example:
-    >>> captured = capture(model)                      # example inputs built from model.config
-    >>> captured.exported.graph                         # the aten-level FX graph
+    >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+    ...                                  intermediate_size=64)
+    >>> captured = capture(transformers.BertModel(config))   # example inputs built from model.config
+    >>> captured.kwargs["input_ids"].shape                    # (B, N); captured.graph: the aten FX graph
+    torch.Size([2, 16])
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import logging
 import sys
@@ -28,9 +30,7 @@ import torch
 from torch import nn
 
 from m2convert.errors import CaptureError, UnsupportedModelError
-
-EXAMPLE_BATCH = 2
-EXAMPLE_SEQ_LEN = 16
+from m2convert.passes.inputs import disable_cache, example_inputs_for, split_inputs
 
 
 @dataclass
@@ -66,6 +66,7 @@ def module_paths(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
     """Each module object of ``model`` once, with every path that reaches it (first path first).
 
     Example:
+        >>> model = nn.ModuleDict({"a": nn.Linear(2, 2)})
         >>> model.b = model.a
         >>> [paths for _, paths in module_paths(model) if len(paths) > 1]
         [('a', 'b')]
@@ -82,9 +83,10 @@ def shared_modules(model: nn.Module) -> dict[str, tuple[str, ...]]:
     Submodules of a shared module are reachable by several paths too, so they are listed as well.
 
     Example:
-        >>> model.encoder.layer[1] = model.encoder.layer[0]
-        >>> shared_modules(model)["encoder.layer.1"]
-        ('encoder.layer.0', 'encoder.layer.1')
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> model[1] = model[0]
+        >>> shared_modules(model)["1"]
+        ('0', '1')
     """
     return {path: paths for _, paths in module_paths(model) if len(paths) > 1 for path in paths}
 
@@ -103,61 +105,6 @@ def check_device(model: nn.Module, what: str = "m2convert") -> nn.Module:
             "(model.to_empty(device='cpu') and then load_state_dict(...)), or pass a model loaded on CPU "
             "(e.g. from_pretrained without device_map='meta')")
     return model
-
-
-def example_inputs_for(model: nn.Module, seq_len: int = EXAMPLE_SEQ_LEN, batch: int = EXAMPLE_BATCH) -> dict:
-    """Keyword inputs for ``model.forward`` built from its Hugging Face config.
-
-    Text models get ``input_ids`` (B, N) and an all-ones ``attention_mask``; vision models get
-    ``pixel_values`` (B, C, S, S); decoders get ``use_cache=False`` so no KV cache enters the graph.
-
-    Example:
-        >>> example_inputs_for(BertModel(BertConfig()))["input_ids"].shape
-        torch.Size([2, 16])
-    """
-    config = getattr(model, "config", None)
-    params = inspect.signature(model.forward).parameters
-    if config is None:
-        raise CaptureError(
-            f"cannot build example inputs for {type(model).__name__}: it has no Hugging Face `config`; "
-            "pass example_inputs={'name': tensor, ...} (or a tuple of positional tensors) matching its forward")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    gen = torch.Generator().manual_seed(0)
-    inputs: dict = {}
-    if "input_ids" in params and getattr(text, "vocab_size", None):
-        limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or seq_len
-        n = max(1, min(seq_len, int(limit)))
-        ids = torch.randint(0, int(text.vocab_size), (batch, n), generator=gen).to(device)
-        inputs["input_ids"] = ids
-        if "attention_mask" in params:
-            inputs["attention_mask"] = torch.ones_like(ids)
-        if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
-            inputs["decoder_input_ids"] = ids
-    elif "pixel_values" in params and getattr(config, "image_size", None):
-        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-        channels = getattr(config, "num_channels", 3)
-        inputs["pixel_values"] = torch.randn(batch, channels, size, size, generator=gen).to(device)
-    else:
-        raise CaptureError(
-            f"cannot build example inputs for {type(model).__name__} from its config "
-            f"({type(config).__name__}); pass example_inputs={{'name': tensor, ...}} matching its forward")
-    if "use_cache" in params:
-        inputs["use_cache"] = False
-    return inputs
-
-
-def _split_inputs(example_inputs) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise CaptureError(
-        f"example_inputs must be a dict of keyword tensors or a tuple of positional tensors, "
-        f"got {type(example_inputs).__name__}")
 
 
 def describe_output(value) -> dict:
@@ -182,64 +129,79 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
         CaptureError: naming the module that was running when export failed and how to fall back.
 
     Example:
-        >>> captured = capture(GPT2LMHeadModel(GPT2Config(n_layer=2)))
-        >>> captured.calls["transformer.h.0.attn"]
+        >>> captured = capture(transformers.GPT2Model(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2)))
+        >>> captured.calls["h.0.attn"]
         1
     """
     check_model(model)
     check_device(model)
-    if example_inputs is None:
-        example_inputs = example_inputs_for(model)
-    args, kwargs = _split_inputs(example_inputs)
-    if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False                   # a KV cache in the outputs cannot be exported
-    calls: dict[str, int] = {}
-    outputs: dict[str, dict] = {}
-    running: list[str] = []
-
-    def hooks_for(paths: tuple[str, ...]):
-        # One pre/post pair per module object, knowing all its paths: the hooks also run on the copy
-        # torch.export may make of the model, so they must not identify the module by id().
-        def pre_hook(_module, _args):
-            running.append(paths[0])
-
-        def post_hook(_module, _args, out):
-            for fqn in paths:
-                calls[fqn] = calls.get(fqn, 0) + 1
-                outputs.setdefault(fqn, describe_output(out))
-            if running and running[-1] == paths[0]:
-                running.pop()
-
-        return pre_hook, post_hook
-
-    handles = []
-    for module, paths in module_paths(model):
-        pre_hook, post_hook = hooks_for(paths)
-        handles.append(module.register_forward_pre_hook(pre_hook))
-        handles.append(module.register_forward_hook(post_hook))
+    args, kwargs = split_inputs(example_inputs_for(model) if example_inputs is None else example_inputs)
+    disable_cache(model, kwargs)                          # a KV cache in the outputs cannot be exported
+    hooks = _Hooks(model)
     # Each module's own flag, not just the top-level one: model.train(mode) afterwards would reset
     # submodules the user had put in another mode (e.g. a frozen encoder layer in eval mode).
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
-    # torch prints the partial graph of a failed export to stderr and warns about unbacked symbols;
-    # the CaptureError says what failed, so that output is kept only when export succeeds.
+    try:
+        exported = _export_quietly(model, args, kwargs)
+    except Exception as exc:
+        raise CaptureError(_explain_failure(model, hooks.running, exc)) from exc
+    finally:
+        hooks.remove()
+        for module, mode in modes:
+            module.training = mode
+    modules = dict(model.named_modules(remove_duplicate=False))
+    return Captured(model, exported, args, kwargs, modules, hooks.calls, hooks.outputs, shared_modules(model))
+
+
+class _Hooks:
+    """Forward hooks on every module object of a model, recording per path how often it ran
+    (``calls``), what it returned (``outputs``) and which modules are running now (``running``)."""
+
+    def __init__(self, model: nn.Module):
+        self.calls: dict[str, int] = {}
+        self.outputs: dict[str, dict] = {}
+        self.running: list[str] = []
+        self.handles = []
+        for module, paths in module_paths(model):
+            pre_hook, post_hook = self._hooks_for(paths)
+            self.handles.append(module.register_forward_pre_hook(pre_hook))
+            self.handles.append(module.register_forward_hook(post_hook))
+
+    def _hooks_for(self, paths: tuple[str, ...]):
+        # One pre/post pair per module object, knowing all its paths: the hooks also run on the copy
+        # torch.export may make of the model, so they must not identify the module by id().
+        def pre_hook(_module, _args):
+            self.running.append(paths[0])
+
+        def post_hook(_module, _args, out):
+            for fqn in paths:
+                self.calls[fqn] = self.calls.get(fqn, 0) + 1
+                self.outputs.setdefault(fqn, describe_output(out))
+            if self.running and self.running[-1] == paths[0]:
+                self.running.pop()
+
+        return pre_hook, post_hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _export_quietly(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """torch.export (non-strict), passing on what torch printed only when export succeeds: torch prints
+    the partial graph of a failed export to stderr and warns about unbacked symbols, while the
+    CaptureError already says what failed."""
     shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
     level, printed = shapes_log.level, io.StringIO()
     shapes_log.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stderr(printed):
             exported = torch.export.export(model, args, kwargs, strict=False)
-    except Exception as exc:
-        raise CaptureError(_explain_failure(model, running, exc)) from exc
     finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes:
-            module.training = mode
         shapes_log.setLevel(level)
     sys.stderr.write(printed.getvalue())
-    modules = dict(model.named_modules(remove_duplicate=False))
-    return Captured(model, exported, args, kwargs, modules, calls, outputs, shared_modules(model))
+    return exported
 
 
 def _explain_failure(model: nn.Module, running: list[str], exc: Exception) -> str:

@@ -31,15 +31,12 @@ from torch.export.graph_signature import InputKind, TensorArgument
 
 from m2convert.errors import CaptureError
 from m2convert.kernels import ops as _ops  # noqa: F401  registers torch.ops.m2 (torch.export.load of lowered programs)
-from m2convert.kernels.numerics import rel_err
-from m2convert.passes.capture import _split_inputs, check_model, example_inputs_for
-from m2convert.passes.graph import BOOKKEEPING, module_path, op_name, users
-from m2convert.passes.lower_rules import RULES, Candidate, Emit, GraphView, Skip, is_data, val
+from m2convert.passes.capture import check_model
+from m2convert.passes.graph import BOOKKEEPING, module_path, op_name
+from m2convert.passes.inputs import dynamic_shapes, example_inputs_for, sequence_dim, signed, split_inputs
+from m2convert.passes.lower_check import check, region
+from m2convert.passes.lower_rules import RULES, Candidate, Emit, GraphView, Skip
 from m2convert.passes.pipeline import PassResult, debug
-
-# Agreement needed between a subgraph and its fused op on random operands, by output dtype.
-TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-
 
 @dataclass
 class Fused:
@@ -68,9 +65,13 @@ class LowerResult(PassResult):
     """What the lowering pass did: ``matched`` sites fused (listed in ``fused``), ``unfused`` with reasons.
 
     Example:
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> converted = m2.convert(transformers.BertModel(config))
+        >>> inputs = {"input_ids": torch.ones(2, 16, dtype=torch.long)}                  # (B, N)
         >>> result = lower_program(torch.export.export(converted, (), inputs, strict=False))
-        >>> result.count("m2::monarch_matmul"), [u.reason for u in result.unfused]
-        (4, [])
+        >>> result.count("m2::monarch_matmul"), [u.reason for u in result.unfused]      # two per MLP
+        (2, [])
     """
 
     fused: list[Fused] = field(default_factory=list)
@@ -87,79 +88,6 @@ class LowerResult(PassResult):
                   for f in self.fused]
         lines += [f"  unfused  {u.site or '<root>'} at {u.anchor}  [{u.rule}]: {u.reason}" for u in self.unfused]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
-
-
-def _hint(value):
-    """The example value behind a symbolic size (the probes take the captured example's shapes)."""
-    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        hint = value.node.hint
-        return hint if hint is not None else value.node.shape_env.size_hint(value.node.expr)
-    return value
-
-
-def _probe(node: fx.Node, gen: torch.Generator) -> torch.Tensor:
-    v = val(node)
-    dims = [int(_hint(d)) for d in v.shape]
-    if v.is_floating_point() or v.is_complex():
-        work = v.dtype if v.dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32
-        return torch.randn(dims, generator=gen, dtype=work).to(device=v.device, dtype=v.dtype)
-    return torch.randint(0, 2, dims, generator=gen).to(device=v.device, dtype=v.dtype)
-
-
-def _region(cand: Candidate, g: GraphView):
-    """(nodes computing ``cand.out`` from ``cand.inputs``, in graph order; None) or (None, why not)."""
-    inputs, seen, stack = set(cand.inputs), set(), [cand.out]
-    while stack:
-        n = stack.pop()
-        if n in seen or n in inputs or not is_data(n) or g.is_const(n):
-            continue
-        if n.op != "call_function":
-            return None, f"it reads the graph input '{n.name}' besides its operands"
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    nodes = sorted(seen, key=g.order.__getitem__)
-    dep: set = set()
-    for n in nodes:
-        if any(a in inputs or a in dep for a in n.all_input_nodes):
-            dep.add(n)
-    for n in nodes:
-        outside = [u for u in users(n) if u not in seen]
-        if n is not cand.out and n in dep and outside:
-            return None, f"its intermediate '{n.name}' is also used by '{outside[0].name}' outside the subgraph"
-    return nodes, None
-
-
-def _check(cand: Candidate, nodes: list, g: GraphView, seed: int):
-    """None if the subgraph and the fused op agree on random operands, else why not."""
-    gen = torch.Generator().manual_seed(seed)
-    env = {n: _probe(n, gen) for n in cand.inputs}
-
-    def value(a):
-        if a in env:
-            return env[a]
-        if g.is_const(a):
-            return g.constant(a)
-        if isinstance(val(a), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
-            return _hint(val(a))
-        env[a] = a.target(*fx.node.map_arg(a.args, value), **fx.node.map_arg(a.kwargs, value))
-        return env[a]
-
-    def arg(a):
-        if isinstance(a, Emit):
-            return a.target(*(arg(x) for x in a.args))
-        return value(a) if isinstance(a, fx.Node) else a
-
-    try:
-        with torch.no_grad():
-            for n in nodes:
-                value(n)
-            want = cand.op(*(arg(a) for a in cand.args))
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        return f"{cand.op.name()} cannot take these operands: {str(exc).splitlines()[0][:200]}"
-    err = rel_err(env[cand.out], want)
-    if err > TOLERANCE.get(val(cand.out).dtype, 1e-4):
-        return f"it computes something other than {cand.op.name()} (relative error {err:.2g} on random operands)"
-    return None
 
 
 def _call(g: GraphView, target, args: tuple, like: fx.Node) -> fx.Node:
@@ -220,8 +148,13 @@ def lower_program(ep: torch.export.ExportedProgram, rules=RULES) -> LowerResult:
         LowerResult: ``matched`` = sites fused; ``fused`` / ``unfused`` list them (unfused with the reason).
 
     Example:
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> converted = m2.convert(transformers.BertModel(config))
+        >>> ids = torch.ones(2, 16, dtype=torch.long)                                     # (B, N)
         >>> ep = torch.export.export(converted, (), {"input_ids": ids}, strict=False)
-        >>> print(lower_program(ep))                  # ep.module() now calls torch.ops.m2.*
+        >>> lower_program(ep).matched                 # ep.module() now calls torch.ops.m2.*
+        4
     """
     start = time.perf_counter()
     g = GraphView(ep)
@@ -277,8 +210,8 @@ def _apply(candidates: list[Candidate], g: GraphView, result: LowerResult, rule)
     first = candidates[0]
     reason = None
     for i, cand in enumerate(candidates):
-        nodes, why = _region(cand, g)
-        why = why or _check(cand, nodes, g, seed=len(result.fused) * 7 + i)
+        nodes, why = region(cand, g)
+        why = why or check(cand, nodes, g, seed=len(result.fused) * 7 + i)
         if why is None:
             new, removed = _rewrite(cand, nodes, g)
             result.fused.append(Fused(cand.rule, cand.site, cand.op.name(), new.name, removed, cand.detail))
@@ -303,8 +236,11 @@ class LoweredModule(nn.Module):
     the graph is fixed in eval mode, so ``train()`` / ``eval()`` only set the flag.
 
     Example:
-        >>> lowered = m2.lower(converted)                    # inputs: input_ids, attention_mask (B, N)
-        >>> ep = torch.export.export(lowered, (), {"input_ids": ids, "attention_mask": mask})
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> lowered = m2.lower(m2.convert(transformers.BertModel(config)))   # inputs: input_ids, attention_mask
+        >>> ids = torch.ones(2, 16, dtype=torch.long)                                     # (B, N)
+        >>> ep = torch.export.export(lowered, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         >>> sorted({str(n.target) for n in ep.graph.nodes if "m2" in str(n.target)})
         ['m2.gated_long_conv.default', 'm2.monarch_matmul.default']
     """
@@ -330,7 +266,7 @@ def _n_positional(ep: torch.export.ExportedProgram) -> int:
     return (spec.child(0) if hasattr(spec, "child") else spec.children_specs[0]).num_children
 
 
-def _wrap(ep: torch.export.ExportedProgram, result: LowerResult) -> LoweredModule:
+def _lowered_module(ep: torch.export.ExportedProgram, result: LowerResult) -> LoweredModule:
     """The LoweredModule of ``ep``, its forward signed like the captured inputs: positional ones first,
     then keyword-only ones, constant inputs (``use_cache=False``) defaulting to their captured value."""
     P = inspect.Parameter
@@ -342,38 +278,12 @@ def _wrap(ep: torch.export.ExportedProgram, result: LowerResult) -> LoweredModul
     for i, name in enumerate(inspect.signature(program.forward).parameters):
         kind = P.POSITIONAL_OR_KEYWORD if i < n_args else P.KEYWORD_ONLY
         params.append(P(name, kind, default=consts.get(name, P.empty) if i >= n_args else P.empty))
-    forward = lambda self, *a, **k: LoweredModule.forward(self, *a, **k)   # noqa: E731
-    forward.__signature__ = inspect.Signature(params)
-    cls = type("LoweredModule", (LoweredModule,), {"forward": forward, "__doc__": LoweredModule.__doc__,
-                                                   "__module__": __name__})
-    return cls(program, ep, result)
-
-
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, batch: bool):
-    """Dim 1 of every input of the first input's length N is one symbol 'seq'; dim 0 'batch' likewise."""
-    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
-    if first is None or first.dim() < 2 or first.shape[1] < 2:
-        return None
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = next((v for k in ("max_position_embeddings", "n_positions")
-                  if isinstance(v := getattr(text, k, None), int) and v > 2), None)
-    seq = torch.export.Dim("seq", min=2, max=limit) if limit else torch.export.Dim("seq", min=2)
-    rows = torch.export.Dim("batch", min=1)
-    b, n = first.shape[:2]
-
-    def spec(t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return None
-        dims = {1: seq} if t.dim() >= 2 and t.shape[1] == n else {}
-        return {**dims, 0: rows} if batch and t.shape[0] == b else dims or None
-
-    return {k: spec(t) for k, t in kwargs.items()} if kwargs else tuple(spec(t) for t in args)
+    return signed(LoweredModule, params, "LoweredModule")(program, ep, result)
 
 
 def _capture(model: nn.Module, example_inputs, dynamic: bool) -> tuple[torch.export.ExportedProgram, list[str]]:
     """Export ``model`` (eval mode, non-strict): batch and length dynamic, else length only, else static."""
-    args, kwargs = _split_inputs(example_inputs_for(model) if example_inputs is None else example_inputs)
+    args, kwargs = split_inputs(example_inputs_for(model) if example_inputs is None else example_inputs)
     attempts = [("dynamic batch and length", True), ("dynamic length", False)] if dynamic else []
     attempts.append(("static", None))
     failures: list[str] = []
@@ -381,7 +291,8 @@ def _capture(model: nn.Module, example_inputs, dynamic: bool) -> tuple[torch.exp
     model.eval()
     try:
         for what, batch in attempts:
-            shapes = None if batch is None else _dynamic_shapes(model, args, kwargs, batch)
+            shapes = None if batch is None else dynamic_shapes(
+                args, kwargs, sequence_dim(model), torch.export.Dim("batch", min=1) if batch else None)
             if batch is not None and shapes is None:
                 continue
             try:
@@ -398,7 +309,7 @@ def _capture(model: nn.Module, example_inputs, dynamic: bool) -> tuple[torch.exp
 
 
 def lower(model, example_inputs=None, dynamic: bool = True) -> LoweredModule:
-    """Capture a converted model and run it with the fused ``m2::`` kernels (SPEC section 6).
+    """Capture a converted model and run it with the fused ``m2::`` kernels.
 
     Args:
         model: a converted model (``m2.convert``), or an ExportedProgram (rewritten in place).
@@ -414,10 +325,14 @@ def lower(model, example_inputs=None, dynamic: bool = True) -> LoweredModule:
         UnsupportedModelError: ``model`` is not an nn.Module.  CaptureError: torch.export failed.
 
     Example:
-        >>> lowered = m2.lower(m2.convert(BertModel(BertConfig(num_hidden_layers=2))))
+        >>> config = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> lowered = m2.lower(m2.convert(transformers.BertModel(config)))
         >>> lowered.result.count("m2::monarch_matmul")          # two MonarchLinear per MLP
         4
-        >>> lowered(input_ids=ids, attention_mask=mask).last_hidden_state.shape     # (B, N, H)
+        >>> ids = torch.ones(2, 16, dtype=torch.long)
+        >>> lowered(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape     # (B, N, H)
+        torch.Size([2, 16, 32])
     """
     if isinstance(model, torch.export.ExportedProgram):
         ep, notes = model, []
@@ -425,7 +340,7 @@ def lower(model, example_inputs=None, dynamic: bool = True) -> LoweredModule:
         ep, notes = _capture(check_model(model, "m2.lower"), example_inputs, dynamic)
     result = lower_program(ep)
     result.notes += notes
-    lowered = _wrap(ep, result)
+    lowered = _lowered_module(ep, result)
     if getattr(model, "config", None) is not None:
         lowered.config = model.config                    # position limits etc. for whoever exports it next
     return lowered

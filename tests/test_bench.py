@@ -23,7 +23,7 @@ def result(tiny_bert):
     return bench(tiny_bert, seq_lens=[40, 16, 64], repeats=2, seconds_per_length=5, threads=1, name="tiny")
 
 
-def test_rows_have_the_issue_keys_and_positive_numbers(result):
+def test_rows_have_the_report_keys_and_positive_numbers(result):
     assert [r.seq_len for r in result.rows] == [16, 40, 64]
     for row in result.rows[:2]:
         assert row.original_status == row.eager_status == row.converted_status == "ok"

@@ -8,7 +8,8 @@ from torch import nn
 
 import m2convert as m2
 from m2convert.errors import CaptureError, UnsupportedModelError
-from m2convert.passes.capture import capture, example_inputs_for
+from m2convert.passes.capture import capture
+from m2convert.passes.inputs import dynamic_shapes, example_inputs_for, split_inputs
 from m2convert.passes.graph import GraphIndex, module_path, op_name, projection_weight
 
 
@@ -79,6 +80,23 @@ def test_explicit_example_inputs():
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
     for inputs in ((torch.randn(3, 4),), torch.randn(3, 4), {"input": torch.randn(3, 4)}):
         assert len(GraphIndex(capture(model, inputs)).projections) == 2
+
+
+def test_split_inputs_takes_dicts_tensors_and_tuples_and_names_anything_else():
+    ids = torch.ones(2, 8, dtype=torch.long)
+    assert split_inputs({"input_ids": ids}) == ((), {"input_ids": ids})
+    assert split_inputs(ids)[0][0] is ids and split_inputs([ids, ids])[0] == (ids, ids)
+    with pytest.raises(CaptureError, match="example_inputs must be"):
+        split_inputs("input_ids")
+
+
+def test_dynamic_shapes_mark_every_input_of_the_first_inputs_length_and_batch():
+    ids, pos, other = torch.ones(2, 8, dtype=torch.long), torch.arange(8), torch.ones(3, 5)
+    shapes = dynamic_shapes((), {"input_ids": ids, "positions": pos, "other": other, "flag": False}, "seq", "batch")
+    assert shapes == {"input_ids": {1: "seq", 0: "batch"}, "positions": None, "other": None, "flag": None}
+    assert dynamic_shapes((ids, ids[:, :1]), {}, "seq") == ({1: "seq"}, None)     # no batch Dim: dim 0 static
+    assert dynamic_shapes((ids[:, :1],), {}, "seq") is None                         # N = 1 cannot be symbolic
+    assert dynamic_shapes((), {"use_cache": False}, "seq") is None                  # no tensor at all
 
 
 def test_failed_capture_names_module_and_fallback():

@@ -15,6 +15,7 @@ from torch import nn
 
 import m2convert as m2
 from m2convert.errors import CheckpointError, M2Error
+from m2convert.safetensors_header import read_safetensors_header
 from m2convert.serialize import from_pretrained, parameters_on_meta, save_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # bit equality across processes: same thread count
@@ -148,3 +149,16 @@ def test_save_refuses_unconverted_models_and_files(tmp_path, tiny_model):
     converted = m2.convert(tiny_model("bert"), SMALL)
     with pytest.raises(CheckpointError, match="is a file"):
         save_pretrained(converted, tmp_path / "file")
+
+
+def test_the_header_reader_accepts_any_dtype_and_checks_the_bytes_of_known_ones(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(3, 4), "u": torch.zeros(2, dtype=torch.uint16)}, str(path))
+    header = read_safetensors_header(path)
+    assert (header["w"].dtype, header["w"].shape, header["w"].end - header["w"].start) == ("F32", (3, 4), 48)
+    assert header["u"].dtype == "U16"                                     # a dtype m2convert never saves
+    data = path.read_bytes()
+    assert data.count(b'"shape":[3,4]') == 1
+    path.write_bytes(data.replace(b'"shape":[3,4]', b'"shape":[3,5]'))    # 60 bytes by shape, 48 on disk
+    with pytest.raises(CheckpointError, match="'w' has 48 bytes for shape"):
+        read_safetensors_header(path)

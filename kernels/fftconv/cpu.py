@@ -98,45 +98,26 @@ def mixer_core(zt: torch.Tensor, x: torch.Tensor | None, spectrum, D: torch.Tens
     h = h3 // 3
     groups = 1 if x is None else 2
     respond = spectrum if callable(spectrum) else lambda start, stop: spectrum[:, start:stop]
-    kernel = short_w.shape[-1]
-    dtype = zt.dtype
-    yt = torch.empty(b, h, n, dtype=dtype, device=zt.device) if out is None else out
+    yt = torch.empty(b, h, n, dtype=zt.dtype, device=zt.device) if out is None else out
     zg = zt.unflatten(1, (3, h))                                              # (B, x1|x2|v, H, N)
-    w = short_w.view(3, h, kernel)
+    w = short_w.view(3, h, short_w.shape[-1])                                 # (3, H, K)
     bias = None if short_b is None else short_b.view(3, h)
     zb = None if z_bias is None else z_bias.view(3, h)
     mask = None if keep is None else keep[:, None, None, :]                   # (B, 1, 1, N)
     step = block_channels(b, groups, n_fft, h)
     # Zero-padded transform input, reused by every block: only [..., :N] is ever written.
-    pad = torch.zeros(b, groups, step, n_fft, dtype=dtype, device=zt.device)
+    pad = torch.zeros(b, groups, step, n_fft, dtype=zt.dtype, device=zt.device)
     for c0 in range(0, h, step):
         c1 = min(c0 + step, h)
-        c = c1 - c0
         zc = zg[:, :, c0:c1]                                                  # (B, 3, c, N)
         if zb is not None:
             zc = zc + zb[:, c0:c1, None]
         if mask is not None:
             zc = zc * mask
-        wc = w[:, c0:c1]                                                      # (3, c, K)
-        # Causal depthwise conv: tap i reads the input K - 1 - i steps back.
-        sc = zc * wc[..., kernel - 1, None]                                   # (B, 3, c, N)
-        if bias is not None:
-            sc += bias[:, c0:c1, None]
-        for i in range(kernel - 1):
-            shift = kernel - 1 - i
-            if shift < n:
-                sc[..., shift:].addcmul_(zc[..., : n - shift], wc[..., i, None])
+        sc = _short_conv(zc, w[:, c0:c1], None if bias is None else bias[:, c0:c1])
         x1, x2, v = sc.unbind(1)                                              # 3 x (B, c, N)
-        buf = pad[:, :, :c]                                                   # (B, G, c, L)
-        u = buf[:, 0, :, :n]
-        torch.mul(v, x1, out=u)
-        if keep is not None:
-            u.mul_(keep[:, None, :])
-        if groups == 2:
-            xr = buf[:, 1, :, :n]
-            xr.copy_(x[..., c0:c1].transpose(1, 2))                           # (B, c, N)
-            if keep is not None:
-                xr.mul_(keep[:, None, :])
+        buf = pad[:, :, : c1 - c0]                                            # (B, G, c, L)
+        u, xr = _fill_conv_inputs(buf, v, x1, None if x is None else x[..., c0:c1], keep)
         spec = torch.fft.rfft(buf, n=n_fft)                                   # (B, G, c, F)
         spec.mul_(respond(c0, c1))
         conv = torch.fft.irfft(spec, n=n_fft)[..., :n]                        # (B, G, c, N)
@@ -146,3 +127,36 @@ def mixer_core(zt: torch.Tensor, x: torch.Tensor | None, spectrum, D: torch.Tens
         if groups == 2:
             y.add_(conv[:, 1]).addcmul_(xr, D_res[c0:c1, None])
     return yt
+
+
+def _short_conv(zc: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor | None) -> torch.Tensor:
+    """Causal depthwise conv of one channel block: zc (B, 3, c, N) by taps wc (3, c, K), plus bias bc (3, c)."""
+    n, kernel = zc.shape[-1], wc.shape[-1]
+    # Tap i reads the input K - 1 - i steps back; the last tap reads the current step.
+    sc = zc * wc[..., kernel - 1, None]                                       # (B, 3, c, N)
+    if bc is not None:
+        sc += bc[..., None]
+    for i in range(kernel - 1):
+        shift = kernel - 1 - i
+        if shift < n:
+            sc[..., shift:].addcmul_(zc[..., : n - shift], wc[..., i, None])
+    return sc
+
+
+def _fill_conv_inputs(buf: torch.Tensor, v: torch.Tensor, x1: torch.Tensor, xc: torch.Tensor | None,
+                      keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Write one block's long-convolution inputs into its zero-padded buffer ``buf`` (B, G, c, L):
+    u = v * x1 * keep in group 0 and, when ``xc`` (B, N, c) is given, xc * keep in group 1.
+    Returns their (B, c, N) views (None for the second without ``xc``)."""
+    n = v.shape[-1]
+    u = buf[:, 0, :, :n]
+    torch.mul(v, x1, out=u)
+    if keep is not None:
+        u.mul_(keep[:, None, :])
+    if xc is None:
+        return u, None
+    xr = buf[:, 1, :, :n]
+    xr.copy_(xc.transpose(1, 2))                                              # (B, c, N)
+    if keep is not None:
+        xr.mul_(keep[:, None, :])
+    return u, xr

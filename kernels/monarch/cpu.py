@@ -60,7 +60,6 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
     rho = mid // nb
     m = x.shape[1] if x_t else x.shape[0]
     out = nb * s if out_features is None else out_features
-    whole = out // s                                                          # output blocks kept entire
     y = torch.empty((out, m) if out_t else (m, out), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
@@ -98,14 +97,23 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
             torch.bmm(a, c, out=ybc)
         else:
             torch.baddbmm(b, a, c, out=ybc)
-        if out_t:
-            cols = y[:, start:stop]                                           # (out, n)
-            cols[: whole * s].view(whole, s, n).copy_(ybc[:whole])
-            if whole < nb:
-                cols[whole * s:].copy_(ybc[whole, : out - whole * s])         # cropped last block
-        else:
-            rows_out = y[start:stop]                                          # (n, out)
-            rows_out[:, : whole * s].view(n, whole, s).copy_(ybc[:whole].transpose(0, 1))
-            if whole < nb:
-                rows_out[:, whole * s:].copy_(ybc[whole, :, : out - whole * s])
+        _place(ybc, y[:, start:stop] if out_t else y[start:stop], out_t)
     return y
+
+
+def _place(ybc: torch.Tensor, dest: torch.Tensor, out_t: bool) -> None:
+    """Copy a chunk's block-major result into its place in the output, cropping the last block.
+
+    ybc: (nb, S, n) with ``out_t`` else (nb, n, S).  dest: (out, n) with ``out_t`` else (n, out).
+    """
+    nb, s, n = ybc.shape if out_t else (ybc.shape[0], ybc.shape[2], ybc.shape[1])
+    out = dest.shape[0] if out_t else dest.shape[1]
+    whole = out // s                                                          # output blocks kept entire
+    if out_t:
+        dest[: whole * s].view(whole, s, n).copy_(ybc[:whole])
+        if whole < nb:
+            dest[whole * s:].copy_(ybc[whole, : out - whole * s])             # cropped last block
+    else:
+        dest[:, : whole * s].view(n, whole, s).copy_(ybc[:whole].transpose(0, 1))
+        if whole < nb:
+            dest[:, whole * s:].copy_(ybc[whole, :, : out - whole * s])
