@@ -33,6 +33,11 @@ def poison_empty():
 
     Kernels allocate outputs with torch.empty; poisoning them makes any element a kernel fails to
     write show up as NaN instead of as stale memory that happens to look right.
+
+    Example:
+        >>> with poison_empty():
+        ...     torch.empty(3)
+        tensor([nan, nan, nan])
     """
     empty, empty_like = torch.empty, torch.empty_like
 

@@ -1,8 +1,10 @@
 """Command line: ``m2convert COMMAND ...`` (also ``python -m m2convert``).
 
-Each subcommand is a function ``add_<name>_command(subparsers)`` that registers its parser and sets
-``func``; :data:`COMMANDS` lists them in help order. Errors print one line ``m2convert: error: ...``
-and exit non-zero (1 for M2Errors, 2 for bad arguments); ``M2_DEBUG=1`` shows the traceback.
+Each subcommand is a run function decorated with :func:`command`, which names it, gives its help and the
+function that adds its arguments, and appends it to :data:`COMMANDS` (help order = source order);
+:func:`build_parser` and :func:`main` read that list and name no command. Errors print one line
+``m2convert: error: ...`` and exit non-zero (1 for M2Errors, 2 for bad arguments); ``M2_DEBUG=1`` shows
+the traceback.
 
 Example:
     $ m2convert plan all-MiniLM-L6-v2 --seq-len 2048 --html plan.html
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -57,6 +61,53 @@ def _config(args) -> ConvertConfig:
                          overrides={r: None for r in args.skip}, strict=args.strict, seq_len=args.seq_len)
 
 
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, help texts, argument setup and the function that runs it."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = []  # in help order; filled by @command below each command's argument setup
+
+
+def command(name: str, *, help: str, description: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated ``run(args) -> exit status`` as subcommand ``name`` (see :data:`COMMANDS`).
+
+    A new command is two functions beside each other in this file::
+
+        def _hello_arguments(p: argparse.ArgumentParser) -> None:
+            p.add_argument("--name", default="world")
+
+        @command("hello", help="print a greeting", description="Print a greeting.", arguments=_hello_arguments)
+        def _run_hello(args) -> int:
+            print(f"hello {args.name}")
+            return 0
+
+    Example:
+        >>> [c.name for c in COMMANDS]
+        ['plan', 'convert', 'distill', 'export', 'bench', 'demo']
+    """
+    def register(run: Callable[[argparse.Namespace], int]):
+        COMMANDS.append(Command(name, help, description, arguments, run))
+        return run
+    return register
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="local model directory or Hugging Face id")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--html", metavar="FILE", help="also write the plan and graph diff as an HTML page")
+    _add_config_args(p)
+
+
+@command("plan", help="print the rewrite plan of a model (nothing is changed)", arguments=_plan_arguments,
+         description="Capture MODEL, find its attention and MLP sites, and print what conversion would change, "
+                     "with parameters and FLOPs before and after.")
 def _run_plan(args) -> int:
     from .api import load_model, plan
 
@@ -69,17 +120,14 @@ def _run_plan(args) -> int:
     return 0
 
 
-def add_plan_command(sub) -> None:
-    p = sub.add_parser("plan", help="print the rewrite plan of a model (nothing is changed)",
-                       description="Capture MODEL, find its attention and MLP sites, and print what conversion "
-                                   "would change, with parameters and FLOPs before and after.")
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="local model directory or Hugging Face id")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--html", metavar="FILE", help="also write the plan and graph diff as an HTML page")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     _add_config_args(p)
-    p.set_defaults(func=_run_plan)
 
 
+@command("convert", help="convert a model and save it", arguments=_convert_arguments,
+         description="Convert MODEL into a Monarch Mixer model (same class) and save it to DIR.")
 def _run_convert(args) -> int:
     from . import api
     from .serialize import save_pretrained
@@ -100,15 +148,37 @@ def _run_convert(args) -> int:
     return 0
 
 
-def add_convert_command(sub) -> None:
-    p = sub.add_parser("convert", help="convert a model and save it",
-                       description="Convert MODEL into a Monarch Mixer model (same class) and save it to DIR.")
-    p.add_argument("model", metavar="MODEL", help="local model directory or Hugging Face id")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    _add_config_args(p)
-    p.set_defaults(func=_run_convert)
+def _distill_arguments(p: argparse.ArgumentParser) -> None:
+    from .recover.command import add_distill_arguments
+
+    add_distill_arguments(p)
 
 
+@command("distill", help="recover a converted model towards its teacher", arguments=_distill_arguments,
+         description="Distill the converted model in --student (a directory written by `m2convert convert`) "
+                     "towards --teacher on --data, stage by stage, and save the recovered model to --out.")
+def _run_distill(args) -> int:
+    from . import api, serialize
+    from .recover.command import run_distill_cli
+
+    return run_distill_cli(args, load_teacher=api.load_model, load_student=serialize.from_pretrained,
+                           save_student=serialize.save_pretrained)
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="directory of a saved converted model")
+    p.add_argument("--out", required=True, metavar="FILE.pt2", help="output file")
+    p.add_argument("--aoti", action="store_true", help="compile an AOTInductor package")
+    p.add_argument("--seq-len", type=int, default=16, metavar="N",
+                   help="example sequence length (default 16; the artifact takes any length unless --static)")
+    p.add_argument("--batch", type=int, default=1, help="batch size the artifact is built for (default 1)")
+    p.add_argument("--static", action="store_true", help="fix the sequence length to --seq-len")
+
+
+@command("export", help="export a saved converted model as .pt2 or an AOTInductor package",
+         arguments=_export_arguments,
+         description="Load DIR (written by `m2convert convert` or m2convert.save_pretrained) and export it with "
+                     "torch.export; --aoti compiles an AOTInductor package that runs with torch alone.")
 def _run_export(args) -> int:
     from .export import export
     from .passes.capture import example_inputs_for
@@ -122,57 +192,22 @@ def _run_export(args) -> int:
     return 0
 
 
-def add_export_command(sub) -> None:
-    p = sub.add_parser("export", help="export a saved converted model as .pt2 or an AOTInductor package",
-                       description="Load DIR (written by `m2convert convert` or m2convert.save_pretrained) and "
-                                   "export it with torch.export; --aoti compiles an AOTInductor package that "
-                                   "runs with torch alone.")
-    p.add_argument("dir", metavar="DIR", help="directory of a saved converted model")
-    p.add_argument("--out", required=True, metavar="FILE.pt2", help="output file")
-    p.add_argument("--aoti", action="store_true", help="compile an AOTInductor package")
-    p.add_argument("--seq-len", type=int, default=16, metavar="N",
-                   help="example sequence length (default 16; the artifact takes any length unless --static)")
-    p.add_argument("--batch", type=int, default=1, help="batch size the artifact is built for (default 1)")
-    p.add_argument("--static", action="store_true", help="fix the sequence length to --seq-len")
-    p.set_defaults(func=_run_export)
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="model directory or Hugging Face id")
+    p.add_argument("--converted", metavar="DIR",
+                   help="a converted (and recovered) model written by m2convert convert/distill to time instead "
+                        "of converting MODEL; the conversion settings are then ignored")
+    p.add_argument("--seq-lens", default="512,2048,8192", help="comma-separated lengths (default 512,2048,8192)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per call (default 1)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+    p.add_argument("--out", metavar="DIR", help="also write JSON + markdown (+ PNG) reports to DIR")
+    _add_config_args(p)
 
 
-def _run_demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(steps=args.steps, eval_sentences=args.sentences)
-    return 0
-
-
-def add_demo_command(sub) -> None:
-    p = sub.add_parser("demo", help="convert the bundled all-MiniLM-L6-v2, recover it briefly and report",
-                       description="The main job on the bundled model, offline: plan and convert "
-                                   "all-MiniLM-L6-v2, run a short layer-wise recovery on SST-2 sentences "
-                                   "($M2CONVERT_DATA), and report embedding agreement and speed.")
-    p.add_argument("--steps", type=int, default=100, help="transfer steps of the short recovery (default 100)")
-    p.add_argument("--sentences", type=int, default=200, help="held-out dev sentences compared (default 200)")
-    p.set_defaults(func=_run_demo)
-
-
-def _run_distill(args) -> int:
-    from . import api, serialize
-    from .recover.command import run_distill_cli
-
-    return run_distill_cli(args, load_teacher=api.load_model, load_student=serialize.from_pretrained,
-                           save_student=serialize.save_pretrained)
-
-
-def add_distill_command(sub) -> None:
-    from .recover.command import add_distill_arguments
-
-    p = sub.add_parser("distill", help="recover a converted model towards its teacher",
-                       description="Distill the converted model in --student (a directory written by "
-                                   "`m2convert convert`) towards --teacher on --data, stage by stage, and "
-                                   "save the recovered model to --out.")
-    add_distill_arguments(p)
-    p.set_defaults(func=_run_distill)
-
-
+@command("bench", help="time the original and the converted model side by side", arguments=_bench_arguments,
+         description="Convert MODEL (with the conversion settings below) and measure tokens/ms of the original "
+                     "and the converted model, interleaved, at each sequence length; or time a converted model "
+                     "saved in DIR (--converted DIR) against MODEL.")
 def _run_bench(args) -> int:
     from .bench import bench
 
@@ -190,26 +225,21 @@ def _run_bench(args) -> int:
     return 0
 
 
-def add_bench_command(sub) -> None:
-    p = sub.add_parser("bench", help="time the original and the converted model side by side",
-                       description="Convert MODEL (with the conversion settings below) and measure tokens/ms "
-                                   "of the original and the converted model, interleaved, at each sequence "
-                                   "length; or time a converted model saved in DIR (--converted DIR) against "
-                                   "MODEL.")
-    p.add_argument("model", metavar="MODEL", help="model directory or Hugging Face id")
-    p.add_argument("--converted", metavar="DIR",
-                   help="a converted (and recovered) model written by m2convert convert/distill to time instead "
-                        "of converting MODEL; the conversion settings are then ignored")
-    p.add_argument("--seq-lens", default="512,2048,8192", help="comma-separated lengths (default 512,2048,8192)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per call (default 1)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
-    p.add_argument("--out", metavar="DIR", help="also write JSON + markdown (+ PNG) reports to DIR")
-    _add_config_args(p)
-    p.set_defaults(func=_run_bench)
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=100, help="transfer steps of the short recovery (default 100)")
+    p.add_argument("--sentences", type=int, default=200, help="held-out dev sentences compared (default 200)")
 
 
-COMMANDS = [add_plan_command, add_convert_command, add_distill_command, add_export_command, add_bench_command,
-            add_demo_command]
+@command("demo", help="convert the bundled all-MiniLM-L6-v2, recover it briefly and report",
+         arguments=_demo_arguments,
+         description="The main job on the bundled model, offline: plan and convert all-MiniLM-L6-v2, run a "
+                     "short layer-wise recovery on SST-2 sentences ($M2CONVERT_DATA), and report embedding "
+                     "agreement and speed.")
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(steps=args.steps, eval_sentences=args.sentences)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="m2convert", description="Convert pretrained Transformers into Monarch Mixer models.")
     parser.add_argument("--version", action="version", version=f"m2convert {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in COMMANDS:
-        add(sub)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description)
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
     return parser
 
 
@@ -226,7 +258,7 @@ def main(argv=None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 error, 2 bad arguments, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        return args.run(args) or 0
     except M2Error as exc:
         print(f"m2convert: error: {exc}", file=sys.stderr)
         return 1

@@ -30,7 +30,15 @@ LIMITS = {"nblocks": (1, 4096), "rank": (1, 65536), "filter_order": (1, 4096), "
 
 
 def check_site_settings(where: str, settings: dict) -> dict:
-    """Validate a dict of per-site settings (a subset of SITE_SETTINGS) and return it."""
+    """Validate a dict of per-site settings (a subset of SITE_SETTINGS) and return it.
+
+    Example:
+        >>> check_site_settings("overrides['x']", {"nblocks": 8})
+        {'nblocks': 8}
+        >>> check_site_settings("overrides['x']", {"filter_emb_dim": 6})
+        Traceback (most recent call last):
+        m2convert.errors.ConfigError: overrides['x']['filter_emb_dim']=6 must be odd (t plus sin/cos pairs); use 7
+    """
     if not isinstance(settings, dict):
         raise ConfigError(f"{where or 'settings'} must be a dict of settings or None, got {type(settings).__name__}")
     unknown = sorted(set(settings) - set(SITE_SETTINGS))

@@ -50,7 +50,15 @@ class ModelLoadError(M2Error, OSError):
 
 
 def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
-    """Validate an integer argument and return it; raise :class:`ConfigError` naming the range."""
+    """Validate an integer argument and return it; raise :class:`ConfigError` naming the range.
+
+    Example:
+        >>> check_int("nblocks", 4, low=1)
+        4
+        >>> check_int("nblocks", 0, low=1, high=64)
+        Traceback (most recent call last):
+        m2convert.errors.ConfigError: nblocks=0 is out of range; valid range is [1, 64]
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if (low is not None and value < low) or (high is not None and value > high):
@@ -61,7 +69,15 @@ def check_int(name: str, value, *, low: int | None = None, high: int | None = No
 
 
 def check_choice(name: str, value, choices) -> str:
-    """Validate that ``value`` is one of ``choices``; raise :class:`ConfigError` listing them."""
+    """Validate that ``value`` is one of ``choices``; raise :class:`ConfigError` listing them.
+
+    Example:
+        >>> check_choice("mode", "causal", ("causal", "bidirectional"))
+        'causal'
+        >>> check_choice("mode", "both", ("causal", "bidirectional"))
+        Traceback (most recent call last):
+        m2convert.errors.ConfigError: mode='both' is not valid; choose one of ['bidirectional', 'causal']
+    """
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {sorted(choices)}")
     return value

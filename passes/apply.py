@@ -156,6 +156,13 @@ def site_rng(seed: int, fqn: str):
         yield
 
 
+def _seed_path(model: nn.Module, fqn: str) -> str:
+    """The site path that seeds its weights; a DataParallel/DDP wrapper's "module." is left out, so a
+    wrapped model converts exactly like the bare one."""
+    wrapped = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+    return fqn.removeprefix("module.") if wrapped else fqn
+
+
 def apply_plan(plan, model: nn.Module | None = None, inplace: bool = False, seed: bool = True) -> nn.Module:
     """Convert ``model`` (default: the planned model) by ``plan``; see :meth:`RewritePlan.apply`."""
     model = plan.model if model is None else model
@@ -171,7 +178,7 @@ def apply_plan(plan, model: nn.Module | None = None, inplace: bool = False, seed
     replacements: dict[str, nn.Module] = {}
     for site in tqdm(plan.converted, desc="m2convert: building M2 modules", disable=None, leave=False):
         try:
-            with site_rng(plan.config.seed, site.fqn):
+            with site_rng(plan.config.seed, _seed_path(target, site.fqn)):
                 replacements.update(build_replacements(site, target, seed=seed))
         except (M2Error, RuntimeError, ValueError) as exc:
             kind = type(exc).__name__

@@ -1,4 +1,5 @@
-"""Gated long convolution: torch.fft and Monarch-DFT references, and the fused Triton kernel."""
+"""Gated long convolution: its O(N^2) definition (direct_long_conv), the torch.fft and Monarch-DFT
+references, and the fused Triton kernel."""
 
 from .monarch_dft import monarch_dft, monarch_long_conv
 from .reference import direct_long_conv, fft_long_conv, gated_long_conv

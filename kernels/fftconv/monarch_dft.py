@@ -20,7 +20,12 @@ import torch
 
 
 def split_length(n: int) -> tuple[int, int]:
-    """n = n1 * n2 with n1 the largest divisor of n not above sqrt(n)."""
+    """n = n1 * n2 with n1 the largest divisor of n not above sqrt(n).
+
+    Example:
+        >>> split_length(12), split_length(13)
+        ((3, 4), (1, 13))
+    """
     n1 = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
     return n1, n // n1
 
@@ -55,6 +60,13 @@ def monarch_dft(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 
     Returns:
         (..., n) complex, equal to ``torch.fft.fft(x)`` (or ``ifft``) up to rounding.
+
+    Example:
+        >>> x = torch.randn(3, 12, dtype=torch.complex128)
+        >>> torch.allclose(monarch_dft(x), torch.fft.fft(x))
+        True
+        >>> torch.allclose(monarch_dft(x, inverse=True), torch.fft.ifft(x))
+        True
     """
     n = x.shape[-1]
     n1, n2 = split_length(n)
@@ -74,6 +86,12 @@ def monarch_long_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None =
 
     Returns:
         (B, H, N), equal to ``fft_long_conv(u, k, None, D)`` up to rounding.
+
+    Example:
+        >>> from m2convert.kernels.fftconv.reference import fft_long_conv
+        >>> u, k = torch.randn(2, 3, 10), torch.randn(3, 10)
+        >>> torch.allclose(monarch_long_conv(u, k), fft_long_conv(u, k), atol=1e-5)
+        True
     """
     n = u.shape[-1]
     real = torch.promote_types(u.dtype, torch.float32)

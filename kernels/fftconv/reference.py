@@ -54,13 +54,38 @@ def gated_long_conv(v: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, k: torc
 
     Returns:
         (B, H, N).
+
+    Example:
+        >>> v, x1, x2 = torch.randn(3, 2, 4, 6).unbind(0)               # each (B=2, H=4, N=6)
+        >>> k, D = torch.randn(4, 6), torch.randn(4)
+        >>> y = gated_long_conv(v, x1, x2, k, None, D)                  # causal: (2, 4, 6)
+        >>> torch.allclose(y, x2 * direct_long_conv(v * x1, k, None, D), atol=1e-5)
+        True
     """
     return x2 * fft_long_conv(v * x1, k, k_rev, D)
 
 
 def direct_long_conv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None = None,
                      D: torch.Tensor | None = None) -> torch.Tensor:
-    """The same convolution as :func:`fft_long_conv` as an O(N^2) sum over offsets (tests only)."""
+    """The same convolution as :func:`fft_long_conv`, written as the O(N^2) sum over offsets it defines.
+
+    The definition the FFT, Monarch-DFT and fused versions are checked against: slow (N vector
+    operations), but with no transform whose padding or wrap-around could hide an error.
+
+    Args:
+        u: (B, H, N).  k: (H, N).  k_rev: (H, N) or None.  D: (H,) or None.
+
+    Returns:
+        (B, H, N): y[t] = sum_d k[d] u[t - d] + sum_{d >= 1} k_rev[d] u[t + d] + D u[t].
+
+    Example:
+        >>> u, k = torch.zeros(1, 1, 4), torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+        >>> u[0, 0, 1] = 1.0                                            # an impulse at t = 1
+        >>> direct_long_conv(u, k)                                      # k, delayed by one step
+        tensor([[[0., 1., 2., 3.]]])
+        >>> torch.allclose(direct_long_conv(u, k, k), fft_long_conv(u, k, k), atol=1e-6)
+        True
+    """
     n = u.shape[-1]
     y = torch.zeros_like(u)
     for d in range(n):

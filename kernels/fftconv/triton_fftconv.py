@@ -322,9 +322,12 @@ def gated_long_conv_triton(v: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, 
         (B, H, N) in v's dtype.
 
     Example:
-        >>> v, x1, x2 = (torch.randn(2, 3, 100, device="cuda") for _ in range(3))
-        >>> k = torch.randn(3, 100, device="cuda")
-        >>> gated_long_conv_triton(v, x1, x2, k).shape
-        torch.Size([2, 3, 100])
+        >>> from m2convert.kernels.fftconv.reference import gated_long_conv
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU needs TRITON_INTERPRET=1
+        >>> v, x1, x2 = (torch.randn(2, 3, 100, device=dev) for _ in range(3))
+        >>> k = torch.randn(3, 100, device=dev) / 100
+        >>> y = gated_long_conv_triton(v, x1, x2, k)  # (2, 3, 100)
+        >>> torch.allclose(y, gated_long_conv(v, x1, x2, k), atol=1e-4)
+        True
     """
     return _GatedLongConv.apply(v, x1, x2, k, k_rev, D)

@@ -54,7 +54,15 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch
 
 
 def monarch_to_dense(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The dense (nb * S, nb * P) matrix of a Monarch factor pair, built block by block."""
+    """The dense (nb * S, nb * P) matrix of a Monarch factor pair, built block by block.
+
+    Example:
+        >>> w1, w2 = torch.randn(4, 8, 3), torch.randn(4, 5, 8)          # nb=4, rho=2, P=3, S=5
+        >>> dense = monarch_to_dense(w1, w2)                              # (20, 12)
+        >>> x = torch.randn(7, 12)
+        >>> torch.allclose(x @ dense.T, monarch_matmul(x, w1, w2), atol=1e-5)
+        True
+    """
     nb, mid, p = w1.shape
     s = w2.shape[1]
     rho = mid // nb

@@ -303,10 +303,13 @@ def monarch_matmul_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -
         (..., nb * S).
 
     Example:
-        >>> x = torch.randn(2, 7, 12, device="cuda")
-        >>> w1, w2 = torch.randn(4, 8, 3, device="cuda"), torch.randn(4, 5, 8, device="cuda")
-        >>> monarch_matmul_triton(x, w1, w2).shape
-        torch.Size([2, 7, 20])
+        >>> from m2convert.kernels.monarch.reference import monarch_matmul
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU needs TRITON_INTERPRET=1
+        >>> x = torch.randn(2, 7, 12, device=dev)
+        >>> w1, w2 = torch.randn(4, 8, 3, device=dev), torch.randn(4, 5, 8, device=dev)
+        >>> y = monarch_matmul_triton(x, w1, w2)  # (2, 7, 4 * 5)
+        >>> torch.allclose(y, monarch_matmul(x, w1, w2), atol=1e-4)
+        True
     """
     nb, p, s, _ = _check(x, w1, w2)
     lead = x.shape[:-1]

@@ -45,9 +45,14 @@ class Batches:
     Shapes: ``batch(k)`` -> dict of (B, N) tensors (+ ``labels`` (B,) or (B, N)).
 
     Example:
-        >>> src = load_data(default_data_dir() / "sst2" / "dev.tsv", tokenizer, batch_size=8)  # doctest: +SKIP
-        >>> src.batch(0)["input_ids"].shape                                                    # doctest: +SKIP
-        torch.Size([8, 41])
+        >>> from m2convert.loading import bundled_model_path                 # all-MiniLM-L6-v2, offline
+        >>> tokenizer = transformers.AutoTokenizer.from_pretrained(bundled_model_path())
+        >>> from m2convert.data import default_data_dir, load_data
+        >>> src = load_data(default_data_dir() / "sst2" / "dev.tsv", tokenizer, batch_size=8)
+        >>> src.batch(0)["input_ids"].shape
+        torch.Size([8, 39])
+        >>> torch.equal(src.batch(3)["input_ids"], src.batch(3)["input_ids"])   # a pure function of (seed, k)
+        True
     """
 
     def __init__(self, examples: list, collate, batch_size: int, *, shuffle: bool = True, seed: int = 0,
@@ -161,9 +166,14 @@ def classification_collate(tokenizer):
     """Collate {"input_ids": [...], "label": int} examples into padded batches (B, N) + labels (B,).
 
     Example:
-        >>> batch = classification_collate(tokenizer)([{"input_ids": [101, 7, 102], "label": 1}])  # doctest: +SKIP
-        >>> batch["attention_mask"]                                                            # doctest: +SKIP
-        tensor([[1, 1, 1]])
+        >>> from m2convert.loading import bundled_model_path                 # all-MiniLM-L6-v2, offline
+        >>> tokenizer = transformers.AutoTokenizer.from_pretrained(bundled_model_path())
+        >>> batch = classification_collate(tokenizer)([{"input_ids": [101, 7, 102], "label": 1},
+        ...                                            {"input_ids": [101, 102], "label": 0}])
+        >>> batch["input_ids"], batch["attention_mask"], batch["labels"]
+        (tensor([[101,   7, 102],
+                [101, 102,   0]]), tensor([[1, 1, 1],
+                [1, 1, 0]]), tensor([1, 0]))
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -185,13 +195,26 @@ def classification_collate(tokenizer):
 
 
 def lm_collate(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Stack (block_size,) id blocks into a causal-LM batch; labels are the inputs (models shift)."""
+    """Stack (block_size,) id blocks into a causal-LM batch; labels are the inputs (models shift).
+
+    Example:
+        >>> batch = lm_collate([torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10])])
+        >>> batch["input_ids"].shape, torch.equal(batch["labels"], batch["input_ids"])
+        (torch.Size([2, 3]), True)
+    """
     ids = torch.stack(rows)                                            # (B, block)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 def tokenize_examples(texts: list[str], labels: list[int] | None, tokenizer, max_length: int) -> list[dict]:
-    """Tokenise texts (with the tokenizer's special tokens, truncated) into collatable examples."""
+    """Tokenise texts (with the tokenizer's special tokens, truncated) into collatable examples.
+
+    Example:
+        >>> from m2convert.loading import bundled_model_path                 # all-MiniLM-L6-v2, offline
+        >>> tokenizer = transformers.AutoTokenizer.from_pretrained(bundled_model_path())
+        >>> tokenize_examples(["a fine film", "dull"], [1, 0], tokenizer, max_length=4)
+        [{'input_ids': [101, 1037, 2986, 102], 'label': 1}, {'input_ids': [101, 10634, 102], 'label': 0}]
+    """
     enc = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     return [{"input_ids": ids, "label": None if labels is None else labels[i]} for i, ids in enumerate(enc)]
 
@@ -214,9 +237,14 @@ def load_data(data: Any, tokenizer=None, *, batch_size: int = 32, max_length: in
     Returns batches of dicts: input_ids (B, N), attention_mask (B, N), labels (B,) or (B, N).
 
     Example:
-        >>> src = load_data(default_data_dir() / "sst2" / "train.tsv", tokenizer, batch_size=32)  # doctest: +SKIP
-        >>> sorted(src.batch(0))                                                                # doctest: +SKIP
+        >>> from m2convert.loading import bundled_model_path                 # all-MiniLM-L6-v2, offline
+        >>> tokenizer = transformers.AutoTokenizer.from_pretrained(bundled_model_path())
+        >>> from m2convert.data import default_data_dir, load_data
+        >>> src = load_data(default_data_dir() / "sst2" / "dev.tsv", tokenizer, batch_size=32)
+        >>> sorted(src.batch(0))
         ['attention_mask', 'input_ids', 'labels', 'token_type_ids']
+        >>> src.report.rows, src.report.bad
+        (872, 0)
     """
     check_choice("task", task, ("auto", "classification", "lm"))
     check_choice("on_bad", on_bad, ON_BAD)

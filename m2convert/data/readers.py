@@ -32,7 +32,14 @@ def default_data_dir() -> Path:
 
 @dataclass
 class RowReport:
-    """What reading a source found: rows kept, bad rows and the first few reasons (line, why)."""
+    """What reading a source found: rows kept, bad rows and the first few reasons (line, why).
+
+    Example:
+        >>> report = RowReport("train.tsv", rows=2)
+        >>> report.add_bad(3, "empty text", on_bad="skip")
+        >>> report.summary()
+        'train.tsv: 2 rows kept, 1 bad rows skipped; e.g. line 3: empty text'
+    """
 
     source: str
     rows: int = 0
@@ -122,7 +129,10 @@ def read_jsonl(path, *, text_key: str = "text", label_key: str | None = "label",
     """Read JSON lines ``{"text": ..., "label": ...}``; labels are None when no row has one.
 
     Example:
-        >>> texts, labels, report = read_jsonl("train.jsonl")   # doctest: +SKIP
+        >>> _ = Path("train.jsonl").write_text('{"text": "a fine film", "label": 1}\\n{"text": ""}\\n')
+        >>> texts, labels, report = read_jsonl("train.jsonl")
+        >>> texts, labels, report.bad
+        (['a fine film'], [1], 1)
     """
     check_choice("on_bad", on_bad, ON_BAD)
     path = Path(path)
@@ -191,9 +201,12 @@ def pack_text(path, tokenizer, block_size: int, *, on_bad: str = "skip") -> tupl
     The tail that does not fill a block is dropped.
 
     Example:
-        >>> blocks, report = pack_text(default_data_dir() / "wikitext2" / "valid.txt", tok, 128)  # doctest: +SKIP
-        >>> blocks.shape                                                                      # doctest: +SKIP
-        torch.Size([1903, 128])
+        >>> from m2convert.loading import bundled_model_path                 # all-MiniLM-L6-v2, offline
+        >>> tokenizer = transformers.AutoTokenizer.from_pretrained(bundled_model_path())
+        >>> _ = Path("notes.txt").write_text("the cat sat on the mat.\\n" * 10)
+        >>> blocks, report = pack_text("notes.txt", tokenizer, 16)          # 70 tokens -> 4 blocks of 16
+        >>> blocks.shape
+        torch.Size([4, 16])
     """
     check_int("block_size", block_size, low=2)
     path = Path(path)

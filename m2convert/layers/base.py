@@ -17,6 +17,12 @@ class M2Block(nn.Module):
     """Base of the M2 replacement modules (MonarchLinear, M2SequenceMixer, attention adapters).
 
     Recovery finds the modules to train by this class; the plan reads their cost from :meth:`flops`.
+
+    Example:
+        >>> from m2convert.layers import MonarchLinear
+        >>> layer = MonarchLinear(64, 64, nblocks=4)
+        >>> isinstance(layer, M2Block), layer.num_parameters(), layer.flops()
+        (True, 2112, 4160*B*N)
     """
 
     def flops(self, seq_len=None, batch=None) -> sympy.Expr:

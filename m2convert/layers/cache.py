@@ -12,9 +12,12 @@ Greedy search, sampling and beam search work (beam search reorders the states li
 assisted / speculative decoding, which crops the cache, is refused with a clear error.
 
 Example:
-    >>> converted = m2.convert(GPT2LMHeadModel(config))
-    >>> out = converted.generate(ids, max_new_tokens=64, do_sample=False)       # cached, O(N) per token
-    >>> same = converted.generate(ids, max_new_tokens=64, do_sample=False, use_cache=False)
+    >>> config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2, pad_token_id=0)
+    >>> converted = m2.convert(transformers.GPT2LMHeadModel(config).eval())
+    >>> ids = torch.randint(1, 100, (1, 5))
+    >>> cached = converted.generate(ids, max_new_tokens=8, do_sample=False)       # O(N) per new token
+    >>> torch.equal(cached, converted.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False))
+    True
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ class M2CacheLayer(DynamicLayer):
     follows the batch operations of beam search; it cannot be cropped.
 
     Example:
-        >>> cache = DynamicCache(config=model.config)
-        >>> model(ids, cache=cache, use_cache=True)
-        >>> cache.layers[0].get_seq_length() == ids.shape[1]
-        True
+        >>> from transformers import DynamicCache
+        >>> from m2convert.layers import M2SequenceMixer
+        >>> cache = DynamicCache()
+        >>> y = cached_mix(M2SequenceMixer(16, mode="causal"), torch.randn(1, 5, 16), None, cache, 0)
+        >>> type(cache.layers[0]).__name__, cache.layers[0].get_seq_length()
+        ('M2CacheLayer', 5)
     """
 
     is_croppable = False
@@ -96,6 +101,7 @@ def cache_layer(cache, layer_idx: int | None) -> M2CacheLayer:
     """The :class:`M2CacheLayer` at ``layer_idx`` of a transformers Cache, put in place on first use.
 
     Example:
+        >>> from transformers import DynamicCache
         >>> cache_layer(DynamicCache(), 0).get_seq_length()
         0
     """
@@ -130,8 +136,13 @@ def cached_mix(mixer, x: torch.Tensor, keep: torch.Tensor | None, cache, layer_i
         (B, n, H), equal to the last n outputs of the mixer on the whole sequence.
 
     Example:
-        >>> y = cached_mix(adapter.mixer, x_prompt, None, cache, 0)       # (B, N, H)
-        >>> y_t = cached_mix(adapter.mixer, x_next, None, cache, 0)       # (B, 1, H)
+        >>> from transformers import DynamicCache
+        >>> from m2convert.layers import M2SequenceMixer
+        >>> mixer, cache, x = M2SequenceMixer(16, mode="causal").eval(), DynamicCache(), torch.randn(1, 6, 16)
+        >>> y = cached_mix(mixer, x[:, :5], None, cache, 0)               # the prompt: (1, 5, 16)
+        >>> y_t = cached_mix(mixer, x[:, 5:], None, cache, 0)             # one new token: (1, 1, 16)
+        >>> torch.allclose(y_t, mixer(x)[:, 5:], atol=1e-5)
+        True
     """
     layer = cache_layer(cache, layer_idx)
     if layer.state is None:

@@ -100,6 +100,10 @@ def monarch_shape(in_features: int, out_features: int, nblocks: int, rank: int) 
     nb x nb blocks of the dense matrix it represents has rank rho = rank * ceil(min(P, S) / nb),
     capped at min(P, S), where the class holds every dense matrix (more would add parameters, not
     expressiveness). rank=1 gives the usual square Monarch (half the dense parameters at nb = 4).
+
+    Example:
+        >>> monarch_shape(768, 3072, nblocks=4, rank=1)                   # P = 192, S = 768, rho = 48
+        (192, 768, 48)
     """
     check_int("in_features", in_features, low=1)
     check_int("out_features", out_features, low=1)
