@@ -107,7 +107,11 @@ def build_replacements(site: Site, model: nn.Module, seed: bool = True, device=N
     """{module path: new module} for one site; seeded from ``model``'s weights when ``seed``.
 
     Example:
-        >>> build_replacements(plan.sites[0], model)          # {'encoder.layer.0.attention': M2PostNormAttention(...)}
+        >>> model = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=64))
+        >>> plan = m2.plan(model)
+        >>> {path: type(m).__name__ for path, m in build_replacements(plan.sites[0], model).items()}
+        {'encoder.layer.0.attention': 'M2PostNormAttention'}
     """
     builder = BUILDERS.get(type(site.layout))
     if builder is None:
@@ -122,7 +126,12 @@ def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Mod
     Every path is checked before the first swap, so a bad path changes nothing.
 
     Example:
-        >>> swap_modules(model, {"encoder.layer.0.intermediate.dense": MonarchLinear(384, 1536)})
+        >>> model = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=64))
+        >>> swap_modules(model, {"encoder.layer.0.intermediate.dense": MonarchLinear(32, 64)})
+        BertModel(...)
+        >>> type(model.encoder.layer[0].intermediate.dense).__name__
+        'MonarchLinear'
     """
     for path in replacements:
         try:

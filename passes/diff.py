@@ -23,6 +23,8 @@ def module_graph(index: GraphIndex) -> nx.DiGraph:
     """Module-level dataflow graph of a captured model (see the module docstring).
 
     Example:
+        >>> model = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=64))
         >>> g = module_graph(GraphIndex(capture(model)))
         >>> g.nodes["encoder.layer.0.attention.self.query"]["type"]
         'Linear'
@@ -156,8 +158,15 @@ def diff(original: nn.Module, converted: nn.Module, example_inputs=None) -> Rewr
     """Compare a model with its converted copy, module by module and graph against graph.
 
     Example:
+        >>> model = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=64))
         >>> d = m2.diff(model, m2.convert(model))
         >>> print(d)                      # replaced modules, params, graph node counts
+        3 module(s) replaced; parameters 29,312 -> ...
+          encoder.layer.0.attention           BertAttention -> M2PostNormAttention  (4,288 -> ...)
+          encoder.layer.0.intermediate.dense  Linear -> MonarchLinear  (2,112 -> 832)
+          encoder.layer.0.output.dense        Linear -> MonarchLinear  (2,080 -> 800)
+        graph nodes: added ..., kept ..., removed ..., replaced 2
     """
     check_model(original, "m2.diff")
     check_model(converted, "m2.diff")

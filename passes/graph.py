@@ -127,6 +127,9 @@ class GraphIndex:
     """Module-level view of a captured graph.
 
     Example:
+        >>> from m2convert.passes.capture import capture
+        >>> model = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=64))
         >>> index = GraphIndex(capture(model))
         >>> [p.fqn for p in index.projections][:2]
         ['encoder.layer.0.attention.self.query', 'encoder.layer.0.attention.self.key']

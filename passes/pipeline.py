@@ -110,9 +110,10 @@ def plan_model(model, config=None, example_inputs=None) -> RewritePlan:
     """Capture ``model``, run the analysis passes and return the plan (the model is not modified).
 
     Example:
-        >>> plan = plan_model(BertModel(BertConfig(num_hidden_layers=2)))
-        >>> [s.pattern for s in plan.sites][:2]
-        ['sdpa-attention', 'sdpa-attention']
+        >>> plan = plan_model(transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=64)))
+        >>> [(s.pattern, s.status) for s in plan.sites]
+        [('sdpa-attention', 'convert'), ('gelu-mlp', 'convert')]
     """
     check_model(model)
     config = as_config(config)

@@ -1,9 +1,14 @@
 """RewritePlan: what becomes what, what it costs before and after, and what was left alone and why.
 
 Example:
+    >>> model = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+    ...     num_attention_heads=2, intermediate_size=64))
     >>> plan = m2.plan(model, m2.ConvertConfig(seq_len=2048))
     >>> print(plan)                      # the table
+    RewritePlan for BertModel: 2 site(s) to convert, 0 skipped, 0 excluded (FLOPs per sequence at N=2048)
+    ...
     >>> plan.to_html("plan.html")        # table + before/after graph
+    PosixPath('plan.html')
     >>> converted = plan.apply()         # the original is untouched
 """
 
@@ -172,6 +177,8 @@ class RewritePlan:
             ConversionError: ``config.strict`` and a site was skipped; or a replacement failed to build.
 
         Example:
+            >>> model = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+            ...     num_attention_heads=2, intermediate_size=64))
             >>> converted = m2.plan(model).apply()
             >>> converted.m2convert_plan["sites"][0]["fqn"]
             'encoder.layer.0.attention'
