@@ -88,7 +88,12 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer, state: dict, *, ran
     for :func:`find_checkpoint` (see the module docstring).
 
     Example:
-        >>> save_checkpoint("runs/ckpt/latest", student, opt, {"stage_index": 0, "stage_step": 10})  # doctest: +SKIP
+        >>> model = nn.Linear(4, 2)
+        >>> opt = torch.optim.AdamW(model.parameters())
+        >>> save_checkpoint("runs/ckpt/latest", model, opt, {"stage_index": 0, "stage_step": 10})
+        PosixPath('runs/ckpt/latest')
+        >>> read_state("runs/ckpt/latest")["state"]
+        {'stage_index': 0, 'stage_step': 10}
     """
     path = Path(path)
     tmp, old = _siblings(path)
@@ -128,7 +133,8 @@ def find_checkpoint(path) -> Path | None:
     during its first save): resuming from them would silently start over.
 
     Example:
-        >>> find_checkpoint("runs/ckpt/latest")                            # doctest: +SKIP
+        >>> _ = save_checkpoint("runs/ckpt/latest", nn.Linear(4, 2), None, {"stage_step": 1})
+        >>> find_checkpoint("runs/ckpt/latest")
         PosixPath('runs/ckpt/latest')
     """
     path = Path(path)

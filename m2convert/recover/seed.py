@@ -206,10 +206,13 @@ def seed_filters_from_attention(student: nn.Module, teacher: nn.Module, batches,
     (and ``open_gates`` on a Monarch in_proj). Every check runs before the student is changed.
 
     Example:
-        >>> student = m2.convert(teacher)                                                    # doctest: +SKIP
-        >>> rep = seed_filters_from_attention(student, teacher, batches[:8], open_gates=True)   # doctest: +SKIP
-        >>> layer = rep["layers"]["bert.encoder.layer.0.attention"]                           # doctest: +SKIP
-        >>> layer["fit_error_after"] < layer["fit_error_before"]                              # doctest: +SKIP
+        >>> teacher = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
+        >>> student = m2.convert(teacher, m2.ConvertConfig(filter_order=16))
+        >>> batches = [{"input_ids": torch.randint(0, 100, (2, 24))} for _ in range(2)]
+        >>> rep = seed_filters_from_attention(student, teacher, batches, steps=20, progress=False)
+        >>> layer = rep["layers"]["encoder.layer.0.attention"]
+        >>> bool(layer["fit_error_after"] < layer["fit_error_before"])
         True
     """
     _check_arguments(student, teacher, steps, lr, max_offset)

@@ -28,9 +28,17 @@ class DistillTrainer(Trainer):
 
     Example:
         >>> from m2convert.recover import DistillTrainer        # loaded on first use (imports Trainer)
-        >>> trainer = DistillTrainer(model=student, teacher=teacher, args=TrainingArguments("out"),
-        ...                          train_dataset=train, temperature=2.0)            # doctest: +SKIP
-        >>> trainer.train()                                                           # doctest: +SKIP
+        >>> teacher = transformers.BertForSequenceClassification(transformers.BertConfig(vocab_size=100,
+        ...     hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
+        >>> student = m2.convert(teacher, m2.ConvertConfig(filter_order=16))
+        >>> train = [{"input_ids": torch.randint(0, 100, (12,)), "labels": torch.tensor(i % 2)} for i in range(8)]
+        >>> args = transformers.TrainingArguments("out", max_steps=2, per_device_train_batch_size=4,
+        ...                                       report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")
+        >>> trainer = DistillTrainer(model=student, teacher=teacher, args=args, train_dataset=train,
+        ...                          temperature=2.0, task_weight=0.0)
+        >>> trainer.train().global_step                         # Trainer prints its summary first
+        {'train_runtime': ...}
+        2
     """
 
     def __init__(self, *args, teacher=None, temperature: float = 2.0, kd_weight: float = 1.0,
