@@ -1,8 +1,10 @@
 """Reading the header of a safetensors file: every tensor's dtype, shape and byte span, checked against
-the file's length, without reading any tensor data.
+the file's length, without reading any tensor data; and the content hashes m2convert saves record.
 
 Loading m2convert saves (``serialize.from_pretrained``) and Hugging Face directories (``m2.load_model``)
-both read it first, so a truncated or foreign file is named before anything else reads it.
+both read it first, so a truncated or foreign file is named before anything else reads it. A save also
+records the SHA-256 of the header bytes (:func:`header_sha256`) and of every tensor's bytes
+(:func:`tensor_sha256`), which loading compares, so a changed byte anywhere in the file is named.
 
 Example:
     >>> from safetensors.torch import save_file
@@ -13,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -88,3 +91,87 @@ def read_safetensors_header(path: Path) -> dict[str, HeaderEntry]:
                                   f"{entry.shape} {entry.dtype}; the file is corrupt: {again}")
         out[name] = entry
     return out
+
+
+HASH = "sha256"                 # the algorithm m2convert.json records; hashlib's name
+AGAIN = "the file was changed or damaged after it was saved: copy or save the model again"
+
+
+def header_length(path: Path) -> int:
+    """Bytes before the first tensor's data: the 8-byte header size and the JSON header itself."""
+    with path.open("rb") as f:
+        raw = f.read(8)
+    return 8 + struct.unpack("<Q", raw)[0] if len(raw) == 8 else len(raw)
+
+
+def header_sha256(path: Path, nbytes: int) -> str:
+    """Hex SHA-256 of the first ``nbytes`` bytes of ``path`` (its header, ``nbytes`` as recorded at save)."""
+    with path.open("rb") as f:
+        return hashlib.sha256(f.read(nbytes)).hexdigest()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """Hex SHA-256 of a tensor's bytes as safetensors stores them (row-major, little-endian).
+
+    Example:
+        >>> tensor_sha256(torch.zeros(2)) == hashlib.sha256(bytes(8)).hexdigest()
+        True
+    """
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)                 # (numel,)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest()    # over numel * itemsize bytes
+
+
+@dataclass(frozen=True)
+class WeightHashes:
+    """The hashes a save records for its weight file: of the header bytes and of each tensor's bytes.
+
+    A changed byte in the header fails :meth:`check_header` (naming the file), one in a tensor's data
+    fails :meth:`check_tensor` (naming the tensor); every byte of a safetensors file is one or the other.
+
+    Example:
+        >>> from safetensors.torch import save_file
+        >>> tensors = {"w": torch.zeros(3, 4)}
+        >>> save_file(tensors, "w.safetensors")
+        >>> hashes = WeightHashes.of_file(Path("w.safetensors"), tensors)
+        >>> hashes.check_header(Path("w.safetensors"))                  # no error: unchanged
+        >>> WeightHashes.from_dict(hashes.to_dict(), "m2convert.json") == hashes
+        True
+    """
+
+    header_bytes: int
+    header: str
+    tensors: dict[str, str]
+
+    @classmethod
+    def of_file(cls, path: Path, tensors: dict[str, torch.Tensor]) -> "WeightHashes":
+        """Hashes of ``path``'s header and of ``tensors``, the tensors just written to it."""
+        nbytes = header_length(path)
+        return cls(nbytes, header_sha256(path, nbytes), {name: tensor_sha256(t) for name, t in tensors.items()})
+
+    def to_dict(self) -> dict:
+        return {"algorithm": HASH, "header_bytes": self.header_bytes, "header": self.header, "tensors": self.tensors}
+
+    @classmethod
+    def from_dict(cls, data, where) -> "WeightHashes":
+        """Read :meth:`to_dict` output; ``where`` (the file it is in) names it in the CheckpointError raised
+        for a malformed entry or an algorithm this version does not check."""
+        if not (isinstance(data, dict) and isinstance(data.get("header_bytes"), int)
+                and isinstance(data.get("header"), str) and isinstance(data.get("tensors"), dict)):
+            raise CheckpointError(f"{where}: its 'hashes' entry is malformed; the file is corrupt: save the model "
+                                  "again")
+        if data.get("algorithm") != HASH:
+            raise CheckpointError(f"{where} records {data.get('algorithm')!r} hashes but this m2convert checks "
+                                  f"{HASH!r}: upgrade m2convert")
+        return cls(data["header_bytes"], data["header"], dict(data["tensors"]))
+
+    def check_header(self, path: Path) -> None:
+        """Raise CheckpointError naming ``path`` if its header bytes differ from the recorded ones."""
+        if header_sha256(path, self.header_bytes) != self.header:
+            raise CheckpointError(f"{path}: its header (the first {self.header_bytes} bytes: tensor names, dtypes, "
+                                  f"shapes and offsets) does not match the {HASH} recorded at save; {AGAIN}")
+
+    def check_tensor(self, path: Path, name: str, tensor: torch.Tensor, entry: HeaderEntry) -> None:
+        """Raise CheckpointError naming ``path`` and tensor ``name`` if the bytes read differ from the recorded ones."""
+        if tensor_sha256(tensor) != self.tensors.get(name):
+            raise CheckpointError(f"{path}: tensor '{name}' (data bytes {entry.start} to {entry.end}) does not match "
+                                  f"the {HASH} recorded at save; {AGAIN}")

@@ -3,29 +3,39 @@
 A saved directory holds
 
     m2convert.json      format + version, the model class, its Hugging Face config dict, the rewrite
-                        plan (``RewritePlan.to_dict()``), weight aliases (tied weights) and versions
+                        plan (``RewritePlan.to_dict()``), weight aliases (tied weights), versions, and the
+                        SHA-256 of the weight file's header and of every tensor
     model.safetensors   every parameter and persistent buffer, one copy per tied group
-    config.json         a copy of the Hugging Face config, so AutoConfig/AutoTokenizer read the directory
+    config.json         an ``M2Config`` (:mod:`m2convert.auto_config`): a model type transformers does not
+                        know and an ``auto_map`` to m2convert_auto.py, so that transformers' Auto classes,
+                        pipeline, SentenceTransformer and lm-eval load the converted model under
+                        ``trust_remote_code=True`` and refuse without it, never building the unconverted one
+    m2convert_auto.py   two lines importing the loaders of the installed m2convert (:mod:`m2convert.auto_loaders`)
     generation_config.json, tokenizer files    when the model has them
+
+:func:`save_pretrained`, the converted model's own ``model.save_pretrained(dir)`` (set on every model
+``m2.convert`` returns, so ``transformers.Trainer.save_model`` and SentenceTransformer's ``save`` use it)
+all write this layout.
 
 Loading rebuilds the original class from its config with every parameter on the ``meta`` device,
 applies the plan's structure there (no projection, no teacher), and assigns the saved tensors
 (``load_state_dict(assign=True)``); buffers that are not saved (non-persistent: rotary frequencies,
-filter features) are recomputed by the constructors exactly as in the original.
-
-The model's own ``save_pretrained(dir)`` writes config.json and model.safetensors with the same tensor
-names and values, but not m2convert.json; load such a directory with
-``from_pretrained(dir, plan=converted.m2convert_plan)``, or save with :func:`save_pretrained` to get a
-self-contained directory.
+filter features) are recomputed by the constructors exactly as in the original. Every tensor read is
+checked against its recorded hash (saves made before hashes were recorded load unchecked). A folder
+written by transformers alone (``type(model).save_pretrained(model, dir)``: config.json and weights, no
+m2convert.json) loads with ``from_pretrained(dir, plan=converted.m2convert_plan)``.
 
 Example:
-    >>> m2.save_pretrained(m2.convert(model), "bert-m2")
-    >>> model = m2.from_pretrained("bert-m2")
+    >>> import tempfile
+    >>> model = transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+    ...     num_attention_heads=2, intermediate_size=64))
+    >>> folder = save_pretrained(m2.convert(model, filter_order=16), tempfile.mkdtemp())
+    >>> type(from_pretrained(folder)).__name__
+    'BertModel'
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -33,8 +43,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, M2Error
-from .safetensors_header import DTYPES, HeaderEntry, read_safetensors_header
+from .auto_config import write_auto_files
+from .errors import CheckpointError, ConfigError
+from .passes.apply import CONVERTED_MODEL_HOOKS
+from .safetensors_header import DTYPES, HeaderEntry, WeightHashes, read_safetensors_header
+from .structure import build_structure, parameters_on_meta  # noqa: F401  (parameters_on_meta: re-exported)
 
 FORMAT = "m2convert-model"
 FORMAT_VERSION = 1
@@ -80,6 +93,8 @@ def _copy_known_tokenizer(model: nn.Module, out: Path) -> list[str]:
 def save_pretrained(model: nn.Module, path, tokenizer=None) -> Path:
     """Save a converted Hugging Face model to directory ``path`` (created if needed).
 
+    ``model.save_pretrained(path)`` on a converted model does the same.
+
     Args:
         model: a model returned by ``m2.convert`` / ``m2.from_pretrained`` (it carries ``m2convert_plan``).
         path: output directory; existing files of the same names are replaced.
@@ -93,10 +108,29 @@ def save_pretrained(model: nn.Module, path, tokenizer=None) -> Path:
         CheckpointError: the model has no plan or no Hugging Face config, or ``path`` is a file.
 
     Example:
-        >>> converted = m2.convert(GPT2LMHeadModel(GPT2Config(n_layer=2)))
-        >>> m2.save_pretrained(converted, "gpt2-m2")
-        PosixPath('gpt2-m2')
+        >>> import tempfile
+        >>> converted = m2.convert(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_layer=2,
+        ...     n_embd=32, n_head=2, bos_token_id=0, eos_token_id=0)).eval(), filter_order=16)
+        >>> folder = m2.save_pretrained(converted, Path(tempfile.mkdtemp()) / "gpt2-m2")
+        >>> sorted(p.name for p in folder.iterdir())
+        ['config.json', 'generation_config.json', 'm2convert.json', 'm2convert_auto.py', 'model.safetensors']
     """
+    return _save(model, path, tokenizer)
+
+
+def _tensors_to_save(model: nn.Module, groups: list[list[str]], state: dict | None) -> dict[str, torch.Tensor]:
+    """{name: tensor}, one per tied group, from ``state`` (default: the model's state dict)."""
+    own = model.state_dict()
+    if state is None:
+        state = own
+    elif set(state) != set(own):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise CheckpointError(f"the state_dict given to save {type(model).__name__} does not match the model: "
+                              f"missing {missing[:5]}, unexpected {extra[:5]}; pass model.state_dict() or none")
+    return {g[0]: state[g[0]].detach().contiguous() for g in groups}
+
+
+def _save(model: nn.Module, path, tokenizer=None, state: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     plan = getattr(model, "m2convert_plan", None)
@@ -111,13 +145,13 @@ def save_pretrained(model: nn.Module, path, tokenizer=None) -> Path:
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"cannot save to '{out}': it is a file; give a directory")
     out.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
     groups = _alias_groups(model)
-    tensors = {g[0]: state[g[0]].detach().contiguous() for g in groups}         # one copy per tied group
+    tensors = _tensors_to_save(model, groups, state)
     tmp = out / (WEIGHTS_FILE + ".partial")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    hashes = WeightHashes.of_file(tmp, tensors)
     tmp.replace(out / WEIGHTS_FILE)
-    config.to_json_file(str(out / "config.json"))
+    write_auto_files(model, out)
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
         generation.save_pretrained(str(out))
@@ -129,9 +163,72 @@ def save_pretrained(model: nn.Module, path, tokenizer=None) -> Path:
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": type(model).__name__,
             "hf_config": config.to_dict(), "plan": plan, "weights": WEIGHTS_FILE,
             "aliases": [g for g in groups if len(g) > 1], "tokenizer_files": tokenizer_files,
-            "versions": _versions()}
+            "hashes": hashes.to_dict(), "versions": _versions()}
     (out / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return out
+
+
+def check_options(where: str, options: dict, ignored: frozenset[str], advice: str) -> None:
+    """Raise ConfigError naming every keyword argument in ``options`` that is set (not None, False or
+    empty) and not in ``ignored``: an option m2convert cannot honour is refused, never dropped.
+
+    Example:
+        >>> check_options("load", {"revision": "main", "gguf_file": None}, frozenset({"revision"}), "...")
+        >>> check_options("load", {"variant": "fp16"}, frozenset(), "one file only")
+        Traceback (most recent call last):
+        m2convert.errors.ConfigError: load does not take variant='fp16': one file only
+    """
+    def unset(value) -> bool:
+        return value is None or value is False or (isinstance(value, (str, dict, list, tuple)) and not value)
+
+    refused = [f"{k}={v!r}" for k, v in options.items() if k not in ignored and not unset(v)]
+    if refused:
+        raise ConfigError(f"{where} does not take {', '.join(refused)}: {advice}")
+
+
+# transformers' save_pretrained arguments without effect on a local single-file save.
+SAVE_IGNORED = frozenset({"max_shard_size", "token", "save_peft_format", "save_original_format"})
+
+
+class ConvertedSavePretrained:
+    """``save_pretrained`` of a converted model, set on the instance by :func:`install_save_pretrained`.
+
+    Writes the m2convert folder (see :func:`save_pretrained`) and takes transformers' arguments:
+    ``is_main_process`` (False: write nothing), ``state_dict`` (saved instead of the model's, same names),
+    ``safe_serialization`` (always safetensors), ``max_shard_size``/``token`` (one file, no upload: ignored);
+    ``push_to_hub``, ``variant`` and other set options are refused. ``copy.deepcopy`` of the model rebinds
+    it to the copy.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None,
+                 safe_serialization: bool | None = True, **options) -> Path | None:
+        where = f"{type(self.model).__name__}.save_pretrained (a converted model)"
+        if safe_serialization is False:
+            raise ConfigError(f"{where} writes safetensors only; drop safe_serialization=False")
+        check_options(where, options, SAVE_IGNORED, "it writes the m2convert folder to a local directory; "
+                      "upload that folder with huggingface_hub.upload_folder")
+        if not is_main_process:
+            return None
+        return _save(self.model, save_directory, state=state_dict)
+
+
+def install_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained(dir)`` write an m2convert folder; run on every model m2.convert returns.
+
+    Example:
+        >>> converted = m2.convert(transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)), filter_order=16)
+        >>> type(converted.save_pretrained).__name__
+        'ConvertedSavePretrained'
+    """
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = ConvertedSavePretrained(model)
+
+
+CONVERTED_MODEL_HOOKS.append(install_save_pretrained)
 
 
 def _read_meta(directory: Path, plan) -> dict:
@@ -142,8 +239,9 @@ def _read_meta(directory: Path, plan) -> dict:
     if not meta_path.is_file():
         if plan is None or not (directory / "config.json").is_file():
             raise CheckpointError(f"'{directory}' is not an m2convert save: it has no {META_FILE}. Save converted "
-                                  "models with m2.save_pretrained; load a directory written by the model's own "
-                                  "save_pretrained with m2.from_pretrained(dir, plan=converted.m2convert_plan)")
+                                  "models with m2.save_pretrained or their own save_pretrained; load a directory "
+                                  "that transformers wrote alone with m2.from_pretrained(dir, "
+                                  "plan=converted.m2convert_plan)")
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": WEIGHTS_FILE,
                 "hf_config": _read_json(directory / "config.json"), "plan": None, "model_class": None}
     meta = _read_json(meta_path)
@@ -170,69 +268,6 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Inside, new parameters live on the ``meta`` device while buffers are computed for real.
-
-    Parameters are moved to ``meta`` as they are registered, and ``Module.to``/``_apply`` never moves a
-    tensor to or from ``meta`` (constructors that call ``.to(device)`` keep real buffers). This builds a
-    model's structure without allocating or initialising weights, yet with the exact non-persistent
-    buffers its constructor computes.
-
-    Example:
-        >>> with parameters_on_meta():
-        ...     layer = nn.Linear(4, 4)
-        >>> layer.weight.is_meta
-        True
-    """
-    register, apply_ = nn.Module.register_parameter, nn.Module._apply
-
-    def register_parameter(self, name, param):
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        register(self, name, param)
-
-    def _apply(self, fn, recurse=True):
-        def keep_device(t):
-            if t.is_meta:
-                return t
-            out = fn(t)
-            return t if out.is_meta else out
-        return apply_(self, keep_device, recurse)
-
-    nn.Module.register_parameter, nn.Module._apply = register_parameter, _apply
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module._apply = register, apply_
-
-
-def _build_structure(meta: dict, plan_dict: dict, where: Path) -> nn.Module:
-    import transformers
-
-    from .passes.plan import RewritePlan
-
-    hf_config = dict(meta["hf_config"])
-    class_name = meta.get("model_class") or (hf_config.get("architectures") or [None])[0]
-    cls = getattr(transformers, class_name, None) if class_name else None
-    if cls is None or not isinstance(cls, type) or not issubclass(cls, nn.Module):
-        raise CheckpointError(f"{where}: model class {class_name!r} is not a transformers model class "
-                              f"(transformers {transformers.__version__}); upgrade transformers or re-save")
-    try:
-        config = cls.config_class.from_dict(hf_config)
-        plan = RewritePlan.from_dict(plan_dict)
-    except Exception as exc:
-        raise CheckpointError(f"{where}: cannot rebuild the config/plan of {class_name}: "
-                              f"{type(exc).__name__}: {exc}") from exc
-    with parameters_on_meta(), torch.no_grad():
-        model = cls(config)
-        try:
-            return plan.apply(inplace=True, model=model, seed=False)
-        except M2Error as exc:
-            raise CheckpointError(f"{where}: the saved plan does not fit {class_name} built from the saved "
-                                  f"config: {exc}") from exc
-
-
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """Put ``tensor`` at state-dict ``name`` (as a Parameter where one was) and return what was stored."""
     owner_name, _, leaf = name.rpartition(".")
@@ -252,8 +287,9 @@ def from_pretrained(path, plan=None) -> nn.Module:
 
     Args:
         path: the saved directory.
-        plan: only for a directory written by the model's own ``save_pretrained`` (no m2convert.json):
-            the plan dict (``converted.m2convert_plan``) or RewritePlan it was converted with.
+        plan: only for a directory transformers wrote without m2convert (no m2convert.json, e.g.
+            ``type(model).save_pretrained(model, dir)``): the plan dict (``converted.m2convert_plan``) or
+            RewritePlan it was converted with.
 
     Returns:
         The model in eval mode, on the CPU, with the saved dtypes; outputs equal the saved model's bit
@@ -261,12 +297,18 @@ def from_pretrained(path, plan=None) -> nn.Module:
 
     Raises:
         CheckpointError: naming the file and tensor/key at fault: not an m2convert directory, a foreign or
-            corrupt file, a truncated tensor, a missing or unexpected tensor, a shape mismatch.
+            corrupt file, a truncated tensor, a missing or unexpected tensor, a shape mismatch, bytes that
+            differ from the hashes recorded at save (the header: the file is named; a tensor: it is named).
 
     Example:
-        >>> model = m2.from_pretrained("gpt2-m2")
-        >>> model(torch.tensor([[1, 2, 3]])).logits.shape
-        torch.Size([1, 3, 50257])
+        >>> import tempfile
+        >>> converted = m2.convert(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_layer=2,
+        ...     n_embd=32, n_head=2, bos_token_id=0, eos_token_id=0)).eval(), filter_order=16)
+        >>> model = m2.from_pretrained(m2.save_pretrained(converted, tempfile.mkdtemp()))
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> with torch.no_grad():
+        ...     torch.equal(model(ids).logits, converted(ids).logits)
+        True
     """
     directory = Path(path)
     meta = _read_meta(directory, plan)
@@ -279,11 +321,14 @@ def from_pretrained(path, plan=None) -> nn.Module:
     weights = directory / meta.get("weights", WEIGHTS_FILE)
     if not weights.is_file():
         raise CheckpointError(f"'{directory}' has no weight file {weights.name}; the save is incomplete")
+    hashes = None if meta.get("hashes") is None else WeightHashes.from_dict(meta["hashes"], directory / META_FILE)
     header = read_safetensors_header(weights)
-    model = _build_structure(meta, plan_dict, directory)
+    model = build_structure(meta.get("model_class"), meta["hf_config"], plan_dict, directory)
     groups = _alias_groups(model)
-    _check_tensors(weights, header, model, groups)
-    _load_tensors(weights, header, model, groups)
+    _check_tensors(weights, header, model, groups)       # a named structural fault first, then any changed byte
+    if hashes is not None:                               # saves made before hashes were recorded have none
+        hashes.check_header(weights)
+    _load_tensors(weights, header, model, groups, hashes)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{weights} left {left[:5]} unset; the directory does not match the model")
@@ -291,6 +336,7 @@ def from_pretrained(path, plan=None) -> nn.Module:
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(str(directory))
     model.m2convert_plan = plan_dict
+    model.config._name_or_path = str(directory)          # as transformers does: where the model came from
     return model.eval()
 
 
@@ -318,8 +364,10 @@ def _check_tensors(weights: Path, header: dict[str, HeaderEntry], model: nn.Modu
                                       f"expects {want}; the file does not match this config/plan")
 
 
-def _load_tensors(weights: Path, header: dict[str, HeaderEntry], model: nn.Module, groups: list[list[str]]) -> None:
-    """Assign each tied group's saved tensor to every name of the group (one tensor, shared)."""
+def _load_tensors(weights: Path, header: dict[str, HeaderEntry], model: nn.Module, groups: list[list[str]],
+                  hashes: WeightHashes | None = None) -> None:
+    """Assign each tied group's saved tensor to every name of the group (one tensor, shared), checking its
+    bytes against ``hashes`` when the save recorded them."""
     from safetensors import safe_open
 
     try:
@@ -328,7 +376,10 @@ def _load_tensors(weights: Path, header: dict[str, HeaderEntry], model: nn.Modul
                 source = next(n for n in group if n in header)
                 # A clone owns aligned memory: safetensors buffers may start at any offset, and BLAS
                 # kernels round differently on unaligned data, which would break bit equality.
-                loaded = _assign(model, source, f.get_tensor(source).clone())
+                tensor = f.get_tensor(source).clone()
+                if hashes is not None:
+                    hashes.check_tensor(weights, source, tensor, header[source])
+                loaded = _assign(model, source, tensor)
                 for alias in group:
                     if alias != source:
                         _assign(model, alias, loaded)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import zlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -172,6 +173,12 @@ def _seed_path(model: nn.Module, fqn: str) -> str:
     return fqn.removeprefix("module.") if wrapped else fqn
 
 
+# Functions run on every model apply_plan returns, after m2convert_plan is set: later layers attach
+# behaviour to converted models here without this layer importing them (m2convert.serialize registers
+# the one that makes ``model.save_pretrained`` write an m2convert folder).
+CONVERTED_MODEL_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
 def apply_plan(plan, model: nn.Module | None = None, inplace: bool = False, seed: bool = True) -> nn.Module:
     """Convert ``model`` (default: the planned model) by ``plan``; see :meth:`RewritePlan.apply`."""
     model = plan.model if model is None else model
@@ -201,5 +208,7 @@ def apply_plan(plan, model: nn.Module | None = None, inplace: bool = False, seed
         config = getattr(target, "config", None)
         if config is not None and hasattr(config, "use_cache"):
             config.use_cache = False
+    for hook in CONVERTED_MODEL_HOOKS:
+        hook(target)
     return target
 

@@ -72,10 +72,19 @@ def test_round_trip_in_a_fresh_process_is_bit_equal(tmp_path, tiny_model, tiny_i
     assert tokenizer("hello world")["input_ids"] == minilm[1]("hello world")["input_ids"]
 
 
-def test_the_models_own_save_pretrained_writes_the_same_weights(tmp_path, tiny_model, tiny_inputs):
+def test_the_models_own_save_pretrained_writes_the_m2convert_folder(tmp_path, tiny_model, tiny_inputs):
     converted = m2.convert(tiny_model("gpt2"), SMALL)
     save_pretrained(converted, tmp_path / "ours")
-    converted.save_pretrained(tmp_path / "hf")
+    converted.save_pretrained(tmp_path / "own")
+    names = sorted(p.name for p in (tmp_path / "ours").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "own").iterdir())
+    assert all((tmp_path / "ours" / n).read_bytes() == (tmp_path / "own" / n).read_bytes() for n in names)
+    loaded = from_pretrained(tmp_path / "own")
+    with torch.no_grad():
+        assert torch.equal(loaded(**tiny_inputs()).logits, converted(**tiny_inputs()).logits)
+
+    # transformers' own method, bypassing the converted model's: same weights, no m2convert.json.
+    type(converted).save_pretrained(converted, tmp_path / "hf")
     ours, theirs = load_file(str(tmp_path / "ours/model.safetensors")), load_file(str(tmp_path / "hf/model.safetensors"))
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     with pytest.raises(CheckpointError, match="m2convert.json"):
