@@ -138,6 +138,10 @@ def load_model(name_or_path: str) -> nn.Module:
                              "weights, or a Hugging Face model id")
     elif path.is_dir() and not (path / "config.json").exists():
         raise ModelLoadError(f"'{name_or_path}' has no config.json; is it a Hugging Face model directory?")
+    elif path.is_dir() and (path / "m2convert.json").exists():
+        raise ModelLoadError(f"'{name_or_path}' holds a model m2convert already converted; load it with "
+                             f"m2.from_pretrained('{name_or_path}') (the commands export and bench --converted take "
+                             "such a folder), or plan the original model it came from")
     # Whatever transformers, safetensors or torch raise while reading (OSError, SafetensorError, a
     # size-mismatch RuntimeError...), the caller gets one M2Error naming the model.
     try:

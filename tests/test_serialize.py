@@ -11,10 +11,11 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+import transformers
 from torch import nn
 
 import m2convert as m2
-from m2convert.errors import CheckpointError, M2Error
+from m2convert.errors import CheckpointError, M2Error, ModelLoadError
 from m2convert.safetensors_header import read_safetensors_header
 from m2convert.serialize import from_pretrained, parameters_on_meta, save_pretrained
 
@@ -171,3 +172,11 @@ def test_the_header_reader_accepts_any_dtype_and_checks_the_bytes_of_known_ones(
     path.write_bytes(data.replace(b'"shape":[3,4]', b'"shape":[3,5]'))    # 60 bytes by shape, 48 on disk
     with pytest.raises(CheckpointError, match="'w' has 48 bytes for shape"):
         read_safetensors_header(path)
+
+
+def test_load_model_points_converted_folders_to_from_pretrained(tmp_path):
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=64))
+    m2.save_pretrained(m2.convert(model, m2.ConvertConfig(filter_order=8)), tmp_path / "m2")
+    with pytest.raises(ModelLoadError, match=r"m2.from_pretrained"):
+        m2.load_model(str(tmp_path / "m2"))
