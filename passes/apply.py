@@ -85,8 +85,8 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
 def _mlp_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[str, nn.Module]:
     nblocks, rank = site.settings["nblocks"], site.settings["rank"]
     out = {}
-    for role in site.roles.values():
-        original = model.get_submodule(role.path)
+    for path in dict.fromkeys(r.path for r in site.roles.values()):     # a fused gate_up linear once
+        original = model.get_submodule(path)
         weight, bias = projection_weight(original)                         # (out, in), (out,)
         if seed:
             new = MonarchLinear.from_weight(weight.detach(), None if bias is None else bias.detach(),
@@ -96,7 +96,7 @@ def _mlp_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[s
             new = MonarchLinear(in_f, out_f, nblocks=nblocks, bias=bias is not None, rank=rank,
                                 device=device or weight.device, dtype=weight.dtype)
         new.train(original.training)
-        out[role.path] = new
+        out[path] = new
     return out
 
 

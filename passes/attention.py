@@ -1,157 +1,28 @@
-"""The analysis pass that finds attention ("sequence") sites, and the registry of attention patterns.
+"""The analysis pass that finds attention ("sequence") sites from the cores of the registered patterns.
 
-Each registered pattern is one matcher, ``match(index) -> list[AttentionCore]``, that finds attention
-cores written one way (``aten.scaled_dot_product_attention``, or matmul -> softmax -> matmul). One
-analysis turns every core into a typed site: Q, K, V traced back to their projections, O found after the
-core, the owning module (the deepest module holding all four), causality read from ``is_causal`` or by
-evaluating the mask, and what the module does after O (nothing, dropout, or BERT's residual LayerNorm)
-so an adapter can reproduce it. A new way of writing attention is one matcher plus
-:func:`register_attention_pattern`; nothing else changes.
+Each registered pattern (:mod:`m2convert.passes.attention_patterns`, re-exported here) is one matcher,
+``match(index) -> list[AttentionCore]``, that finds attention cores (``aten.scaled_dot_product_attention``,
+or a QK product -> elementwise chain -> softmax -> product with V). One analysis turns every core into a
+typed site: Q, K, V traced back to their projections (the rows of each role in a fused QKV projection),
+O found after the core, the owning module (the deepest module holding all four), causality read from
+``is_causal`` or from which keys each query may see, sliding windows read from the model config, and what
+the module does after O (nothing, dropout, or BERT's residual LayerNorm) so an adapter can reproduce it.
+A new way of writing attention is one matcher plus :func:`register_attention_pattern`; nothing else changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import fx, nn
 
-from m2convert.passes.graph import (RESHAPES, GraphIndex, common_prefix, module_path, op_name, projection_dims, users,
-                    within)
+from m2convert.passes.attention_patterns import (ATTENTION_PATTERNS, AttentionCore, AttentionPattern,  # noqa: F401
+                                                attention_pattern, register_attention_pattern,
+                                                unregister_attention_pattern)
+from m2convert.passes.graph import (RESHAPES, GraphIndex, common_prefix, feature_ranges, module_path, op_name,
+                                   projection_dims, users, within)
 from m2convert.passes.site import SEQUENCE, AttentionLayout, NormLayout, Role, Site
-
-MATMULS = ("aten.matmul", "aten.bmm")
-SOFTMAXES = ("aten.softmax", "aten._softmax", "aten._safe_softmax")
-SCORE_OPS = ("aten.mul", "aten.div", "aten.to", "aten._to_copy", "aten.clone", "aten.view", "aten.reshape")
-PROB_OPS = ("aten.to", "aten._to_copy", "aten.dropout", "aten.clone", "aten.type_as")
-SPLITS = ("aten.split", "aten.split_with_sizes", "aten.chunk")
-
-
-class AttentionCore:
-    """The softmax(Q K^T) V core a matcher found.
-
-    Args:
-        node: the node computing the core's output (B, heads, N, d), e.g. the probs @ V matmul.
-        pattern: the matching pattern's name (the registry sets it when a matcher leaves it empty).
-        q, k, v: the nodes feeding the core as queries, keys and values (traced back to projections).
-        mask: the attention mask node added to the scores, or None.
-        is_causal: the core applies a causal mask by itself (SDPA's ``is_causal``).
-    """
-
-    def __init__(self, node, pattern, q, k, v, mask=None, is_causal=False):
-        self.node, self.pattern = node, pattern
-        self.q, self.k, self.v = q, k, v
-        self.mask = mask if isinstance(mask, fx.Node) else None
-        self.is_causal = bool(is_causal)
-
-
-@dataclass(frozen=True)
-class AttentionPattern:
-    """A registered way of writing attention: its name and its matcher ``match(index) -> cores``."""
-
-    name: str
-    match: Callable[[GraphIndex], list]
-
-
-ATTENTION_PATTERNS: list[AttentionPattern] = []
-"""The attention patterns :func:`find_attention` runs, in order; a core found twice keeps the first match."""
-
-
-def register_attention_pattern(name: str):
-    """Decorator registering ``match(index) -> list[AttentionCore]`` as attention pattern ``name``.
-
-    Example:
-        >>> @register_attention_pattern("my-attention")
-        ... def match_mine(index):
-        ...     return []
-        >>> [p.name for p in ATTENTION_PATTERNS][-1]
-        'my-attention'
-        >>> unregister_attention_pattern("my-attention")
-    """
-    def register(match):
-        if any(p.name == name for p in ATTENTION_PATTERNS):
-            raise ValueError(f"attention pattern {name!r} is already registered")
-        ATTENTION_PATTERNS.append(AttentionPattern(name, match))
-        return match
-    return register
-
-
-def unregister_attention_pattern(name: str) -> None:
-    """Remove attention pattern ``name`` from the registry (a no-op when it is not there)."""
-    ATTENTION_PATTERNS[:] = [p for p in ATTENTION_PATTERNS if p.name != name]
-
-
-@contextlib.contextmanager
-def attention_pattern(name: str, match):
-    """Register ``match`` as attention pattern ``name`` for the duration of a ``with`` block."""
-    register_attention_pattern(name)(match)
-    try:
-        yield
-    finally:
-        unregister_attention_pattern(name)
-
-
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
-@register_attention_pattern("sdpa-attention")
-def match_sdpa(index: GraphIndex) -> list[AttentionCore]:
-    # HF BERT / GPT-2 / Llama sdpa path:
-    #   q, k, v (B, heads, N, d) -> aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-    return [AttentionCore(n, "sdpa-attention", n.args[0], n.args[1], n.args[2],
-                          _arg(n, 3, "attn_mask"), _arg(n, 5, "is_causal", False))
-            for n in index.calls("aten.scaled_dot_product_attention")]
-
-
-def _reaches(node, ops, depth: int = 6) -> bool:
-    frontier = [node]
-    for _ in range(depth):
-        if any(isinstance(n, fx.Node) and op_name(n) in ops for n in frontier):
-            return True
-        frontier = [i for n in frontier if isinstance(n, fx.Node) for i in n.all_input_nodes]
-    return False
-
-
-@register_attention_pattern("eager-attention")
-def match_eager(index: GraphIndex) -> list[AttentionCore]:
-    # HF eager path (eager_attention_forward of BERT, GPT-2, Llama):
-    #   scores = matmul(q, k^T) [* scale] [+ mask | where(mask, ., min)]
-    #   probs = softmax(scores, -1) [-> to / dropout];  out = matmul(probs, v)
-    cores = []
-    for softmax in index.calls(*SOFTMAXES):
-        cur, mask = softmax.args[0], None
-        for _ in range(8):
-            op = op_name(cur)
-            if op in MATMULS:
-                break
-            tensors = [a for a in cur.args if isinstance(a, fx.Node)]
-            if op == "aten.add":                                          # scores + additive mask
-                scores = [a for a in tensors if _reaches(a, MATMULS)]
-                if len(tensors) != 2 or len(scores) != 1:
-                    break
-                mask, cur = (tensors[1] if tensors[0] is scores[0] else tensors[0]), scores[0]
-            elif op == "aten.where":                                      # where(mask, scores, fill)
-                scores = [a for a in tensors[1:] if _reaches(a, MATMULS)]
-                if len(scores) != 1:
-                    break
-                mask, cur = tensors[0], scores[0]
-            elif op in SCORE_OPS and tensors:
-                cur = tensors[0]
-            else:
-                break
-        if op_name(cur) not in MATMULS:
-            continue
-        probs = softmax
-        while len(users(probs)) == 1 and op_name(users(probs)[0]) in PROB_OPS:
-            probs = users(probs)[0]
-        out = next((u for u in users(probs) if op_name(u) in MATMULS and u.args[0] is probs), None)
-        if out is not None:
-            cores.append(AttentionCore(out, "eager-attention", cur.args[0], cur.args[1], out.args[1], mask))
-    return cores
 
 
 def _output_projection(index: GraphIndex, node: fx.Node):
@@ -168,88 +39,98 @@ def _output_projection(index: GraphIndex, node: fx.Node):
     return None
 
 
-def _last_dim(node: fx.Node, dim) -> bool:
-    ndim = len(node.args[0].meta["val"].shape)
-    return dim % ndim == ndim - 1
-
-
-def _split_rows(index: GraphIndex, proj, arg: fx.Node):
-    """Ranges [[start, stop), ...] of ``proj``'s outputs that reach ``arg`` in a fused QKV projection.
-
-    Follows the projection's output through views that cut its last dim into per-head blocks and
-    transposes that keep it last, to a split/chunk/slice of the last dim:
-    HF GPT-2:    c_attn (B, N, 3H) -> split(H, dim=2) -> getitem r           one range per role
-    HF GPT-NeoX: qkv (B, N, 3H) -> view(B, N, heads, 3d) -> transpose(1, 2) -> chunk(3, -1) -> getitem r
-                 one range of d rows per head.
-    """
-    ancestors, stack = set(), [arg]
-    while stack:
-        n = stack.pop()
-        if n not in ancestors and n not in proj.nodes:
-            ancestors.add(n)
-            stack.extend(n.all_input_nodes)
-    out_dim = projection_dims(proj.module)[1]
-    frontier = [(proj.output, out_dim)]                 # (node, width of one block of the last dim)
-    while frontier:
-        node, width = frontier.pop()
-        for user in users(node):
-            if user not in ancestors:
-                continue
-            op = op_name(user)
-            if op in ("aten.view", "aten.reshape", "aten._unsafe_view"):
-                last = user.meta["val"].shape[-1]
-                if width % last == 0:
-                    frontier.append((user, last))
-            elif op == "aten.transpose" and not any(_last_dim(user, d) for d in user.args[1:3]):
-                frontier.append((user, width))
-            elif op == "aten.slice" and _last_dim(user, _arg(user, 1, "dim", 0)):
-                start, stop = _arg(user, 2, "start", 0) or 0, min(_arg(user, 3, "end", width), width)
-                return [[h * width + start, h * width + stop] for h in range(out_dim // width)]
-            elif op in SPLITS and _last_dim(user, _arg(user, 2, "dim", 0)):
-                if op == "aten.chunk":
-                    sizes = [-(-width // user.args[1])] * user.args[1]
-                elif isinstance(user.args[1], int):
-                    sizes = [user.args[1]] * (-(-width // user.args[1]))
-                else:
-                    sizes = list(user.args[1])
-                item = next((i for i in users(user) if i in ancestors and op_name(i) == "getitem"), None)
-                if item is not None:
-                    start = sum(sizes[: item.args[1]])
-                    stop = min(start + sizes[item.args[1]], width)
-                    return [[h * width + start, h * width + stop] for h in range(out_dim // width)]
-    return None
-
-
-def _causality(index: GraphIndex, core: AttentionCore) -> tuple[bool | None, str | None]:
-    """Read causal vs bidirectional from is_causal or from the mask's value on the example inputs."""
-    if core.mask is None:
-        return core.is_causal, None
-    key = ("mask", core.mask)
+def _allowed(index: GraphIndex, core: AttentionCore):
+    """(allowed keys (.., Nq, Nk) bool, None) on the example inputs, or (None, why not)."""
+    node = core.scores if core.scores is not None else core.mask
+    key = ("allowed", node)
     if key not in index._cache:
         try:
-            index._cache[key] = index.evaluate([core.mask])[core.mask]
+            index._cache[key] = index.evaluate([node])[node]
         except Exception as exc:                          # a mask built from something we cannot rerun
             index._cache[key] = f"could not evaluate the attention mask: {type(exc).__name__}: {exc}"
     value = index._cache[key]
     if isinstance(value, str):
         return None, value
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
-        return None, f"the attention mask '{core.mask.name}' is not a (.., N, N) tensor"
+        return None, f"the attention mask '{node.name}' is not a (.., N, N) tensor"
     if value.is_meta:                # capture refuses meta models; meta example inputs still end up here
         return None, ("the attention mask has no values (it was computed on the 'meta' device); plan with "
                       "real weights and example inputs on CPU")
-    allowed = value if value.dtype == torch.bool else value > torch.finfo(value.dtype).min / 2
-    grids = allowed.reshape(-1, *allowed.shape[-2:])                     # (B * heads, Nq, Nk)
-    # Judge on a row without padding (the last query of a causal or full mask sees every real key);
-    # with padding everywhere, on the real tokens of the first row.
-    full = [g for g in grids if bool(g[-1].all())]
-    grid = full[0] if full else grids[0][grids[0][-1]][:, grids[0][-1]]  # (Nq, Nk)
-    if bool(grid.all()):
+    if core.scores is not None:
+        # A key is masked when its probability is exactly 0 in float64: masks (-inf, finfo.min, -1e4)
+        # underflow, while biases that are no mask (ALiBi, relative positions, a tanh cap) do not.
+        # A query row masked everywhere (a padded query) sees nothing.
+        value = value.double()
+        seen = value.amax(-1, keepdim=True) > torch.finfo(torch.float32).min / 2
+        return (torch.softmax(value, dim=-1) > 0) & seen, None
+    return (value if value.dtype == torch.bool else value > torch.finfo(value.dtype).min / 2), None
+
+
+def _causality(index: GraphIndex, core: AttentionCore) -> tuple[bool | None, str | None]:
+    """Read causal vs bidirectional from is_causal or from which keys each query may see."""
+    if core.mask is None and core.scores is None:
         return core.is_causal, None
-    if grid.shape[0] == grid.shape[1] and torch.equal(grid, torch.ones_like(grid).tril()):
+    allowed, why = _allowed(index, core)
+    if why:
+        return None, why
+    grids = allowed.reshape(-1, *allowed.shape[-2:])                     # (B * heads, Nq, Nk)
+    shapes = {_mask_shape(g) for g in grids[:64]}
+    if shapes <= {"full", "one"}:
+        return core.is_causal, None
+    if shapes <= {"causal", "one"}:
         return True, None
     return None, ("the attention mask is neither full nor causal (sliding window, prefix-LM or a custom "
                   "pattern); the M2 mixers model only these two; exclude the site with overrides")
+
+
+def _mask_shape(grid: torch.Tensor) -> str:
+    """'full', 'causal', 'one' (a single real token) or 'other' for one (Nq, Nk) grid of allowed keys.
+
+    Padding is left out first: keys no query sees and queries that see no key. A sliding window keeps
+    every key (each one sees itself), so it stays a band and reads as 'other', never as padding.
+    """
+    keys = grid.any(0)                                                   # (Nk,)
+    if grid.shape[0] != grid.shape[1]:
+        return "full" if bool(grid[grid.any(1)][:, keys].all()) else "other"
+    real = keys & grid.any(1)                                            # (N,) real tokens
+    sub = grid[real][:, real]                                            # (n, n)
+    if sub.shape[0] <= 1:
+        return "one"
+    if bool(sub.all()):
+        return "full"
+    return "causal" if torch.equal(sub, torch.ones_like(sub).tril()) else "other"
+
+
+def sliding_window(module: nn.Module | None, model: nn.Module | None = None) -> int | None:
+    """The window of a sliding-window attention module, read from its attribute or the model config.
+
+    HF Gemma2, Qwen2, ModernBERT set ``sliding_window`` on each attention module (None on global layers);
+    Mistral, Phi3, Mixtral read ``config.sliding_window`` for every layer; ``layer_types`` names the
+    sliding layers where a config mixes both. None for full attention.
+
+    Example:
+        >>> config = transformers.MistralConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                     num_key_value_heads=1, intermediate_size=64, sliding_window=8)
+        >>> sliding_window(transformers.MistralModel(config).layers[0].self_attn)
+        8
+    """
+    if module is None:
+        return None
+    if hasattr(module, "sliding_window"):
+        window = module.sliding_window
+        return window if isinstance(window, int) and window > 0 else None
+    config = getattr(module, "config", None) or getattr(model, "config", None)
+    if config is None:
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types, layer = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if layer_types and isinstance(layer, int) and layer < len(layer_types):
+        if layer_types[layer] != "sliding_attention":
+            return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None
 
 
 def _tail(index: GraphIndex, fqn: str, o, hidden: fx.Node, site_nodes: set, outputs: list):
@@ -315,11 +196,16 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
                          "it would change every call")
     for role in "qkv":
         if sum(projs[r] is projs[role] for r in "qkv") > 1:
-            rows = _split_rows(index, projs[role], getattr(core, role))
-            if rows is None:
+            order = index.feature_order(projs[role], getattr(core, role))
+            if order is None:
                 return site.skip(f"fused projection '{projs[role].fqn}': cannot tell which outputs feed "
-                                 f"{role.upper()} (no split/chunk/slice of its last dimension was found)")
-            site.roles[role].rows = rows
+                                 f"{role.upper()} (they do not reach it through reshapes, splits and selects)")
+            site.roles[role].rows = feature_ranges(order)
+    window = sliding_window(cap.modules.get(owner), cap.model)
+    if window:
+        return site.skip(f"sliding-window attention (window of {window} tokens in the model config); the "
+                         "M2 mixers model only full or causal attention, so converting would make it global; "
+                         "exclude the site with overrides")
     causal, why = _causality(index, core)
     site.causal = causal
     if why:

@@ -33,6 +33,13 @@ RESHAPES = frozenset(
         "_to_copy", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "t", "dropout"))
 
 
+# Ops that only select, reorder or copy elements: what lies between a fused projection and each role.
+MOVES = RESHAPES | frozenset(
+    f"aten.{op}" for op in (
+        "select", "slice", "split", "split_with_sizes", "chunk", "unbind", "index", "numpy_T", "repeat",
+        "repeat_interleave", "_unsafe_view", "type_as")) | {"getitem"}
+
+
 # Checks export inserts (dtype/device asserts); they read values but compute nothing.
 BOOKKEEPING = frozenset(("aten._assert_tensor_metadata", "aten._assert_scalar", "aten._assert_async",
                          "aten.sym_constrain_range_for_size"))
@@ -105,6 +112,22 @@ def projection_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a projection."""
     weight, _ = projection_weight(module)
     return weight.shape[1], weight.shape[0]
+
+
+def feature_ranges(order: list[int]) -> list[list[int]]:
+    """Feature numbers as [start, stop) ranges of consecutive runs (the form of ``Role.rows``).
+
+    Example:
+        >>> feature_ranges([0, 1, 2, 8, 9])
+        [[0, 3], [8, 10]]
+    """
+    rows: list[list[int]] = []
+    for i in order:
+        if rows and rows[-1][1] == i:
+            rows[-1][1] += 1
+        else:
+            rows.append([i, i + 1])
+    return rows
 
 
 @dataclass(eq=False)
@@ -203,25 +226,65 @@ class GraphIndex:
             stack.extend(self.data_inputs(node))
         return found
 
-    def evaluate(self, targets: list[fx.Node]) -> dict[fx.Node, object]:
-        """Values of ``targets`` on the example inputs, running only the nodes they depend on."""
+    def evaluate(self, targets: list[fx.Node], overrides: dict | None = None) -> dict[fx.Node, object]:
+        """Values of ``targets`` on the example inputs, running only the nodes they depend on.
+
+        ``overrides`` maps nodes to values used instead of computing them.
+        """
+        overrides = overrides or {}
         needed, stack = set(), list(targets)
         while stack:
             node = stack.pop()
             if node not in needed:
                 needed.add(node)
-                stack.extend(node.all_input_nodes)
+                if node not in overrides:
+                    stack.extend(node.all_input_nodes)
         ep, cap = self.captured.exported, self.captured
         flat = ep._graph_module_flat_inputs(cap.args, cap.kwargs)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        env = dict(zip(placeholders, flat))
+        env = {**dict(zip(placeholders, flat)), **overrides}
         with torch.no_grad():
             for node in self.nodes:
-                if node in needed and node.op == "call_function":
+                if node in needed and node.op == "call_function" and node not in overrides:
                     args = fx.node.map_arg(node.args, env.__getitem__)
                     kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
                     env[node] = node.target(*args, **kwargs)
         return {t: env[t] for t in targets}
+
+    def feature_order(self, proj: ProjCall, target: fx.Node) -> list[int] | None:
+        """The output features of ``proj`` that reach ``target``, in the order ``target`` holds them.
+
+        Runs the data movement between them (views, transposes, splits, selects, expands: :data:`MOVES`)
+        on a tensor whose every element is its feature number. Where arithmetic starts before ``target``
+        (a rotary embedding), the features are read just before it. None when no movement-only path
+        connects them. GPT-2's c_attn (B, N, 3H) -> split(H) -> getitem 1 gives K = [H, ..., 2H - 1];
+        Bloom's (B, N, heads, 3, d) view -> select(3, 0) gives Q = d features of each 3d-wide head block.
+        """
+        ancestors, stack = set(), [target]
+        while stack:
+            n = stack.pop()
+            if n not in ancestors and n not in proj.nodes:
+                ancestors.add(n)
+                stack.extend(n.all_input_nodes)
+        reached, stack = [], [proj.output]
+        while stack:
+            for user in users(stack.pop()):
+                if user in ancestors and op_name(user) in MOVES and user not in reached:
+                    reached.append(user)
+                    stack.append(user)
+        cuts = [n for n in reached if n is target or any(u in ancestors and u not in reached for u in users(n))]
+        if not cuts:
+            return None
+        shape = proj.output.meta["val"].shape                                 # (.., out_features)
+        numbers = torch.arange(shape[-1], dtype=torch.float32).expand(*shape)
+        values = self.evaluate(reached, {proj.output: numbers})
+        orders = {n: list(dict.fromkeys(int(x) for x in v.flatten().tolist()))
+                  for n, v in values.items() if isinstance(v, torch.Tensor)}
+        # The features that reach the target are those of every cut; read their order at the last node
+        # holding all of them (partial rotary splits a head, rotates one part, and concatenates).
+        union = {i for c in cuts for i in orders.get(c, ())}
+        whole = [n for n in orders if set(orders[n]) == union]
+        return orders[max(whole, key=self.order.__getitem__)] if whole else None
 
     def val(self, node: fx.Node):
         """The fake value export recorded for ``node`` (shape and dtype), or None."""

@@ -5,21 +5,23 @@ projections where that walk stops are its sources. Each registered pattern reads
 
     one source with an activation on the way       linear -> act -> linear          ("gelu-mlp", ...)
     two sources, act on one, multiplied together   act(gate(x)) * up(x) -> down     ("gated-mlp")
+    one source split in two halves, act on one     gate, up = gate_up(x).chunk(2)   ("fused-gated-mlp")
 
-Anything else on the way (a norm, a residual add, a reshape, attention) means it is not an MLP, and an
-MLP maps the model width back to itself (H -> I -> H), which leaves task heads (pooler -> classifier) alone.
+Splits of the last dimension may sit on the way (a fused gate_up projection); anything else (a norm, a
+residual add, a reshape, attention) means it is not an MLP, and an MLP maps the model width back to itself
+(H -> I -> H), which leaves task heads (pooler -> classifier) alone.
 A new MLP shape is one matcher plus :func:`register_mlp_pattern`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-from torch import fx
+from torch import fx, nn
 
-from m2convert.passes.graph import (ACTIVATIONS, ELEMENTWISE, GraphIndex, common_prefix, module_entry, op_name,
-                                   projection_dims, users)
+from m2convert.passes.graph import (ACTIVATIONS, ELEMENTWISE, MOVES, GraphIndex, common_prefix, feature_ranges,
+                                   module_entry, module_path, op_name, projection_dims, users)
 from m2convert.passes.site import DIMENSION, MLPLayout, Role, Site
 
 
@@ -30,6 +32,7 @@ class MLPMatch:
     roles: dict
     activation: str | None
     pattern: str
+    rows: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def _region(index: GraphIndex, down) -> tuple[set, list, bool]:
             if proj not in sources:
                 sources.append(proj)
             continue
-        if node.op != "call_function" or op_name(node) not in ELEMENTWISE:
+        if node.op != "call_function" or op_name(node) not in ELEMENTWISE | SPLITS:
             return region, sources, False
         region.add(node)
         stack.extend(index.data_inputs(node))
@@ -100,6 +103,31 @@ def activation_name(index: GraphIndex, nodes) -> str | None:
             return "silu" if name == "swish" else name
     names = [ACTIVATIONS[op_name(n)] for n in nodes if op_name(n) in ACTIVATIONS]
     return names[0] if names else None
+
+
+# Ops that cut a fused projection's output into its parts (HF Phi3's gate_up_proj, ModernBERT's Wi).
+SPLITS = frozenset(("aten.chunk", "aten.split", "aten.split_with_sizes", "aten.slice", "aten.unbind", "getitem"))
+
+
+@register_mlp_pattern("fused-gated-mlp")
+def match_fused_gated_mlp(index: GraphIndex, down, region, sources) -> MLPMatch | None:
+    # HF Phi3 MLP: gate, up = gate_up_proj(x).chunk(2, -1); down(up * act(gate))
+    # HF ModernBERT MLP: input, gate = Wi(x).chunk(2, -1); Wo(act(input) * gate)
+    if len(sources) != 1:
+        return None
+    pieces = [n for n in region if op_name(n) in SPLITS and not any(op_name(u) in SPLITS for u in users(n))]
+    if len(pieces) != 2:
+        return None
+    reach = [_forward_reach(p, region) | {p} for p in pieces]
+    acts = [activation_name(index, r - reach[1 - i]) for i, r in enumerate(reach)]
+    if sum(a is not None for a in acts) != 1 or not any(op_name(n) == "aten.mul" for n in reach[0] & reach[1]):
+        return None
+    gate = 0 if acts[0] else 1
+    orders = [index.feature_order(sources[0], p) for p in pieces]
+    if None in orders:
+        return None
+    return MLPMatch({"gate": sources[0], "up": sources[0], "down": down}, acts[gate], "fused-gated-mlp",
+                    rows={"gate": feature_ranges(orders[gate]), "up": feature_ranges(orders[1 - gate])})
 
 
 @register_mlp_pattern("act-mlp")
@@ -136,8 +164,9 @@ def mlp_site(index: GraphIndex, down) -> Site | None:
     if projection_dims(sources[0].module)[0] != projection_dims(down.module)[1]:
         return None                                   # not H -> I -> H (e.g. pooler -> classifier head)
     fqn = common_prefix([p.fqn for p in roles.values()])
-    site = Site(fqn=fqn, kind=DIMENSION, pattern=found.pattern, replaces=[p.fqn for p in roles.values()],
-                roles={r: Role(p.fqn) for r, p in roles.items()}, layout=MLPLayout(found.activation))
+    site = Site(fqn=fqn, kind=DIMENSION, pattern=found.pattern,
+                replaces=list(dict.fromkeys(p.fqn for p in roles.values())),
+                roles={r: Role(p.fqn, found.rows.get(r)) for r, p in roles.items()}, layout=MLPLayout(found.activation))
     cap = index.captured
     shared = [p.fqn for p in roles.values() if p.call > 0 or cap.calls.get(p.fqn, 1) > 1]
     if shared:
@@ -164,4 +193,37 @@ def find_mlps(ctx):
             continue
         count += 1
         ctx.add(site, f"{site.pattern} fired at '{site.fqn or '(model)'}' ({', '.join(site.replaces)})")
+    for site in expert_sites(ctx.index):
+        count += 1
+        ctx.add(site, f"{site.pattern} found at '{site.fqn}'")
     return count
+
+
+def expert_sites(index: GraphIndex) -> list[Site]:
+    """Skipped MLP sites for mixture-of-experts blocks whose experts are stacked (E, out, in) parameters.
+
+    HF Mixtral (transformers 5) keeps every expert's gate_up and down weights in one 3-D parameter each and
+    runs them with a grouped matmul: there is no nn.Linear per expert to put a MonarchLinear in. Each such
+    block is listed, skipped, so the plan says why it stays dense instead of leaving it out.
+    """
+    stacked: dict[str, dict[str, int]] = {}                  # reading module -> {param name: experts}
+    for node in index.nodes:
+        name = index.param_names.get(node.name)
+        val = node.meta.get("val")
+        owner = index.captured.modules.get(name.rpartition(".")[0]) if name else None
+        if name is None or getattr(val, "ndim", 0) != 3 or isinstance(owner, nn.modules.conv._ConvNd):
+            continue
+        frontier, readers = [node], []
+        while frontier:                                    # through transposes/views to what computes with it
+            for user in users(frontier.pop()):
+                (frontier if op_name(user) in MOVES else readers).append(user)
+        for reader in (r for r in readers if any(k in op_name(r) for k in ("mm", "matmul", "linear", "einsum"))):
+            stacked.setdefault(module_path(reader), {})[name.rpartition(".")[2]] = val.shape[0]
+    # an expert MLP multiplies by at least two stacked projections, each holding every expert
+    stacked = {fqn: names for fqn, names in stacked.items()
+               if len(names) >= 2 and len(set(names.values())) == 1 and min(names.values()) > 1}
+    return [Site(fqn=fqn, kind=DIMENSION, pattern="experts-mlp", replaces=[fqn]).skip(
+                f"mixture-of-experts MLP: the experts' weights are stacked (experts, out, in) parameters "
+                f"{sorted(names)}, not nn.Linear modules, so there is no linear to replace with MonarchLinear; "
+                "the block stays dense")
+            for fqn, names in stacked.items()]

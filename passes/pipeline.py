@@ -86,8 +86,8 @@ def run_passes(ctx: PassContext, passes=ANALYSIS_PASSES) -> list[PassResult]:
 def _notes(sites: list[Site]) -> list[str]:
     notes = []
     if not any(s.kind == SEQUENCE for s in sites):
-        notes.append("no attention sites found: the graph has no scaled_dot_product_attention and no "
-                     "matmul -> softmax -> matmul core")
+        notes.append("no attention sites found: no registered attention pattern (scaled_dot_product_attention, "
+                     "a QK product -> softmax -> product with V) matched the graph")
     if not any(s.kind == DIMENSION for s in sites):
         notes.append("no dense MLP sites found (linear -> activation -> linear, or act(gate) * up -> down)")
     if not any(s.status == CONVERT for s in sites):

@@ -1,0 +1,199 @@
+"""The registry of attention patterns and the built-in matchers that find attention cores by dataflow.
+
+A matcher, ``match(index) -> list[AttentionCore]``, only finds cores: the node computing the output, the
+Q, K, V operands, the mask and ``is_causal``; :func:`m2convert.passes.attention.attention_site` does the
+rest. The built-in matchers:
+
+    sdpa-attention      aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+    eager-attention     product(q, k) -> elementwise chain -> softmax(-1) -> [cast | dropout] -> product(., v)
+
+"product" is any of matmul, bmm, baddbmm (its added input is a bias, e.g. Bloom's ALiBi) and a
+two-operand einsum, with both operands computed from the inputs (a product with a weight is a
+projection, not attention). The chain between the QK product and the softmax may scale, cap (tanh),
+add biases (ALiBi, relative positions) and masks (add, masked_fill, where), in place or not: the
+scores are the one input of each op that the QK product reaches, every other input is a bias or mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import fx
+
+from m2convert.passes.graph import GraphIndex, op_name, users
+
+PRODUCTS = ("aten.matmul", "aten.bmm", "aten.baddbmm", "aten.einsum")
+SOFTMAXES = ("aten.softmax", "aten._softmax", "aten._safe_softmax")
+# Ops between the QK product and the softmax: scale, cap, bias, mask, cast, reshape (in place or not).
+SCORE_OPS = frozenset(f"aten.{op}" for op in (
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "tanh", "tanh_", "masked_fill", "masked_fill_",
+    "where", "to", "_to_copy", "clone", "alias", "contiguous", "view", "reshape", "_unsafe_view", "type_as",
+    "clamp", "clamp_min", "clamp_max", "clamp_", "float"))
+# Ops between the softmax and the product with V: casts, dropout, reshapes, a head mask.
+PROB_OPS = frozenset(f"aten.{op}" for op in (
+    "to", "_to_copy", "dropout", "clone", "alias", "type_as", "view", "reshape", "_unsafe_view", "contiguous",
+    "masked_fill", "masked_fill_", "mul"))
+
+
+class AttentionCore:
+    """The softmax(Q K^T) V core a matcher found.
+
+    Args:
+        node: the node computing the core's output (B, heads, N, d), e.g. the probs @ V matmul.
+        pattern: the matching pattern's name (the registry sets it when a matcher leaves it empty).
+        q, k, v: the nodes feeding the core as queries, keys and values (traced back to projections).
+        mask: the attention mask node added to the scores, or None.
+        is_causal: the core applies a causal mask by itself (SDPA's ``is_causal``).
+        scores: the scores the softmax reads (B, heads, Nq, Nk), masks and biases included, or None;
+            when set, causality is read from which keys keep a non-zero probability.
+        biases: the other terms mixed into the scores (masks, ALiBi, relative position biases).
+    """
+
+    def __init__(self, node, pattern, q, k, v, mask=None, is_causal=False, scores=None, biases=()):
+        self.node, self.pattern = node, pattern
+        self.q, self.k, self.v = q, k, v
+        self.mask = mask if isinstance(mask, fx.Node) else None
+        self.is_causal = bool(is_causal)
+        self.scores = scores if isinstance(scores, fx.Node) else None
+        self.biases = list(biases)
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """A registered way of writing attention: its name and its matcher ``match(index) -> cores``."""
+
+    name: str
+    match: Callable[[GraphIndex], list]
+
+
+ATTENTION_PATTERNS: list[AttentionPattern] = []
+"""The attention patterns ``find_attention`` runs, in order; a core found twice keeps the first match."""
+
+
+def register_attention_pattern(name: str):
+    """Decorator registering ``match(index) -> list[AttentionCore]`` as attention pattern ``name``.
+
+    Example:
+        >>> @register_attention_pattern("my-attention")
+        ... def match_mine(index):
+        ...     return []
+        >>> [p.name for p in ATTENTION_PATTERNS][-1]
+        'my-attention'
+        >>> unregister_attention_pattern("my-attention")
+    """
+    def register(match):
+        if any(p.name == name for p in ATTENTION_PATTERNS):
+            raise ValueError(f"attention pattern {name!r} is already registered")
+        ATTENTION_PATTERNS.append(AttentionPattern(name, match))
+        return match
+    return register
+
+
+def unregister_attention_pattern(name: str) -> None:
+    """Remove attention pattern ``name`` from the registry (a no-op when it is not there)."""
+    ATTENTION_PATTERNS[:] = [p for p in ATTENTION_PATTERNS if p.name != name]
+
+
+@contextlib.contextmanager
+def attention_pattern(name: str, match):
+    """Register ``match`` as attention pattern ``name`` for the duration of a ``with`` block."""
+    register_attention_pattern(name)(match)
+    try:
+        yield
+    finally:
+        unregister_attention_pattern(name)
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+@register_attention_pattern("sdpa-attention")
+def match_sdpa(index: GraphIndex) -> list[AttentionCore]:
+    # HF BERT / GPT-2 / Llama / T5 sdpa path:
+    #   q, k, v (B, heads, N, d) -> aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+    return [AttentionCore(n, "sdpa-attention", n.args[0], n.args[1], n.args[2],
+                          _arg(n, 3, "attn_mask"), _arg(n, 5, "is_causal", False))
+            for n in index.calls("aten.scaled_dot_product_attention")]
+
+
+def product_operands(index: GraphIndex, node) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) of a product a @ b of two computed tensors (matmul, bmm, baddbmm, 2-operand einsum), else None.
+
+    A product with a parameter or buffer (a projection) is not one: it has no computed second operand.
+    """
+    if not isinstance(node, fx.Node) or op_name(node) not in PRODUCTS or node in index.proj_of:
+        return None
+    op = op_name(node)
+    if op == "aten.einsum":
+        operands = node.args[1] if len(node.args) > 1 else ()
+    else:
+        operands = node.args[1:3] if op == "aten.baddbmm" else node.args[:2]
+    if len(operands) != 2 or not all(isinstance(a, fx.Node) and not index.is_const(a) for a in operands):
+        return None
+    return operands[0], operands[1]
+
+
+def _carries_scores(index: GraphIndex, node, memo: dict) -> bool:
+    """True when ``node`` is a QK product or reaches one back through score ops only."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node not in memo:
+        memo[node] = False                                          # cut cycles while deciding
+        memo[node] = product_operands(index, node) is not None or (
+            op_name(node) in SCORE_OPS and any(_carries_scores(index, a, memo) for a in node.all_input_nodes))
+    return memo[node]
+
+
+def trace_scores(index: GraphIndex, start: fx.Node) -> tuple[fx.Node, list] | None:
+    """(the QK product, [bias and mask terms]) that ``start`` (the softmax input) is computed from, or None.
+
+    At each op the scores are the first input the QK product reaches; the other tensor inputs are
+    biases or masks (``where``'s condition, ``masked_fill``'s mask, an added ALiBi or position bias).
+    """
+    memo, biases, cur = {}, [], start
+    while product_operands(index, cur) is None:
+        if not isinstance(cur, fx.Node) or op_name(cur) not in SCORE_OPS:
+            return None
+        inputs = [a for a in cur.all_input_nodes if not index.is_const(a)]
+        scores = next((a for a in inputs if _carries_scores(index, a, memo)), None)
+        if scores is None:
+            return None
+        biases += [a for a in inputs if a is not scores]
+        cur = scores
+    if op_name(cur) == "aten.baddbmm":                  # baddbmm(bias, q, k^T): Bloom's ALiBi enters here
+        biases += [a for a in cur.args[:1] if isinstance(a, fx.Node)]
+    return cur, biases
+
+
+def _last_dim(node: fx.Node) -> bool:
+    dim = _arg(node, 1, "dim", -1)
+    val = node.meta.get("val")
+    return val is None or dim in (-1, val.dim() - 1)
+
+
+@register_attention_pattern("eager-attention")
+def match_softmax(index: GraphIndex) -> list[AttentionCore]:
+    # HF eager paths of BERT, GPT-2, Llama, Bloom (baddbmm + ALiBi), MPT, Gemma2 (tanh cap),
+    # DeBERTa-v2 (bmm + masked_fill), MPNet (in-place position bias), Falcon, GPTBigCode, ModernBERT:
+    #   scores = product(q, k) -> [scale | cap | + bias | mask] ...;  probs = softmax(scores, -1)
+    #   probs -> [cast | dropout | reshape] ...;  out = product(probs, v)
+    cores = []
+    for softmax in index.calls(*SOFTMAXES):
+        traced = trace_scores(index, softmax.args[0]) if _last_dim(softmax) else None
+        if traced is None:
+            continue
+        qk, biases = traced
+        probs = softmax
+        while len(users(probs)) == 1 and op_name(users(probs)[0]) in PROB_OPS:
+            probs = users(probs)[0]
+        out = next((u for u in users(probs) if (ops := product_operands(index, u)) and ops[0] is probs), None)
+        if out is None:
+            continue
+        q, k = product_operands(index, qk)
+        mask = next((b for b in biases if b.meta.get("val") is not None and b.meta["val"].dim() >= 2), None)
+        cores.append(AttentionCore(out, "eager-attention", q, k, product_operands(index, out)[1], mask,
+                                   scores=softmax.args[0], biases=biases))
+    return cores
