@@ -1,6 +1,10 @@
 """The one-call public API: plan, convert, diff, and loading a model by directory or id (``load_model``,
 from :mod:`m2convert.loading`).
 
+Each takes a transformers model, or a wrapper holding one (a sentence-transformers ``SentenceTransformer``,
+see :mod:`m2convert.wrappers`): plan and diff look at the model inside, convert returns the wrapper around
+the converted model.
+
 Example:
     >>> import m2convert as m2
     >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
@@ -23,6 +27,7 @@ from .passes.diff import RewriteDiff
 from .passes.diff import diff as _diff
 from .passes.pipeline import as_config, plan_model
 from .passes.plan import RewritePlan
+from .wrappers import inner_model, unwrap
 
 __all__ = ["convert", "diff", "load_model", "plan"]
 
@@ -31,7 +36,9 @@ def plan(model: nn.Module, config: ConvertConfig | dict | None = None, example_i
     """Capture ``model`` with torch.export and return its rewrite plan; the model is not modified.
 
     Args:
-        model: an nn.Module, typically a transformers PreTrainedModel.
+        model: an nn.Module, typically a transformers PreTrainedModel; for a SentenceTransformer, the
+            plan of its Hugging Face model (``plan.apply()`` returns that model converted; ``m2.convert``
+            returns the SentenceTransformer).
         config: ConvertConfig (or its dict form); defaults to ConvertConfig().
         example_inputs: dict of keyword tensors (e.g. ``{"input_ids": ids}``, shapes (B, N)) or a tuple
             of positional tensors; built from ``model.config`` when None.
@@ -47,7 +54,7 @@ def plan(model: nn.Module, config: ConvertConfig | dict | None = None, example_i
         >>> [s.fqn for s in plan.converted][:2]
         ['encoder.layer.0.attention', 'encoder.layer.0']
     """
-    return plan_model(model, config, example_inputs)
+    return plan_model(inner_model(model), config, example_inputs)
 
 
 def convert(model: nn.Module, config: ConvertConfig | dict | None = None, *, example_inputs=None,
@@ -55,6 +62,8 @@ def convert(model: nn.Module, config: ConvertConfig | dict | None = None, *, exa
     """``plan(model, config).apply()``: the converted model, same class; the original is untouched.
 
     Keyword ``overrides`` change ConvertConfig fields (``m2.convert(model, nblocks=8, dimension=False)``).
+    A SentenceTransformer comes back as a SentenceTransformer around the converted Hugging Face model (a
+    copy unless ``inplace``; its tokenizer, pooling and normalization as they were).
 
     Example:
         >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
@@ -68,7 +77,10 @@ def convert(model: nn.Module, config: ConvertConfig | dict | None = None, *, exa
     config = as_config(config)
     if overrides:
         config = config.replace(**overrides)
-    return plan_model(model, config, example_inputs).apply(inplace=inplace)
+    wrapped = unwrap(model)
+    inner = model if wrapped is None else wrapped.inner
+    converted = plan_model(inner, config, example_inputs).apply(inplace=inplace)
+    return converted if wrapped is None else wrapped.rebuild(converted)
 
 
 def diff(original: nn.Module, converted: nn.Module, example_inputs=None) -> RewriteDiff:
@@ -81,4 +93,4 @@ def diff(original: nn.Module, converted: nn.Module, example_inputs=None) -> Rewr
         >>> len(m2.diff(model, m2.convert(model)).changes)          # print(...) lists them
         3
     """
-    return _diff(original, converted, example_inputs)
+    return _diff(inner_model(original), inner_model(converted), example_inputs)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from m2convert.layers.base import M2Block
+
 # Ops that act on each element alone (activation bodies, scaling, dropout, casts).
 ELEMENTWISE = frozenset(
     f"aten.{op}" for op in (
@@ -94,9 +96,13 @@ def common_prefix(paths) -> str:
 
 
 def is_projection(module: nn.Module | None) -> bool:
-    """nn.Linear, or a transformers-style Conv1D (weight (in, out), attribute ``nf``)."""
+    """nn.Linear, or a transformers-style Conv1D (weight (in, out), attribute ``nf``).
+
+    A MonarchLinear answers like an nn.Linear (for PEFT and HF code) but is already converted: not a
+    projection to convert again.
+    """
     if isinstance(module, nn.Linear):
-        return True
+        return not isinstance(module, M2Block)
     return (module is not None and type(module).__name__ == "Conv1D" and hasattr(module, "nf")
             and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 from torch import fx, nn
 
+from m2convert.layers.base import M2Block
 from m2convert.passes.graph import (ACTIVATIONS, ELEMENTWISE, MOVES, GraphIndex, common_prefix, feature_ranges,
                                    module_entry, module_path, op_name, projection_dims, users)
 from m2convert.passes.site import DIMENSION, MLPLayout, Role, Site
@@ -211,7 +212,8 @@ def expert_sites(index: GraphIndex) -> list[Site]:
         name = index.param_names.get(node.name)
         val = node.meta.get("val")
         owner = index.captured.modules.get(name.rpartition(".")[0]) if name else None
-        if name is None or getattr(val, "ndim", 0) != 3 or isinstance(owner, nn.modules.conv._ConvNd):
+        # conv kernels and the factors of already converted M2 layers are 3-D too, but are no experts
+        if name is None or getattr(val, "ndim", 0) != 3 or isinstance(owner, (nn.modules.conv._ConvNd, M2Block)):
             continue
         frontier, readers = [node], []
         while frontier:                                    # through transposes/views to what computes with it

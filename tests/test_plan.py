@@ -9,6 +9,7 @@ import pytest
 import sympy
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
 import m2convert as m2
@@ -212,3 +213,11 @@ def test_debug_log_names_the_pattern(tiny_model, monkeypatch, capsys):
     m2.plan(tiny_model("llama", "eager", layers=1), SMALL)
     err = capsys.readouterr().err
     assert "eager-attention fired at 'model.layers.0.self_attn'" in err and "gated-mlp fired at" in err
+
+
+def test_a_converted_model_plans_no_new_sites():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    converted = m2.convert(transformers.BertModel(config).eval(), m2.ConvertConfig(filter_order=8))
+    assert m2.plan(converted).sites == []

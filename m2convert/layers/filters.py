@@ -26,6 +26,38 @@ class Sin(nn.Module):
         return torch.sin(self.freq * x)
 
 
+class FilterLinear(nn.Module):
+    """x W^T + b inside a filter MLP: nn.Linear's parameters (``weight`` (out, in), ``bias``) and product,
+    deliberately not an nn.Linear.
+
+    The filter MLP maps positions to convolution taps, not token features. Code that adapts "every linear
+    layer" (PEFT's ``target_modules="all-linear"``) finds layers by ``isinstance(m, nn.Linear)``; as this
+    class it leaves them out (a LoRA on the last one would also go unused: :meth:`ImplicitFilter.taps`
+    reads its weight directly).
+
+    Shapes: forward(x: (..., in_features)) -> (..., out_features).
+
+    Example:
+        >>> layer = FilterLinear(5, 8)
+        >>> layer(torch.randn(3, 5)).shape, isinstance(layer, nn.Linear)
+        (torch.Size([3, 8]), False)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        # nn.Linear's default initialization, from a throwaway nn.Linear: identical numbers for a seed.
+        init = nn.Linear(in_features, out_features, bias=bias)
+        self.weight = nn.Parameter(init.weight.detach())                      # (out, in)
+        self.bias = nn.Parameter(init.bias.detach()) if bias else None        # (out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 class ImplicitFilter(nn.Module):
     """Generates ``heads`` filters of (channels, N) taps for any N.
 
@@ -60,9 +92,9 @@ class ImplicitFilter(nn.Module):
         self.register_buffer("bands", torch.linspace(1e-4, bands - 1, bands) if bands > 1 else torch.ones(1),
                              persistent=False)
         self.mlp = nn.Sequential(
-            nn.Linear(emb_dim, order), Sin(order, sin_freq),
-            nn.Linear(order, order), Sin(order, sin_freq),
-            nn.Linear(order, heads * channels, bias=False),
+            FilterLinear(emb_dim, order), Sin(order, sin_freq),
+            FilterLinear(order, order), Sin(order, sin_freq),
+            FilterLinear(order, heads * channels, bias=False),
         )
         nn.init.normal_(self.mlp[-1].weight, std=out_std)
         # Per-channel decay rates spread between fast and slow (Hyena's exponential modulation).

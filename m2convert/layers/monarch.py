@@ -18,8 +18,9 @@ from contextlib import contextmanager
 import sympy
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from ..errors import ConfigError, ShapeError, check_int
+from ..errors import ConfigError, ConversionError, ShapeError, check_int
 from ..kernels.monarch.cpu import monarch_linear
 from ..kernels.monarch.reference import monarch_matmul, monarch_to_dense
 from .base import M2Block, traced
@@ -116,7 +117,70 @@ def monarch_shape(in_features: int, out_features: int, nblocks: int, rank: int) 
     return p, s, rho
 
 
-class MonarchLinear(M2Block):
+class DenseView(torch.Tensor):
+    """The dense (out, in) matrix of a :class:`MonarchLinear`, read-only: what ``layer.weight`` returns.
+
+    Shape, dtype and device come without computing anything; an op that reads the values gets the
+    matrix built from the layer's current factors (``MonarchLinear.to_dense``, out * in * rho
+    multiply-adds) and returns a plain tensor. The matrix is never stored, so a write could not reach the
+    layer: writes (in-place ops, ``out=`` it, ``.data = ...``) raise ConversionError instead of being lost.
+    """
+
+    # transformers' weight init skips tensors flagged initialized; the layer initializes its own factors
+    # (MonarchLinear.reset_parameters), so there is nothing here to initialize.
+    _is_hf_initialized = True
+
+    @staticmethod
+    def __new__(cls, layer: "MonarchLinear"):
+        # Metadata only (no storage): the values are made when an op needs them.
+        view = torch.Tensor._make_wrapper_subclass(cls, (layer.out_features, layer.in_features),
+                                                   dtype=layer.w1.dtype, device=layer.w1.device)
+        view._layer = layer
+        return view
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # ``.data`` is a Python-level accessor, seen here and not by __torch_dispatch__.
+        if _is_data(func, "__set__"):
+            _refuse(".data = ...", args[0])
+        if _is_data(func, "__get__"):
+            return args[0]                              # ``weight.data`` is the same read-only view
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):               # arguments the op writes into
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = kwargs.get(arg.name, args[i] if i < len(args) else None)
+                if isinstance(value, DenseView):
+                    _refuse(func.overloadpacket.__name__, value)      # "add_", not "add_.Tensor"
+        with torch.no_grad():
+            args, kwargs = tree_map(_values, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _values(t):
+    """A DenseView's (out, in) matrix from its layer's current factors; anything else as it is."""
+    return t._layer.to_dense() if isinstance(t, DenseView) else t
+
+
+def _is_data(func, accessor: str) -> bool:
+    """``func`` is the getter (``"__get__"``) or setter (``"__set__"``) of ``Tensor.data``."""
+    return getattr(func, "__name__", "") == accessor and getattr(func, "__self__", None) is torch.Tensor.data
+
+
+def _refuse(what: str, view: DenseView):
+    raise ConversionError(
+        f"MonarchLinear.weight is a read-only dense view {tuple(view.shape)} of the Monarch factors w1, w2; "
+        f"{what} cannot change the layer. A dense or low-rank update (a LoRA merge_and_unload, a weight init) "
+        "is not Monarch-structured in general, so it has no exact MonarchLinear form: keep the adapter unmerged "
+        "(the PeftModel runs and saves as is), or project the updated matrix with "
+        "MonarchLinear.from_weight(weight, bias, nblocks) (approximate)")
+
+
+class MonarchLinear(M2Block, nn.Linear):
     """y = M x + b with M an order-2 Monarch matrix.
 
     Args:
@@ -128,6 +192,11 @@ class MonarchLinear(M2Block):
 
     Shapes: forward(x: (..., in_features)) -> (..., out_features).
 
+    An nn.Linear to code that looks for linear layers (PEFT's ``target_modules="all-linear"``, which then
+    wraps it in a LoRA layer): ``in_features``, ``out_features`` and ``bias`` as in nn.Linear, and
+    :attr:`weight` the dense matrix, computed and read-only. Its parameters, and state dict keys, are the
+    factors ``w1``, ``w2`` and ``bias``.
+
     Example:
         >>> layer = MonarchLinear.from_dense(nn.Linear(384, 1536), nblocks=4)
         >>> layer(torch.randn(2, 7, 384)).shape
@@ -136,7 +205,7 @@ class MonarchLinear(M2Block):
 
     def __init__(self, in_features: int, out_features: int, nblocks: int = 4, bias: bool = True,
                  rank: int = 1, device=None, dtype=None):
-        super().__init__()
+        nn.Module.__init__(self)                    # not nn.Linear's: there is no dense weight parameter
         p, s, rho = monarch_shape(in_features, out_features, nblocks, rank)
         self.in_features, self.out_features = in_features, out_features
         self.nblocks, self.rank = nblocks, rank
@@ -145,6 +214,34 @@ class MonarchLinear(M2Block):
         self.w2 = nn.Parameter(torch.empty(nblocks, s, nblocks * rho, **factory))   # (nb_l, S, nb_k*rho)
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out_features, in_features) dense matrix this layer applies, as a read-only :class:`DenseView`.
+
+        For code written against nn.Linear (PEFT, transformers) that reads ``weight.shape``, ``.dtype``,
+        ``.device`` (free) or uses it in an op (which builds the matrix from the current w1, w2; no
+        gradient flows back to them). Writes raise ConversionError; the state dict holds w1, w2 and bias,
+        never this matrix.
+
+        Example:
+            >>> layer = MonarchLinear(6, 10, nblocks=2)
+            >>> layer.weight.shape, layer.weight.dtype
+            (torch.Size([10, 6]), torch.float32)
+            >>> torch.allclose(layer(torch.ones(6)), layer.weight @ torch.ones(6) + layer.bias, atol=1e-6)
+            True
+            >>> layer.weight.data += 1
+            Traceback (most recent call last):
+            m2convert.errors.ConversionError: MonarchLinear.weight is a read-only dense view ...
+        """
+        if traced(self.w1):
+            return self.to_dense().detach()             # under torch.compile / export: the plain matrix
+        return DenseView(self)
+
+    @weight.setter
+    def weight(self, value) -> None:
+        raise ConversionError("MonarchLinear.weight is computed from the factors w1, w2 and cannot be set; build a "
+                              "new layer with MonarchLinear.from_weight(weight, bias, nblocks) (a projection)")
 
     @property
     def block_sizes(self) -> tuple[int, int, int]:
@@ -200,7 +297,7 @@ class MonarchLinear(M2Block):
                               x_t=x_channels_first, out_t=out_channels_first)
 
     def to_dense(self) -> torch.Tensor:
-        """The (out_features, in_features) dense weight this layer applies."""
+        """The (out_features, in_features) dense weight this layer applies (differentiable in w1, w2)."""
         return monarch_to_dense(self.w1, self.w2)[: self.out_features, : self.in_features]
 
     @classmethod

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..data import load_data
 from ..data.batches import batch_items
 from ..errors import CheckpointError, ConfigError, TrainingError
+from ..wrappers import inner_model, unwrap
 from . import checkpoint as ckpt
 from .config import DistillConfig, StageConfig
 from .fsdp import ShardedStudent
@@ -84,6 +85,15 @@ def _trainable(student: nn.Module, stage: StageConfig) -> list[str]:
     if not chosen:
         raise ConfigError(f"stage {stage.name!r}: train={stage.train!r} selects no parameter of the student")
     return chosen
+
+
+def _unwrap(student, teacher, tokenizer):
+    """The Hugging Face models inside wrapped student / teacher (SentenceTransformers), and the wrapped
+    teacher's tokenizer when none was given."""
+    wrapped_teacher = unwrap(teacher)
+    if tokenizer is None and wrapped_teacher is not None:
+        tokenizer = wrapped_teacher.tokenizer
+    return inner_model(student), inner_model(teacher), tokenizer
 
 
 def _resolve_tokenizer(tokenizer, teacher, data):
@@ -281,12 +291,15 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig 
     """Recover a converted ``student`` towards its ``teacher`` with the stages of ``config``, in place.
 
     Args:
-        student: the converted model (m2convert.convert's output; M2 modules are ``M2Block``s).
-        teacher: the original (or a fine-tuned) model; only run forward, never changed.
+        student: the converted model (m2convert.convert's output; M2 modules are ``M2Block``s). A
+            SentenceTransformer trains the Hugging Face model inside it (the recovery objectives compare
+            token states, before pooling).
+        teacher: the original (or a fine-tuned) model, or a SentenceTransformer; only run forward, never changed.
         data: a file path (.tsv / .jsonl / text), a Hugging Face dataset, an iterable of dict batches
             (input_ids (B, N), attention_mask (B, N), labels), or a ``m2convert.data`` batch source.
         config: DistillConfig (default: transfer, kd, task of 100 steps each).
-        tokenizer: the teacher's tokenizer (needed for files; default: loaded from the teacher's folder).
+        tokenizer: the teacher's tokenizer (needed for files; default: a SentenceTransformer teacher's own,
+            else loaded from the teacher's folder).
         on_step: called as on_step(stage, step, loss) after every optimizer step.
 
     Returns a DistillResult: per-stage steps, tokens, seconds and losses, and the checkpoint folder.
@@ -302,6 +315,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig 
     config = config or DistillConfig()
     if not isinstance(config, DistillConfig):
         raise ConfigError(f"config must be a DistillConfig, got {type(config).__name__}")
+    student, teacher, tokenizer = _unwrap(student, teacher, tokenizer)
     if student is teacher:
         raise ConfigError("student and teacher are the same object; pass the converted copy as the student")
     device = torch.device(config.device) if config.device else next(student.parameters()).device
