@@ -227,13 +227,13 @@ def _run_bench(args) -> int:
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100, help="transfer steps of the short recovery (default 100)")
-    p.add_argument("--sentences", type=int, default=200, help="held-out dev sentences compared (default 200)")
+    p.add_argument("--sentences", type=int, default=200, help="held-out sample sentences compared (default 200)")
 
 
 @command("demo", help="convert the bundled all-MiniLM-L6-v2, recover it briefly and report",
          arguments=_demo_arguments,
          description="The main job on the bundled model, offline: plan and convert all-MiniLM-L6-v2, run a "
-                     "short layer-wise recovery on SST-2 sentences ($M2CONVERT_DATA), and report embedding "
+                     "short layer-wise recovery on the WikiText-2 sample shipped with the package, and report embedding "
                      "agreement and speed.")
 def _run_demo(args) -> int:
     from .demo import run_demo

@@ -3,23 +3,26 @@
 1. plan the conversion and print the rewrite diff;
 2. convert (attention -> M2 sequence mixers seeded from Q/K/V/O, MLPs -> Monarch projections);
 3. recover briefly: seed the mixers' filters from the teacher's attention (open gates), then layer-wise
-   transfer on SST-2 training sentences;
-4. report how close the student's sentence embeddings are to the teacher's on held-out SST-2 dev
+   transfer on WikiText-2 validation sentences;
+4. report how close the student's sentence embeddings are to the teacher's on held-out WikiText-2 test
    sentences (mean cosine: converted, seeded, after transfer) and the forward speed of both, side by side.
+
+The sentences are the sample installed with the package (``m2convert/data/sample/``, CC BY-SA 3.0), so
+the demo needs no data folder and no network.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from .api import plan
-from .data import default_data_dir, load_data, read_tsv
+from .data import Batches, classification_collate, tokenize_examples
+from .data.readers import sample_data_dir
 from .errors import DataError, ModelLoadError
 from .loading import bundled_model_path as _bundled_path
 from .recover import DistillConfig, StageConfig, distill, seed_filters_from_attention
@@ -80,49 +83,52 @@ def forward_tokens_per_ms(models: dict, seq_len: int, batch: int = 4, repeats: i
     return {name: batch * seq_len / (statistics.median(t) * 1e3) for name, t in times.items()}
 
 
-def run_demo(steps: int = 100, eval_sentences: int = 200, seed_batches: int = 8, console: Console | None = None) -> dict:
+def run_demo(steps: int = 100, eval_sentences: int = 200, seed_batches: int = 8, console: Console | None = None,
+             *, seed_steps: int = 300, speed_seq_len: int = 512) -> dict:
     """Run the demo end to end, print its report and return the numbers.
 
     Args:
         steps: layer-wise transfer steps of the short recovery (batch 16).
+        eval_sentences: held-out sentences for the embedding comparison (at most 1,000).
         seed_batches: training batches (of 16) the filter seeding averages the teacher's attention over.
-        eval_sentences: held-out SST-2 dev sentences for the embedding comparison.
+        seed_steps: Adam steps of each filter's fit to the teacher's attention.
+        speed_seq_len: sequence length N of the forward-speed comparison (batch 4).
     """
     # Wide enough for the tables when the output is a file or a pipe (rich assumes 80 columns there).
     console = console or Console(width=None if Console().is_terminal else 160)
     torch.manual_seed(0)
-    train, dev = _sst2_files()
+    train, held_out = _sample_sentences()
     teacher, tokenizer = load_bundled()
     student, n_t, n_s = _plan_and_convert(teacher, console)
-    sentences = read_tsv(dev)[0][:eval_sentences]
-    cosines, seeding, stage = _recover(student, teacher, tokenizer, train, sentences, steps, seed_batches, console)
+    sentences = held_out[:eval_sentences]
+    cosines, seeding, stage = _recover(student, teacher, tokenizer, train, sentences, steps,
+                                       (seed_batches, seed_steps), console)
 
     console.rule("4. report")
-    speed = forward_tokens_per_ms({"original": teacher, "converted": student}, seq_len=512)
+    speed = forward_tokens_per_ms({"original": teacher, "converted": student}, seq_len=speed_seq_len)
     table = Table(title="all-MiniLM-L6-v2 -> M2")
     for col in ("measure", "value"):
         table.add_column(col)
     table.add_row("parameters", f"{n_t:,} -> {n_s:,} ({(n_s - n_t) / n_t:+.1%})")
-    table.add_row(f"embedding cosine to teacher ({len(sentences)} held-out dev sentences)",
+    table.add_row(f"embedding cosine to teacher ({len(sentences)} held-out WikiText-2 test sentences)",
                   f"{cosines['cosine_before']:.3f} converted -> {cosines['cosine_seeded']:.3f} seeded -> "
                   f"{cosines['cosine_after']:.3f} after transfer")
     table.add_row("recovery", f"seeding {seeding['seconds']:.0f}s; transfer {stage.steps} steps, {stage.tokens:,} "
                               f"tokens, {stage.seconds:.0f}s")
-    table.add_row("forward tokens/ms at N=512, batch 4 (CPU)",
+    table.add_row(f"forward tokens/ms at N={speed_seq_len}, batch 4 (CPU)",
                   f"original {speed['original']:.2f}, converted {speed['converted']:.2f} "
                   f"({speed['converted'] / speed['original']:.2f}x)")
     console.print(table)
     return {**cosines, "teacher_params": n_t, "student_params": n_s, "tokens_per_ms": speed}
 
 
-def _sst2_files() -> tuple[Path, Path]:
-    """(train.tsv, dev.tsv) of SST-2 in the data folder; DataError naming the folder when absent."""
-    data = default_data_dir()
-    train, dev = data / "sst2" / "train.tsv", data / "sst2" / "dev.tsv"
-    if not train.exists() or not dev.exists():
-        raise DataError(f"SST-2 not found under {data}; set M2CONVERT_DATA to a folder with sst2/train.tsv and "
-                        "sst2/dev.tsv")
-    return train, dev
+def _sample_sentences() -> tuple[list[str], list[str]]:
+    """(training sentences, held-out sentences) of the sample installed with the package."""
+    files = [sample_data_dir() / f"wikitext2-{split}-sentences.txt" for split in ("valid", "test")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"the demo's sample text is missing ({', '.join(missing)}); reinstall m2convert")
+    return tuple(f.read_text(encoding="utf-8").splitlines() for f in files)
 
 
 def _plan_and_convert(teacher, console: Console) -> tuple[torch.nn.Module, int, int]:
@@ -140,19 +146,22 @@ def _plan_and_convert(teacher, console: Console) -> tuple[torch.nn.Module, int, 
     return student, n_t, n_s
 
 
-def _recover(student, teacher, tokenizer, train: Path, sentences: list[str], steps: int, seed_batches: int,
-             console: Console) -> tuple[dict, dict, object]:
+def _recover(student, teacher, tokenizer, train: list[str], sentences: list[str], steps: int,
+             seed_budget: tuple[int, int], console: Console) -> tuple[dict, dict, object]:
     """Step 3: seed the filters, then transfer layer-wise; the embedding cosines converted / seeded / after
     transfer, the seeding report and the transfer stage's result."""
     before = embedding_cosine(teacher, student, tokenizer, sentences)
     console.rule(f"3. recover: filters seeded from the teacher's attention, then layer-wise transfer, {steps} steps "
-                 "on SST-2 train sentences")
-    source = load_data(str(train), tokenizer, batch_size=16, max_length=64, seed=1)
+                 "on WikiText-2 validation sentences")
+    # One sentence a row, padded per batch (B, N <= 64): the shape of what the report embeds.
+    source = Batches(tokenize_examples(train, None, tokenizer, max_length=64), classification_collate(tokenizer),
+                     batch_size=16, seed=1)
+    seed_batches, seed_steps = seed_budget
     seeding = seed_filters_from_attention(student, teacher, [source.batch(k) for k in range(seed_batches)],
-                                          open_gates=True, progress=False)
+                                          steps=seed_steps, open_gates=True, progress=False)
     seeded = embedding_cosine(teacher, student, tokenizer, sentences)
     config = DistillConfig(stages=[StageConfig("transfer", steps=steps)], batch_size=16, max_length=64)
-    result = distill(student, teacher, str(train), config, tokenizer=tokenizer)
+    result = distill(student, teacher, source, config)
     after = embedding_cosine(teacher, student, tokenizer, sentences)
     return {"cosine_before": before, "cosine_seeded": seeded, "cosine_after": after}, seeding, result.stages[0]
 

@@ -5,6 +5,8 @@
     disable_cache        ``use_cache=False`` for a forward that takes it: a KV cache cannot be exported
     dynamic_shapes       the ``dynamic_shapes`` spec keeping the sequence (and batch) length symbolic
     sequence_dim         the sequence-length Dim, bounded by the model's table of learned positions
+    export_dynamic       torch.export with batch and length dynamic, falling back to fewer dynamic dims
+    bind_by_name         the inputs by the names of the forward's parameters
     signed               a module class whose forward names its inputs (torch.export binds by signature)
 
 Example:
@@ -153,6 +155,76 @@ def sequence_dim(model: nn.Module) -> torch.export.Dim:
     limit = next((v for k in ("max_position_embeddings", "n_positions")
                   if isinstance(v := getattr(text, k, None), int) and v > 2), None)
     return torch.export.Dim("seq", min=2, max=limit) if limit else torch.export.Dim("seq", min=2)
+
+
+def export_dynamic(model: nn.Module, example_inputs,
+                   dynamic: bool = True) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """torch.export ``model`` (eval mode, non-strict) on ``example_inputs``, batch and sequence length
+    dynamic, else the length only, else static shapes; (program, notes saying which, and why not more).
+
+    Raises:
+        CaptureError: not even static shapes could be captured (every attempt's reason is listed).
+
+    Example:
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> model = transformers.BertModel(config)
+        >>> ep, notes = export_dynamic(model, {"input_ids": torch.ones(2, 16, dtype=torch.long)})  # (B, N)
+        >>> notes
+        []
+        >>> _, notes = export_dynamic(model, {"input_ids": torch.ones(1, 16, dtype=torch.long)})   # B = 1
+        >>> notes[0].split(" (")[0]
+        'captured with dynamic length shapes'
+    """
+    args, kwargs = split_inputs(example_inputs)
+    attempts = [("dynamic batch and length", True), ("dynamic length", False)] if dynamic else []
+    attempts.append(("static", None))
+    failures: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for what, batch in attempts:
+            shapes = None if batch is None else dynamic_shapes(
+                args, kwargs, sequence_dim(model), torch.export.Dim("batch", min=1) if batch else None)
+            if batch is not None and shapes is None:
+                continue
+            try:
+                ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            except Exception as exc:                      # export raises many types; each attempt says why
+                detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                failures.append(f"{what} shapes: {type(exc).__name__}: {detail}")
+                continue
+            return ep, [f"captured with {what} shapes ({'; '.join(failures)})"] if failures else []
+    finally:
+        model.train(was_training)
+    raise CaptureError(f"torch.export could not capture {type(model).__name__} ("
+                       + "; ".join(failures) + "). Pass example_inputs matching its forward")
+
+
+def bind_by_name(model: nn.Module, args: tuple, kwargs: dict, defaults: dict | None = None):
+    """(parameters, inputs by name): the named parameters of ``model.forward`` (``*args`` and ``**kwargs``
+    left out, ``defaults`` replacing their defaults) and the inputs bound to them; None when they do not
+    name every input, or a new default would precede a required parameter.
+
+    Example:
+        >>> class Model(nn.Module):
+        ...     def forward(self, x, mask=None, flag=True, **kwargs):
+        ...         return x
+        >>> params, named = bind_by_name(Model(), (torch.ones(2, 8),), {"flag": False}, {"flag": False})
+        >>> [str(p) for p in params], list(named)
+        (['x', 'mask=None', 'flag=False'], ['x', 'flag'])
+        >>> bind_by_name(Model(), (), {"x": torch.ones(2, 8), "scale": 2.0}) is None     # only **kwargs names it
+        True
+    """
+    P = inspect.Parameter
+    defaults = defaults or {}
+    params = [p.replace(default=defaults[p.name]) if p.name in defaults else p
+              for p in inspect.signature(model.forward).parameters.values()
+              if p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]
+    try:
+        return params, dict(inspect.Signature(params).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):          # an input it does not name, or a default before a required one
+        return None
 
 
 def signed(base: type[nn.Module], params: list[inspect.Parameter], name: str) -> type[nn.Module]:

@@ -10,13 +10,16 @@ only when they agree, so a chain that merely looks like a Monarch multiply (anot
 that do not chain) is left as it is and reported with its reason. ``M2_DEBUG=1`` logs every rule that
 fired, and where.
 
-What :func:`lower` returns: a :class:`LoweredModule`, an nn.Module around the rewritten torch.export
-graph (``ep.module()``). It takes the inputs it was captured with (by default ``input_ids`` and
-``attention_mask``; decoders also ``use_cache``, which defaults to False), with batch and sequence
-length dynamic, and returns what the model returned. The graph is fixed in eval mode (dropout off);
-gradients flow through the fused ops. Export it again with ``torch.export.export(lowered, (), inputs)``
-(the ``m2::`` ops stay ops), or save ``lowered.exported`` directly with ``torch.export.save``. To lower
-inside an export, call :func:`lower_program` on the freshly exported program.
+What :func:`lower` returns: a :class:`LoweredModule`, an nn.Module around rewritten torch.export graphs
+(``ep.module()``), with batch and sequence length dynamic. It takes the arguments of the model it came
+from and returns what the model returned. The example inputs (by default ``input_ids`` and
+``attention_mask``, and ``use_cache=False``, which stays the default) are lowered at once; a call with
+another set of arguments (``input_ids`` alone) is captured and lowered on its first call, leaving out what
+the call leaves out, so the model handles a missing argument as it always does. The graphs are fixed in
+eval mode (dropout off); gradients flow through the fused ops. Export it again with
+``torch.export.export(lowered, (), inputs)`` or ``m2.export`` (the ``m2::`` ops stay ops), or save
+``lowered.exported`` directly with ``torch.export.save``. To lower inside an export, call
+:func:`lower_program` on the freshly exported program.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from m2convert.errors import CaptureError
 from m2convert.kernels import ops as _ops  # noqa: F401  registers torch.ops.m2 (torch.export.load of lowered programs)
 from m2convert.passes.capture import check_model
 from m2convert.passes.graph import BOOKKEEPING, module_path, op_name
-from m2convert.passes.inputs import dynamic_shapes, example_inputs_for, sequence_dim, signed, split_inputs
+from m2convert.passes.inputs import bind_by_name, example_inputs_for, export_dynamic, signed, split_inputs
 from m2convert.passes.lower_check import check, region
 from m2convert.passes.lower_rules import RULES, Candidate, Emit, GraphView, Skip
 from m2convert.passes.pipeline import PassResult, debug
@@ -224,16 +227,20 @@ def _apply(candidates: list[Candidate], g: GraphView, result: LowerResult, rule)
 
 
 class LoweredModule(nn.Module):
-    """A model whose reference subgraphs run as fused ``m2::`` ops: the rewritten torch.export graph.
+    """A model whose reference subgraphs run as fused ``m2::`` ops: rewritten torch.export graphs.
 
     Attributes:
-        program: the GraphModule (``exported.module()``) that runs.
-        exported: the rewritten ExportedProgram (``torch.export.save(lowered.exported, "model.pt2")``).
-        result: the :class:`LowerResult` (sites fused and left).
+        program: the GraphModule (``exported.module()``) lowered on the example inputs.
+        exported: its rewritten ExportedProgram (``torch.export.save(lowered.exported, "model.pt2")``).
+        result: its :class:`LowerResult` (sites fused and left).
         config: the source model's Hugging Face config, where it had one.
 
-    ``forward`` takes the inputs the model was captured with (see ``inspect.signature(lowered.forward)``);
-    the graph is fixed in eval mode, so ``train()`` / ``eval()`` only set the flag.
+    ``forward`` takes the arguments of the model it came from (see ``inspect.signature(lowered.forward)``);
+    non-tensor example inputs (``use_cache=False``) are the defaults, and an argument the model does not
+    name is a TypeError. Each set of arguments given runs its own program: ``program`` for the example
+    inputs' set, and for another set one lowered on its first call, with the arguments left out absent from
+    that capture too, so the model handles them as it would. The graphs are fixed in eval mode, so
+    ``train()`` / ``eval()`` only set the flag.
 
     Example:
         >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
@@ -243,22 +250,71 @@ class LoweredModule(nn.Module):
         >>> ep = torch.export.export(lowered, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         >>> sorted({str(n.target) for n in ep.graph.nodes if "m2" in str(n.target)})
         ['m2.gated_long_conv.default', 'm2.monarch_matmul.default']
+        >>> lowered(input_ids=ids).last_hidden_state.shape     # no mask: lowered again for this set, once
+        torch.Size([2, 16, 32])
     """
 
-    def __init__(self, program: fx.GraphModule, exported: torch.export.ExportedProgram, result: LowerResult):
+    def __init__(self, program: fx.GraphModule, exported: torch.export.ExportedProgram, result: LowerResult,
+                 source: _Source | None, fixed: dict):
         super().__init__()
         self.program, self.exported, self.result = program, exported, result
-        self._n_args = _n_positional(exported)
+        self._source, self._fixed = source, fixed
+        self._signature = inspect.signature(self.forward)
+        self._programs: dict[tuple, tuple[fx.GraphModule, int]] = {}     # key -> (program, positional inputs)
 
     def forward(self, *args, **kwargs):
-        bound = inspect.signature(self.forward).bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = list(bound.arguments.items())
-        return self.program(*(v for _, v in values[:self._n_args]), **dict(values[self._n_args:]))
+        bound = self._signature.bind(*args, **kwargs)           # TypeError naming an unknown or missing argument
+        given = [(name, bound.arguments[name] if name in bound.arguments else self._fixed[name])
+                 for name in self._signature.parameters if name in bound.arguments or name in self._fixed]
+        key = _key(given)
+        if key not in self._programs:
+            self._programs[key] = self._lower_for(dict(given))
+        program, n_args = self._programs[key]
+        return program(*(v for _, v in given[:n_args]), **dict(given[n_args:]))
+
+    def _lower_for(self, given: dict) -> tuple[fx.GraphModule, int]:
+        """Capture and lower the source model for the arguments ``given``; (program, positional inputs)."""
+        names = ", ".join(given)
+        if self._source is None:
+            raise CaptureError(f"this program was lowered from an ExportedProgram and runs only the arguments it "
+                               f"was exported with, not ({names}); lower the model itself to call it with others")
+        if torch.compiler.is_compiling():
+            raise CaptureError(f"the lowered model has no program for the arguments ({names}) yet and cannot "
+                               "lower one while it is traced; call it once with them first")
+        example = self._source.example
+        # The example's tensors where they cover the call's (shapes export keeps dynamic), else the call's own.
+        tensors = [n for n, v in given.items() if isinstance(v, torch.Tensor)]
+        ours = all(isinstance(example.get(n), torch.Tensor) for n in tensors)
+        inputs = {n: example[n] if ours and n in tensors else v.detach() if n in tensors else v
+                  for n, v in given.items()}
+        ep, notes = export_dynamic(self._source.model, inputs, self._source.dynamic)
+        result = lower_program(ep)
+        debug(f"lower: lowered again for the arguments ({names}): {result.matched} sites fused"
+              + "".join(f"; {n}" for n in notes))
+        return ep.module(), 0
 
     def train(self, mode: bool = True) -> "LoweredModule":
         self.training = mode
         return self
+
+
+@dataclass
+class _Source:
+    """What lowering for another set of arguments captures: the model, its example inputs by name."""
+
+    model: nn.Module
+    example: dict
+    dynamic: bool
+
+
+def _key(given: list[tuple[str, object]]) -> tuple:
+    """Which program a call runs: the names given, tensors by name, other values (constants in the
+    graph, such as ``use_cache=False``) by value."""
+    for name, value in given:
+        if not isinstance(value, (torch.Tensor, type(None), bool, int, float, str)):
+            raise TypeError(f"LoweredModule: argument '{name}' is a {type(value).__name__}; a lowered model "
+                            "takes tensors and constants (None, bools, numbers, strings)")
+    return tuple((name, torch.Tensor if isinstance(value, torch.Tensor) else value) for name, value in given)
 
 
 def _n_positional(ep: torch.export.ExportedProgram) -> int:
@@ -266,46 +322,27 @@ def _n_positional(ep: torch.export.ExportedProgram) -> int:
     return (spec.child(0) if hasattr(spec, "child") else spec.children_specs[0]).num_children
 
 
-def _lowered_module(ep: torch.export.ExportedProgram, result: LowerResult) -> LoweredModule:
-    """The LoweredModule of ``ep``, its forward signed like the captured inputs: positional ones first,
-    then keyword-only ones, constant inputs (``use_cache=False``) defaulting to their captured value."""
+def _lowered_module(ep: torch.export.ExportedProgram, result: LowerResult, model: nn.Module | None,
+                    example: tuple[tuple, dict], dynamic: bool) -> LoweredModule:
+    """The LoweredModule of ``ep``, signed like ``model.forward`` (or, when ``model`` is None or its forward
+    does not name the inputs, like the captured inputs: positional ones first, then keyword-only ones),
+    constant inputs defaulting to their captured value; ``ep`` is the program of the example's arguments."""
     P = inspect.Parameter
-    program = ep.module()
-    n_args = _n_positional(ep)
-    consts = {s.arg.name: s.arg.value for s in ep.graph_signature.input_specs
-              if type(s.arg).__name__ == "ConstantArgument"}
-    params = [P("self", P.POSITIONAL_OR_KEYWORD)]
-    for i, name in enumerate(inspect.signature(program.forward).parameters):
-        kind = P.POSITIONAL_OR_KEYWORD if i < n_args else P.KEYWORD_ONLY
-        params.append(P(name, kind, default=consts.get(name, P.empty) if i >= n_args else P.empty))
-    return signed(LoweredModule, params, "LoweredModule")(program, ep, result)
-
-
-def _capture(model: nn.Module, example_inputs, dynamic: bool) -> tuple[torch.export.ExportedProgram, list[str]]:
-    """Export ``model`` (eval mode, non-strict): batch and length dynamic, else length only, else static."""
-    args, kwargs = split_inputs(example_inputs_for(model) if example_inputs is None else example_inputs)
-    attempts = [("dynamic batch and length", True), ("dynamic length", False)] if dynamic else []
-    attempts.append(("static", None))
-    failures: list[str] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for what, batch in attempts:
-            shapes = None if batch is None else dynamic_shapes(
-                args, kwargs, sequence_dim(model), torch.export.Dim("batch", min=1) if batch else None)
-            if batch is not None and shapes is None:
-                continue
-            try:
-                ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
-            except Exception as exc:                      # export raises many types; each attempt says why
-                detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-                failures.append(f"{what} shapes: {type(exc).__name__}: {detail}")
-                continue
-            return ep, [f"captured with {what} shapes ({'; '.join(failures)})"] if failures else []
-    finally:
-        model.train(was_training)
-    raise CaptureError(f"torch.export could not capture {type(model).__name__} for lowering ("
-                       + "; ".join(failures) + "). Pass example_inputs matching its forward")
+    program, n_args = ep.module(), _n_positional(ep)
+    fixed = {s.arg.name: s.arg.value for s in ep.graph_signature.input_specs
+             if type(s.arg).__name__ == "ConstantArgument"}
+    named = bind_by_name(model, *example, defaults=fixed) if model is not None else None
+    if named is None:
+        params, source = [P(name, P.POSITIONAL_OR_KEYWORD) if i < n_args else
+                          P(name, P.KEYWORD_ONLY, default=fixed.get(name, P.empty))
+                          for i, name in enumerate(inspect.signature(program.forward).parameters)], None
+    else:
+        params, source = named[0], _Source(model, named[1], dynamic)
+    lowered = signed(LoweredModule, [P("self", P.POSITIONAL_OR_KEYWORD), *params], "LoweredModule")(
+        program, ep, result, source, fixed)
+    given = [p.name for p in params if source is None or p.name in source.example or p.name in fixed]
+    lowered._programs[tuple((n, fixed[n]) if n in fixed else (n, torch.Tensor) for n in given)] = (program, n_args)
+    return lowered
 
 
 def lower(model, example_inputs=None, dynamic: bool = True) -> LoweredModule:
@@ -314,12 +351,14 @@ def lower(model, example_inputs=None, dynamic: bool = True) -> LoweredModule:
     Args:
         model: a converted model (``m2.convert``), or an ExportedProgram (rewritten in place).
         example_inputs: dict of keyword tensors (e.g. ``{"input_ids": ids}``, (B, N)) or tuple of positional
-            tensors; built from ``model.config`` when None (input_ids + attention_mask, B=2, N=16).
+            tensors; built from ``model.config`` when None (input_ids + attention_mask, B=2, N=16). Calls
+            with another set of arguments are lowered again, on these inputs where they cover the call's.
         dynamic: keep batch and sequence length symbolic (falling back to static shapes if the model
             cannot be captured so; ``result.notes`` says so).
 
     Returns:
-        LoweredModule: call it like the model with the captured inputs; ``.result`` lists what was fused.
+        LoweredModule: call it like the model (the same arguments, optional ones optional); ``.result``
+        lists what was fused for the example inputs.
 
     Raises:
         UnsupportedModelError: ``model`` is not an nn.Module.  CaptureError: torch.export failed.
@@ -333,14 +372,19 @@ def lower(model, example_inputs=None, dynamic: bool = True) -> LoweredModule:
         >>> ids = torch.ones(2, 16, dtype=torch.long)
         >>> lowered(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape     # (B, N, H)
         torch.Size([2, 16, 32])
+        >>> lowered(ids).last_hidden_state.shape                # input_ids alone, as the model takes it
+        torch.Size([2, 16, 32])
     """
     if isinstance(model, torch.export.ExportedProgram):
-        ep, notes = model, []
+        ep, notes, source, example = model, [], None, ((), {})
     else:
-        ep, notes = _capture(check_model(model, "m2.lower"), example_inputs, dynamic)
+        source = check_model(model, "m2.lower")
+        example_inputs = example_inputs_for(model) if example_inputs is None else example_inputs
+        ep, notes = export_dynamic(source, example_inputs, dynamic)
+        example = split_inputs(example_inputs)
     result = lower_program(ep)
     result.notes += notes
-    lowered = _lowered_module(ep, result)
+    lowered = _lowered_module(ep, result, source, example, dynamic)
     if getattr(model, "config", None) is not None:
         lowered.config = model.config                    # position limits etc. for whoever exports it next
     return lowered

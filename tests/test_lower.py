@@ -116,6 +116,34 @@ def test_lowered_module_signature_modes_and_report(bert):
     assert "encoder.layer.1.output.dense" in text and "taps from residual_filter" in text
 
 
+def test_lowered_module_takes_the_models_optional_arguments(bert, capfd, monkeypatch):
+    converted, lowered = bert
+    monkeypatch.setenv("M2_DEBUG", "1")
+    with torch.no_grad():
+        for n, batch in ((7, 1), (23, 3)):        # batch 1 first: the new program still takes other batches
+            inputs = _inputs(n, batch)
+            ids = inputs["input_ids"]
+            want = converted(input_ids=ids).last_hidden_state          # no mask: the model's own default
+            assert_close(lowered(input_ids=ids).last_hidden_state, want, 1e-5, f"ids only, N={n}")
+            assert_close(lowered(ids).last_hidden_state, want, 1e-5, f"positional, N={n}")
+            assert_close(lowered(**inputs).last_hidden_state, converted(**inputs).last_hidden_state, 1e-5,
+                         f"ids and mask, N={n}")
+    assert capfd.readouterr().err.count("lowered again for the arguments (input_ids, use_cache)") == 1
+    with pytest.raises(TypeError, match="attention_maks"):
+        lowered(input_ids=ids, attention_maks=torch.ones_like(ids))
+    with pytest.raises(TypeError, match="input_ids"):
+        lowered(ids, input_ids=ids)
+    with pytest.raises(TypeError, match="'attention_mask' is a list"):
+        lowered(input_ids=ids, attention_mask=[1] * ids.shape[1])
+
+
+def test_an_unlowered_set_of_arguments_is_refused_while_traced(bert):
+    _, lowered = bert
+    ids = _inputs(12)["input_ids"]
+    with pytest.raises(M2Error, match=r"no program for the arguments \(input_ids, token_type_ids, use_cache\) yet"):
+        torch.export.export(lowered, (), {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}, strict=False)
+
+
 class _MixerThenMonarch(nn.Module):
     """A mask-free mixer (its gates read the split projections directly) and a MonarchLinear whose sizes
     need padding (24 -> 50 with 4 blocks: P 6, S 13, 52 outputs cut to 50)."""

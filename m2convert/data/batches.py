@@ -47,10 +47,12 @@ class Batches:
     Example:
         >>> from m2convert.loading import bundled_model_path                 # all-MiniLM-L6-v2, offline
         >>> tokenizer = transformers.AutoTokenizer.from_pretrained(bundled_model_path())
-        >>> from m2convert.data import default_data_dir, load_data
-        >>> src = load_data(default_data_dir() / "sst2" / "dev.tsv", tokenizer, batch_size=8)
-        >>> src.batch(0)["input_ids"].shape
-        torch.Size([8, 39])
+        >>> rows = ["label\\tsentence"] + [f"{i % 2}\\ta {'fine ' * (i + 1)}film" for i in range(12)]
+        >>> _ = open("reviews.tsv", "w").write("\\n".join(rows) + "\\n")
+        >>> from m2convert.data import load_data
+        >>> src = load_data("reviews.tsv", tokenizer, batch_size=8)
+        >>> src.batch(0)["input_ids"].shape[0]
+        8
         >>> torch.equal(src.batch(3)["input_ids"], src.batch(3)["input_ids"])   # a pure function of (seed, k)
         True
     """
@@ -239,12 +241,14 @@ def load_data(data: Any, tokenizer=None, *, batch_size: int = 32, max_length: in
     Example:
         >>> from m2convert.loading import bundled_model_path                 # all-MiniLM-L6-v2, offline
         >>> tokenizer = transformers.AutoTokenizer.from_pretrained(bundled_model_path())
-        >>> from m2convert.data import default_data_dir, load_data
-        >>> src = load_data(default_data_dir() / "sst2" / "dev.tsv", tokenizer, batch_size=32)
+        >>> rows = ["label\\tsentence"] + [f"{i % 2}\\ta {'fine ' * (i + 1)}film" for i in range(12)]
+        >>> _ = open("reviews.tsv", "w").write("\\n".join(rows) + "\\n")
+        >>> from m2convert.data import load_data
+        >>> src = load_data("reviews.tsv", tokenizer, batch_size=4)
         >>> sorted(src.batch(0))
         ['attention_mask', 'input_ids', 'labels', 'token_type_ids']
         >>> src.report.rows, src.report.bad
-        (872, 0)
+        (12, 0)
     """
     check_choice("task", task, ("auto", "classification", "lm"))
     check_choice("on_bad", on_bad, ON_BAD)

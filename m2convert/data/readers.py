@@ -18,7 +18,8 @@ ON_BAD = ("skip", "raise")
 
 
 def default_data_dir() -> Path:
-    """The shared data folder: ``$M2CONVERT_DATA`` or ``../shared/data`` beside the repository root.
+    """The shared data folder of the full benchmarks: ``$M2CONVERT_DATA`` or ``../shared/data`` beside the
+    repository root (the demo and the examples read :func:`sample_data_dir` instead).
 
     Example:
         >>> (default_data_dir() / "sst2" / "dev.tsv").name
@@ -28,6 +29,17 @@ def default_data_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return Path(__file__).resolve().parents[2].parent / "shared" / "data"        # beside the repository
+
+
+def sample_data_dir() -> Path:
+    """The sample text installed with the package, which the demo and ``examples/`` read: WikiText-2
+    sentences, one a line (CC BY-SA 3.0; its README.md gives the source and how they were made).
+
+    Example:
+        >>> sorted(p.name for p in sample_data_dir().glob("*.txt"))     # train on valid, measure on test
+        ['wikitext2-test-sentences.txt', 'wikitext2-valid-sentences.txt']
+    """
+    return Path(__file__).resolve().parent / "sample"
 
 
 @dataclass
@@ -81,9 +93,11 @@ def read_tsv(path, *, text_column: str | None = None, label_column: str = "label
     The text column is ``text_column`` or the first non-label column. Returns (texts, labels, report).
 
     Example:
-        >>> texts, labels, report = read_tsv(default_data_dir() / "sst2" / "dev.tsv")
-        >>> len(texts), report.bad
-        (872, 0)
+        >>> rows = ["label\\tsentence"] + [f"{i % 2}\\ta {'fine ' * (i + 1)}film" for i in range(12)]
+        >>> _ = open("reviews.tsv", "w").write("\\n".join(rows) + "\\n")
+        >>> texts, labels, report = read_tsv("reviews.tsv")
+        >>> len(texts), labels[:3], report.bad
+        (12, [0, 1, 0], 0)
     """
     check_choice("on_bad", on_bad, ON_BAD)
     path = Path(path)
