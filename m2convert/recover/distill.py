@@ -306,11 +306,14 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig 
     Raises TrainingError on a non-finite loss (after saving the last good checkpoint).
 
     Example:
-        >>> student = m2.convert(teacher)                                         # doctest: +SKIP
-        >>> cfg = DistillConfig(stages=[StageConfig("transfer", steps=600), StageConfig("kd", steps=1200)])
-        >>> result = m2.distill(student, teacher, "sst2/train.tsv", cfg, tokenizer=tok)  # doctest: +SKIP
-        >>> [s.name for s in result.stages]                                       # doctest: +SKIP
-        ['transfer', 'kd']
+        >>> teacher = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
+        >>> student = m2.convert(teacher, m2.ConvertConfig(filter_order=8))
+        >>> batches = [{"input_ids": torch.randint(0, 100, (4, 16))} for _ in range(4)]
+        >>> cfg = DistillConfig(stages=[StageConfig("transfer", steps=4), StageConfig("kd", steps=2)], progress=False)
+        >>> result = m2.distill(student, teacher, batches, cfg)
+        >>> [(s.name, s.steps) for s in result.stages]
+        [('transfer', 4), ('kd', 2)]
     """
     config = config or DistillConfig()
     if not isinstance(config, DistillConfig):

@@ -26,8 +26,11 @@ def replaced_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The outermost :class:`M2Block` modules of ``model`` as (path, module), in module order.
 
     Example:
-        >>> [p for p, _ in replaced_modules(student)]            # doctest: +SKIP
-        ['bert.encoder.layer.0.attention', 'bert.encoder.layer.0.intermediate.dense', ...]
+        >>> teacher = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
+        >>> student = m2.convert(teacher, m2.ConvertConfig(filter_order=8))
+        >>> [p for p, _ in replaced_modules(student)]
+        ['encoder.layer.0.attention', 'encoder.layer.0.intermediate.dense', 'encoder.layer.0.output.dense']
     """
     found = []
     for path, module in model.named_modules():
@@ -40,8 +43,11 @@ def layer_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Mo
     """(path, student module, teacher module) for every replaced module of the student.
 
     Example:
-        >>> [(p, type(t).__name__) for p, _, t in layer_pairs(student, teacher)][:1]   # doctest: +SKIP
-        [('bert.encoder.layer.0.attention', 'BertAttention')]
+        >>> teacher = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
+        >>> student = m2.convert(teacher, m2.ConvertConfig(filter_order=8))
+        >>> [(p, type(t).__name__) for p, _, t in layer_pairs(student, teacher)][:1]
+        [('encoder.layer.0.attention', 'BertAttention')]
     """
     pairs = []
     for path, module in replaced_modules(student):
@@ -62,9 +68,14 @@ def record_module_io(modules: dict[str, nn.Module]):
     """Record every call of the given modules (forward hooks): ``calls[path]`` = list of (args, kwargs, output).
 
     Example:
-        >>> with torch.no_grad(), record_module_io({"bert.encoder.layer.0.attention": attn}) as calls:  # doctest: +SKIP
-        ...     teacher(**batch)
-        >>> args, kwargs, out = calls["bert.encoder.layer.0.attention"][0]                     # doctest: +SKIP
+        >>> teacher = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
+        >>> attn = teacher.encoder.layer[0].attention
+        >>> with torch.no_grad(), record_module_io({"encoder.layer.0.attention": attn}) as calls:
+        ...     _ = teacher(input_ids=torch.randint(0, 100, (2, 7)))
+        >>> args, kwargs, out = calls["encoder.layer.0.attention"][0]
+        >>> args[0].shape                                        # the hidden states the attention saw
+        torch.Size([2, 7, 32])
     """
     calls: dict[str, list] = {path: [] for path in modules}
     handles = []
