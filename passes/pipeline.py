@@ -26,12 +26,14 @@ from m2convert.passes.plan import RewritePlan
 from m2convert.passes.select import select_sites
 from m2convert.passes.sharing import check_sharing
 from m2convert.passes.site import CONVERT, DIMENSION, SEQUENCE, Site
+from m2convert.passes.unmatched import name_unmatched_cores
 
 log = logging.getLogger("m2convert.passes")
 
 ANALYSIS_PASSES = (
     find_attention,         # every ATTENTION_PATTERNS matcher (sdpa, matmul -> softmax -> matmul, ...)
     find_mlps,              # every MLP_PATTERNS matcher (act, gated), minus attention projections
+    name_unmatched_cores,   # softmax cores no attention pattern matched: skipped sites saying why
     check_sharing,          # modules at two paths, tied parameters: skipped (a swap would split them)
     select_sites,           # ConvertConfig: sequence/dimension switches, overrides, filter_fn
     estimate_costs,         # params and sympy FLOPs before/after per site
