@@ -1,8 +1,9 @@
 """Export converted models: torch.export programs (.pt2) and AOTInductor packages.
 
 The exported program takes the example inputs' names (keyword tensors) or positions, with the sequence
-dimension (dim 1) dynamic, and returns a flat tuple of tensors: the model output's fields in order,
-``None`` fields dropped (e.g. ``(last_hidden_state, pooler_output)`` for BertModel, ``(logits,)`` for a
+dimension (dim 1 of token inputs) dynamic, and image/audio sizes dynamic where the model accepts other
+sizes (else static: a ViT's patch grid, Whisper's frame count; see :func:`export`). It returns a flat
+tuple of tensors: the model output's fields in order, ``None`` fields dropped (e.g. ``(last_hidden_state, pooler_output)`` for BertModel, ``(logits,)`` for a
 causal LM, which is exported without a KV cache). A flat tuple needs no transformers at load time.
 
 Loading:
@@ -36,7 +37,8 @@ from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .errors import CaptureError, ConfigError
-from .passes.inputs import disable_cache, dynamic_shapes, first_tensor, signed, split_inputs
+from .passes.inputs import (VARYING_DIMS, disable_cache, dynamic_shapes, first_tensor, signed, split_inputs,
+                             unmarked)
 
 aten = torch.ops.aten
 
@@ -98,10 +100,12 @@ def _exportable(model: nn.Module, example_inputs) -> tuple[nn.Module, tuple, dic
 
 
 def _dynamic_seq(args: tuple, kwargs: dict):
-    """Dim 1 of every (B, N, ...) input whose dim 1 equals the first input's N is dynamic.
+    """Dim 1 of every (B, N, ...) token input whose dim 1 equals the first token input's N is dynamic; the
+    varying dims of image and audio inputs (see ``VARYING_DIMS``) are dynamic where the model allows.
 
     ``Dim.DYNAMIC`` lets export infer the range (e.g. N <= the table of learned positions) and the
-    inputs' equal lengths, and fails if the model fixes N.
+    inputs' equal lengths, and fails if the model fixes N. ``Dim.AUTO`` (images, audio) stays static
+    where the model fixes the size, e.g. a ViT's patch grid or Whisper's frame count.
     """
     shapes = dynamic_shapes(args, kwargs, torch.export.Dim.DYNAMIC)
     if shapes is None:
@@ -110,6 +114,39 @@ def _dynamic_seq(args: tuple, kwargs: dict):
         raise ConfigError(f"dynamic_seq=True needs a first input of shape (B, N, ...) with N >= 2, got {shown}; "
                           "use N >= 2, or pass dynamic_seq=False to export static shapes")
     return shapes
+
+
+def _without_varying(shapes):
+    """``shapes`` with the image/audio inputs static: the fallback when their Dim.AUTO dims fail to export."""
+    if not isinstance(shapes, dict) or not any(k in VARYING_DIMS and v for k, v in shapes.items()):
+        return None
+    return {k: None if k in VARYING_DIMS else v for k, v in shapes.items()}
+
+
+def dynamic_inputs(program: torch.export.ExportedProgram) -> dict[str, dict[int, tuple[int, int | None]]]:
+    """The dims each tensor input of ``program`` takes at any size: {input: {dim: (min, max or None)}}.
+
+    Example:
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64, max_position_embeddings=64)
+        >>> converted = m2.convert(transformers.BertModel(config))
+        >>> dynamic_inputs(export_program(converted, {"input_ids": torch.randint(0, 100, (1, 16))}))  # (B, N)
+        {'input_ids': {1: (2, 64)}}
+    """
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    found: dict[str, dict[int, tuple[int, int | None]]] = {}
+    for spec in program.graph_signature.input_specs:
+        user = spec.kind == torch.export.graph_signature.InputKind.USER_INPUT
+        val = placeholders[spec.arg.name].meta.get("val") if user else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        dims = {}
+        for d, size in enumerate(val.shape):            # a specialized size is a SymInt of a constant
+            vr = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
+            if vr is not None:
+                dims[d] = (int(vr.lower), int(vr.upper) if vr.upper.is_Integer else None)   # else int_oo
+        found[spec.arg.name] = dims
+    return found
 
 
 class _ComplexSubAsAdd(CustomGraphPass):
@@ -137,7 +174,8 @@ class _ComplexSubAsAdd(CustomGraphPass):
         return get_hash_for_files((__file__,))
 
 
-def export_program(model: nn.Module, example_inputs, dynamic_seq: bool = True) -> torch.export.ExportedProgram:
+def export_program(model: nn.Module, example_inputs, dynamic_seq: bool = True,
+                   dynamic_shapes=None) -> torch.export.ExportedProgram:
     """torch.export ``model`` (in eval mode) on ``example_inputs``; see :func:`export`.
 
     Example:
@@ -149,21 +187,32 @@ def export_program(model: nn.Module, example_inputs, dynamic_seq: bool = True) -
         torch.Size([1, 40, 32])
     """
     wrapper, args, kwargs = _exportable(model, example_inputs)
-    dynamic = _dynamic_seq(args, kwargs) if dynamic_seq else None
+    if dynamic_shapes is not None:
+        attempts = [{k: v for k, v in dynamic_shapes.items() if k in kwargs}
+                    if isinstance(dynamic_shapes, dict) else dynamic_shapes]
+    else:
+        attempts = [_dynamic_seq(args, kwargs) if dynamic_seq else None]
+        fallback = _without_varying(attempts[0])
+        attempts += [fallback] if fallback is not None else []
     was_training = model.training
     model.eval()
     try:
-        return torch.export.export(wrapper, args, kwargs, dynamic_shapes=dynamic, strict=False)
-    except Exception as exc:
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"torch.export failed on {type(model).__name__}: {type(exc).__name__}: {detail}. "
-                           "Check that example_inputs match its forward; pass dynamic_seq=False if the model "
-                           "fixes the sequence length") from exc
+        for i, shapes in enumerate(attempts):
+            try:                              # aliases: a failed export leaves dynamic marks on its tensors
+                return torch.export.export(wrapper, *unmarked(args, kwargs), dynamic_shapes=shapes, strict=False)
+            except Exception as exc:
+                if i + 1 < len(attempts):
+                    continue
+                detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                raise CaptureError(f"torch.export failed on {type(model).__name__}: {type(exc).__name__}: {detail}. "
+                                   "Check that example_inputs match its forward; pass dynamic_seq=False if the "
+                                   "model fixes the sequence length") from exc
     finally:
         model.train(was_training)
 
 
-def export(model: nn.Module, example_inputs, path, aoti: bool = False, dynamic_seq: bool = True) -> Path:
+def export(model: nn.Module, example_inputs, path, aoti: bool = False, dynamic_seq: bool = True, *,
+           dynamic_shapes=None) -> Path:
     """Export ``model`` to ``path``: a torch.export program (.pt2), or an AOTInductor package.
 
     Args:
@@ -172,8 +221,15 @@ def export(model: nn.Module, example_inputs, path, aoti: bool = False, dynamic_s
             of positional tensors; non-tensor dict values are fixed into the graph.
         path: output file, ``*.pt2`` (required for AOTInductor; parent directories are created).
         aoti: compile with AOTInductor into a package that runs without Python model code.
-        dynamic_seq: make the sequence dimension (dim 1 of every input of length N) dynamic, from 2 to
-            whatever the model allows (e.g. its table of learned positions); one artifact serves them all.
+        dynamic_seq: make the sequence dimension dynamic, from 2 to whatever the model allows (e.g. its
+            table of learned positions); one artifact serves them all. Token inputs: dim 1 of every input
+            of the first one's length N (export fails if the model fixes N). Image ``pixel_values``
+            (B, C, H, W): H and W, audio ``input_features`` (B, mel, T) / ``input_values`` (B, T): T, each
+            only where the model accepts other sizes, else static (a ViT's patch grid and Whisper's frame
+            count are fixed: those export static). :func:`dynamic_inputs` of the program says which dims
+            came out dynamic. False: every shape static.
+        dynamic_shapes: a torch.export ``dynamic_shapes`` spec used as given instead (keyed by input
+            name for dict inputs); ``dynamic_seq`` is then ignored.
 
     Returns:
         ``path`` as a Path. The artifact takes the same inputs and returns a tuple of tensors (see the
@@ -181,6 +237,8 @@ def export(model: nn.Module, example_inputs, path, aoti: bool = False, dynamic_s
 
     Raises:
         CaptureError: torch.export failed (the message says why).  ConfigError: bad example_inputs.
+        A failed export leaves the example tensors as they were (no dynamic marks), so a retry with other
+        settings on the same tensors works.
 
     Example:
         >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
@@ -195,11 +253,26 @@ def export(model: nn.Module, example_inputs, path, aoti: bool = False, dynamic_s
     path = Path(path)
     if aoti and path.suffix != ".pt2":
         raise ConfigError(f"an AOTInductor package path must end in .pt2, got '{path}'")
+    return write_program(export_program(model, example_inputs, dynamic_seq, dynamic_shapes), path, aoti)
+
+
+def write_program(program: torch.export.ExportedProgram, path, aoti: bool = False) -> Path:
+    """Save ``program`` to ``path`` (.pt2), or compile it into an AOTInductor package there; see :func:`export`.
+
+    Example:
+        >>> config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                  intermediate_size=64)
+        >>> converted = m2.convert(transformers.BertModel(config))
+        >>> write_program(export_program(converted, {"input_ids": torch.randint(0, 100, (1, 16))}), "b.pt2")
+        PosixPath('b.pt2')
+    """
+    path = Path(path)
+    if aoti and path.suffix != ".pt2":
+        raise ConfigError(f"an AOTInductor package path must end in .pt2, got '{path}'")
     path.parent.mkdir(parents=True, exist_ok=True)
-    ep = export_program(model, example_inputs, dynamic_seq)
     if not aoti:
-        torch.export.save(ep, str(path))
+        torch.export.save(program, str(path))
         return path
     torch._inductor.aoti_compile_and_package(
-        ep, package_path=str(path), inductor_configs={"post_grad_custom_post_pass": _ComplexSubAsAdd()})
+        program, package_path=str(path), inductor_configs={"post_grad_custom_post_pass": _ComplexSubAsAdd()})
     return path

@@ -3,9 +3,12 @@
     example_inputs_for   keyword inputs built from a Hugging Face config (input_ids + attention_mask, ...)
     split_inputs         a dict / tensor / tuple of example inputs -> (positional, keyword) for torch.export
     disable_cache        ``use_cache=False`` for a forward that takes it: a KV cache cannot be exported
+    VARYING_DIMS         inputs that are not token sequences and the dims of theirs that may vary
     dynamic_shapes       the ``dynamic_shapes`` spec keeping the sequence (and batch) length symbolic
     sequence_dim         the sequence-length Dim, bounded by the model's table of learned positions
+    unmarked             aliases of the input tensors, so marks torch.export leaves on them stay off the caller's
     export_dynamic       torch.export with batch and length dynamic, falling back to fewer dynamic dims
+    (inputs described as ``NAME=SHAPE:DTYPE`` text or read from a file: see input_specs)
     bind_by_name         the inputs by the names of the forward's parameters
     signed               a module class whose forward names its inputs (torch.export binds by signature)
 
@@ -112,12 +115,24 @@ def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
 
 
-def dynamic_shapes(args: tuple, kwargs: dict, seq, batch=None):
-    """The torch.export ``dynamic_shapes`` spec of these inputs, or None when they have no sequence dimension.
+# Inputs that are not token sequences, by name: the dims that may vary (negative: from the end). The
+# sequence-length grouping of dynamic_shapes leaves them out; each of these dims is Dim.AUTO, dynamic where
+# the model accepts other sizes and static where it fixes them (a ViT's patch grid, Whisper's 3000 frames).
+VARYING_DIMS: dict[str, tuple[int, ...]] = {
+    "pixel_values": (-2, -1),        # (B, C, H, W) images
+    "input_features": (-1,),         # (B, mel bins, T) audio features (Whisper, Speech2Text)
+    "input_values": (-1,),           # (B, T) raw audio (wav2vec2, HuBERT)
+}
 
-    The first tensor input sets (B, N). Dim 1 of every input of length N becomes ``seq``; with ``batch``,
-    dim 0 of every input of B rows becomes ``batch``. Non-tensor and 0-dim inputs stay static. None when
-    the first tensor input is not (B, N, ...) with N >= 2 (export cannot keep a length-1 axis symbolic).
+
+def dynamic_shapes(args: tuple, kwargs: dict, seq, batch=None):
+    """The torch.export ``dynamic_shapes`` spec of these inputs, or None when they have no dimension to vary.
+
+    The first tensor input not named in :data:`VARYING_DIMS` sets (B, N). Dim 1 of every such input of
+    length N becomes ``seq``; with ``batch``, dim 0 of every input of B rows becomes ``batch``. Inputs
+    named in VARYING_DIMS get ``Dim.AUTO`` on the dims it lists (dynamic only where the model allows).
+    Non-tensor and 0-dim inputs stay static. None when no input can vary: no VARYING_DIMS input, and the
+    first other tensor is not (B, N, ...) with N >= 2 (export cannot keep a length-1 axis symbolic).
 
     Args:
         seq: a ``torch.export.Dim`` (or ``Dim.DYNAMIC``, which lets export infer the range).
@@ -127,19 +142,28 @@ def dynamic_shapes(args: tuple, kwargs: dict, seq, batch=None):
         >>> ids, pos = torch.ones(2, 16, dtype=torch.long), torch.zeros(16)         # (B, N), (N,)
         >>> dynamic_shapes((), {"input_ids": ids, "scale": pos}, "seq", "batch")     # labels for the Dims
         {'input_ids': {1: 'seq', 0: 'batch'}, 'scale': None}
+        >>> dynamic_shapes((), {"pixel_values": torch.ones(2, 3, 16, 16)}, "seq")    # (B, C, H, W)
+        {'pixel_values': {2: DimHint(AUTO), 3: DimHint(AUTO)}}
     """
-    first = first_tensor(args, kwargs)
-    if first is None or first.dim() < 2 or first.shape[1] < 2:
+    varying = {k for k, t in kwargs.items() if k in VARYING_DIMS and isinstance(t, torch.Tensor) and t.dim() >= 2}
+    first = first_tensor(args, {k: t for k, t in kwargs.items() if k not in varying})
+    if first is not None and (first.dim() < 2 or first.shape[1] < 2):
+        first = None
+    if first is None and not varying:
         return None
-    b, n = first.shape[:2]
+    ref = first if first is not None else kwargs[next(iter(varying))]
+    b, n = ref.shape[0], (first.shape[1] if first is not None else None)
 
-    def spec(t):
+    def spec(name, t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return None
-        dims = {1: seq} if t.dim() >= 2 and t.shape[1] == n else {}
+        if name in varying:
+            dims = {d % t.dim(): torch.export.Dim.AUTO for d in VARYING_DIMS[name]}
+        else:
+            dims = {1: seq} if n is not None and t.dim() >= 2 and t.shape[1] == n else {}
         return {**dims, 0: batch} if batch is not None and t.shape[0] == b else dims or None
 
-    return {k: spec(t) for k, t in kwargs.items()} if kwargs else tuple(spec(t) for t in args)
+    return {k: spec(k, t) for k, t in kwargs.items()} if kwargs else tuple(spec(None, t) for t in args)
 
 
 def sequence_dim(model: nn.Module) -> torch.export.Dim:
@@ -155,6 +179,25 @@ def sequence_dim(model: nn.Module) -> torch.export.Dim:
     limit = next((v for k in ("max_position_embeddings", "n_positions")
                   if isinstance(v := getattr(text, k, None), int) and v > 2), None)
     return torch.export.Dim("seq", min=2, max=limit) if limit else torch.export.Dim("seq", min=2)
+
+
+def unmarked(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The inputs with every tensor replaced by a detached alias (same storage, a new tensor object).
+
+    torch.export marks the tensors it is given as dynamic (``_dynamo_dynamic_indices`` and other
+    attributes) and leaves the marks there when it fails, so a retry with other settings on the same
+    tensors would fail too; exporting aliases keeps the caller's tensors as they were.
+
+    Example:
+        >>> ids = torch.ones(2, 16, dtype=torch.long)                                # (B, N)
+        >>> (alias,), _ = unmarked((ids,), {})
+        >>> alias is ids, alias.data_ptr() == ids.data_ptr()
+        (False, True)
+    """
+    def alias(t):
+        return t.detach() if isinstance(t, torch.Tensor) else t
+
+    return tuple(alias(t) for t in args), {k: alias(t) for k, t in kwargs.items()}
 
 
 def export_dynamic(model: nn.Module, example_inputs,
@@ -188,8 +231,8 @@ def export_dynamic(model: nn.Module, example_inputs,
                 args, kwargs, sequence_dim(model), torch.export.Dim("batch", min=1) if batch else None)
             if batch is not None and shapes is None:
                 continue
-            try:
-                ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            try:                                          # fresh aliases: a failed attempt leaves marks on its own
+                ep = torch.export.export(model, *unmarked(args, kwargs), dynamic_shapes=shapes, strict=False)
             except Exception as exc:                      # export raises many types; each attempt says why
                 detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
                 failures.append(f"{what} shapes: {type(exc).__name__}: {detail}")
@@ -243,3 +286,4 @@ def signed(base: type[nn.Module], params: list[inspect.Parameter], name: str) ->
     forward = lambda self, *a, **k: base.forward(self, *a, **k)                # noqa: E731
     forward.__signature__ = inspect.Signature(params)
     return type(name, (base,), {"forward": forward, "__doc__": base.__doc__, "__module__": base.__module__})
+

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from m2convert.cli import main
@@ -23,7 +25,8 @@ def bert_dir(tiny_model, tmp_path):
 
 
 def _one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
+    """The single error line of ``err``; progress-bar frames (``37%|###``) of model loading may precede it."""
+    lines = [line for line in re.split(r"[\r\n]+", err) if line.strip() and not re.search(r"\d+%\|", line)]
     assert len(lines) == 1 and lines[0].startswith("m2convert: error: ") and "Traceback" not in err, err
     return lines[0]
 
@@ -90,3 +93,60 @@ def test_plan_on_bundled_minilm(minilm, capsys):
     out = capsys.readouterr().out
     assert "RewritePlan for BertModel: 12 site(s) to convert, 0 skipped" in out
     assert all(f"encoder.layer.{i}.attention" in out for i in range(6))
+
+
+@pytest.fixture(scope="module")
+def skip_dirs(tmp_path_factory):
+    """A tiny BART (its decoder cross-attention cannot be converted) and a tiny two-layer ALBERT (one shared
+    layer run twice: none of its sites can be converted)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("skips")
+    torch.manual_seed(0)
+    transformers.BartModel(transformers.BartConfig(
+        vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)).save_pretrained(root / "bart")
+    transformers.AlbertModel(transformers.AlbertConfig(
+        vocab_size=96, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64)).save_pretrained(root / "albert")
+    return root
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("m2convert: warning: ")]
+
+
+def test_convert_warns_once_about_skipped_sites_but_not_excluded_ones(bert_dir, skip_dirs, tmp_path, capsys):
+    assert main(["convert", str(bert_dir), "--out", str(tmp_path / "a"), "--filter-order", "16",
+                 "--skip", r"layer\.1\.", "--no-dimension"]) == 0
+    assert not _warnings(capsys.readouterr().err)                                    # excluded, not skipped
+
+    assert main(["convert", str(skip_dirs / "bart"), "--out", str(tmp_path / "b"), "--filter-order", "16"]) == 0
+    captured = capsys.readouterr()
+    (line,) = _warnings(captured.err)
+    assert "1 of 5 sites were left unconverted" in line and "cross-attention: 1 site" in line, line
+    assert "decoder.layers.0.encoder_attn" in captured.out and (tmp_path / "b" / "m2convert.json").exists()
+
+
+@pytest.mark.parametrize("command", ["convert", "plan", "bench"])
+def test_strict_fails_listing_each_skipped_site(skip_dirs, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    extra = {"convert": ["--out", str(out)], "plan": [], "bench": ["--seq-lens", "16"]}[command]
+    assert main([command, str(skip_dirs / "bart"), "--filter-order", "16", "--strict", *extra]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "--strict and 1 of 5 sites cannot be converted: 'decoder.layers.0.encoder_attn' (cross-attention): " \
+           "cross-attention: keys/values come from another sequence" in line, line
+    assert "--skip REGEX" in line and "strict=False" not in line and not out.exists()
+
+
+def test_converting_nothing_fails_with_the_reasons(skip_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", str(skip_dirs / "albert"), "--out", str(out), "--filter-order", "16"]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "nothing to convert in AlbertModel: 2 site(s) cannot be converted (" in line, line
+    assert "runs 2 times per forward (shared module): 1 site" in line and not out.exists()
+
+    assert main(["convert", str(skip_dirs / "bart"), "--out", str(out), "--no-dimension", "--skip", "self_attn"]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "1 site(s) cannot be converted (cross-attention: 1 site); 4 site(s) are left out by --skip" in line, line

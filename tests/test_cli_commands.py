@@ -60,3 +60,56 @@ def test_bench_takes_conversion_settings_and_a_converted_dir(tmp_path, capsys):
     assert row["seq_len"] == 16 and row["converted_tokens_per_ms"] > 0
     assert main(["bench", str(teacher), "--seq-lens", "16", "--nblocks", "0"]) == 1     # ConfigError, one line
     assert "nblocks" in capsys.readouterr().err
+
+
+WHISPER_INPUTS = ["--input", "input_features=1x8x16:float32", "--input", "decoder_input_ids=1x8:int64"]
+
+
+def _tiny_whisper_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=8,
+                                     max_target_positions=16, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                     decoder_start_token_id=0)
+    path = tmp_path / "whisper"
+    transformers.WhisperModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_whisper_converts_from_the_cli_with_described_inputs(tmp_path, capsys):
+    import m2convert as m2
+
+    whisper = _tiny_whisper_dir(tmp_path)
+    out = tmp_path / "whisper-m2"
+    assert main(["convert", str(whisper), "--out", str(out), "--filter-order", "8", *WHISPER_INPUTS]) == 0
+    sites = json.loads((out / "m2convert.json").read_text())["plan"]["sites"]
+    assert {s["fqn"]: s["status"] for s in sites if s["kind"] == "sequence"} == {
+        "encoder.layers.0.self_attn": "convert", "decoder.layers.0.self_attn": "convert",
+        "decoder.layers.0.encoder_attn": "skip"}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "1 of 5 sites were left unconverted (cross-attention: 1 site" in warnings[0]
+    converted = m2.from_pretrained(out)
+    feats, ids = torch.randn(1, 8, 16), torch.randint(0, 96, (1, 5))                # (B, mel, T), (B, N)
+    with torch.no_grad():
+        assert converted(input_features=feats, decoder_input_ids=ids).last_hidden_state.shape == (1, 5, 32)
+
+
+def test_a_safetensors_file_of_inputs_plans_like_the_described_ones(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    whisper = _tiny_whisper_dir(tmp_path)
+    file = tmp_path / "inputs.safetensors"
+    save_file({"input_features": torch.randn(1, 8, 16), "decoder_input_ids": torch.randint(0, 96, (1, 12))}, str(file))
+    assert main(["plan", str(whisper), "--json", "--inputs", str(file)]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["plan", str(whisper), "--json", *WHISPER_INPUTS]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert [s["status"] for s in from_file["sites"]] == ["convert", "convert", "convert", "skip", "convert"]
+    assert [(s["fqn"], s["status"]) for s in from_file["sites"]] == \
+        [(s["fqn"], s["status"]) for s in described["sites"]]
+    # --input adds to the file's tensors; without input_features the model cannot run
+    save_file({"decoder_input_ids": torch.randint(0, 96, (1, 12))}, str(file))
+    assert main(["plan", str(whisper), "--inputs", str(file)]) == 1
+    assert "give --input NAME=SHAPE:DTYPE" in capsys.readouterr().err
+    assert main(["plan", str(whisper), "--inputs", str(file), "--input", "input_features=1x8x16:float32"]) == 0

@@ -84,11 +84,19 @@ def _run(argv) -> tuple[int, str]:
     (["plan", "{root}/bert", "--seq-len", "0"], "seq_len=0 is out of range"),
     (["convert", "{root}/bert"], "required: --out"),
     (["plan", "{root}/bert", "--rank", "2.5"], "invalid int value: '2.5'"),
+    (["plan", "{root}/bert", "--input", "input_ids=2x16"],
+     "argument --input: input 'input_ids=2x16' is not of the form NAME=SHAPE:DTYPE, e.g. input_ids=1x128:int64"),
+    (["convert", "{root}/bert", "--out", "{root}/o", "--input", "input_ids=2,16:int64"],
+     "input 'input_ids=2,16:int64' is not of the form NAME=SHAPE:DTYPE"),
+    (["plan", "{root}/bert", "--input", "input_ids=2x16:int65"], "input 'input_ids=2x16:int65': unknown DTYPE 'int65'"),
+    (["plan", "{root}/bert", "--input", "input_ids=2x0:int64"], "every size in SHAPE must be at least 1"),
+    (["plan", "{root}/bert", "--inputs", "{root}/file.txt"], "inputs file '{root}/file.txt' is not a readable"),
+    (["plan", "{root}/bert", "--inputs", "{root}/none.safetensors"], "inputs file '{root}/none.safetensors' does not"),
 ])
 def test_cli_bad_input_is_one_line(dirs, argv, needle):
     code, err = _run([a.format(root=dirs) for a in argv])
     assert code in (1, 2)
-    assert needle in _one_line(err)
+    assert needle.format(root=dirs) in _one_line(err)
 
 
 @settings(max_examples=25, deadline=None)
@@ -148,3 +156,79 @@ def test_cli_refuses_a_huge_filter_order(saved, monkeypatch):
     monkeypatch.setattr(api, "load_model", refuse)
     code, err = _run(["plan", str(saved / "good"), "--filter-order", "65536"])
     assert code == 1 and "filter_order=65536 is out of range; valid range is [1, 4096]" in err
+
+
+@pytest.mark.parametrize("argv, code, needle", [
+    (["plan", "{root}/good", "--input", "pixel_values=1x3x16x16"], 2, "is not of the form NAME=SHAPE:DTYPE"),
+    (["export", "{root}/good", "--out", "{root}/x.pt2", "--input", "input_ids=1x16:long"], 2, "unknown DTYPE 'long'"),
+    (["convert", "{root}/good", "--out", "{root}/x", "--inputs", "{root}/none.safetensors"], 1, "does not exist"),
+])
+def test_cli_checks_example_inputs_before_loading(saved, monkeypatch, argv, code, needle):
+    def refuse(*_):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(api, "load_model", refuse)
+    monkeypatch.setattr("m2convert.serialize.from_pretrained", refuse)
+    got, err = _run([a.format(root=saved) for a in argv])
+    assert got == code and needle in _one_line(err), err
+
+
+@pytest.fixture(scope="module")
+def whisper_dir(tmp_path_factory):
+    """A tiny saved WhisperModel: its forward takes input_features, which no config describes."""
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=8,
+                                     max_target_positions=16, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                     decoder_start_token_id=0)
+    path = tmp_path_factory.mktemp("whisper") / "whisper"
+    transformers.WhisperModel(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted_bert(saved):
+    import m2convert as m2
+
+    m2.save_pretrained(m2.convert(_bert(layers=1), m2.ConvertConfig(filter_order=8)), saved / "converted")
+    return saved / "converted"
+
+
+# Library advice names Python arguments (example_inputs=, dynamic_seq=False); on the command line each
+# becomes the options that do the same.
+ADVICE = re.compile(r"[Pp]ass example_inputs|example_inputs match|dynamic_seq")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["plan", "{whisper}"], "give --input NAME=SHAPE:DTYPE (repeatable) or --inputs FILE.safetensors"),
+    (["plan", "{root}/good", "--input", "not_an_input=1x4:int64"], "give --input NAME=SHAPE:DTYPE"),
+    (["export", "{converted}", "--out", "{root}/a.pt2", "--seq-len", "1"], "or pass --static to export static"),
+    (["export", "{converted}", "--out", "{root}/b.pt2", "--input", "not_an_input=1x4:int64"],
+     "Check that the example inputs (--input/--inputs) match its forward; pass --static if the model fixes"),
+])
+def test_cli_errors_name_cli_options_not_python_arguments(saved, converted_bert, whisper_dir, argv, needle):
+    fill = dict(root=saved, converted=converted_bert, whisper=whisper_dir)
+    code, err = _run([a.format(**fill) for a in argv])
+    line = _one_line(err)
+    assert code == 1 and needle in line and not ADVICE.search(line), line
+
+
+def test_every_library_advice_has_cli_wording():
+    """Each raise in the package whose message advises example_inputs=/dynamic_seq reads with CLI options."""
+    import ast
+    from pathlib import Path
+
+    from m2convert.cli import cli_wording
+
+    root = Path(__file__).resolve().parents[1]
+    messages = []
+    for path in [*root.glob("passes/*.py"), *root.glob("m2convert/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                text = "".join(n.value for n in ast.walk(node.exc) if isinstance(n, ast.Constant)
+                               and isinstance(n.value, str))
+                messages += [(path.name, text)] if ADVICE.search(text) else []
+    assert len(messages) >= 4, messages                # capture, inputs, export: the advice exists to be reworded
+    left = [(name, m) for name, m in messages if ADVICE.search(cli_wording(m))]
+    assert not left, left

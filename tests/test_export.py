@@ -146,3 +146,90 @@ def test_cli_exports_a_saved_decoder_without_its_cache(tmp_path, tiny_model, cap
     capsys.readouterr()
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x.pt2")]) == 1
     assert "is not an m2convert save" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def vit():
+    """A converted tiny ViT: 16 x 16 images of 4 x 4 patches."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=4)
+    return m2.convert(transformers.ViTModel(cfg).eval(), SMALL)
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    """A converted tiny WhisperModel: 8 mel bins x 16 frames in, decoder self-attention converted."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=8,
+                                     max_target_positions=16, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                     decoder_start_token_id=0)
+    model = transformers.WhisperModel(cfg).eval()
+    return m2.convert(model, SMALL, example_inputs=_whisper_inputs(8))
+
+
+def _whisper_inputs(n: int) -> dict:
+    gen = torch.Generator().manual_seed(n)
+    return {"input_features": torch.randn(1, 8, 16, generator=gen),             # (B, mel bins, 2 * positions)
+            "decoder_input_ids": torch.randint(1, 96, (1, n), generator=gen)}   # (B, N)
+
+
+def _check_program(path, model, inputs: dict) -> dict:
+    """Run the saved program on ``inputs`` against eager ``model``; return its dynamic dims per input."""
+    from m2convert.export import dynamic_inputs
+
+    program = torch.export.load(str(path))
+    with torch.no_grad():
+        expected = model(**inputs).to_tuple()
+    got = program.module()(**inputs)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    return dynamic_inputs(program)
+
+
+def test_vision_and_audio_models_export_with_default_settings(tmp_path, vit, whisper):
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))   # (B, C, H, W)
+    dims = _check_program(m2.export(vit, {"pixel_values": pixels}, tmp_path / "vit.pt2"), vit, {"pixel_values": pixels})
+    assert dims == {"pixel_values": {}}          # a ViT's patch grid is fixed by its position table: H, W static
+
+    path = m2.export(whisper, _whisper_inputs(8), tmp_path / "whisper.pt2")
+    for n in (8, 13):                               # the decoder length stays dynamic; the frame count is fixed
+        dims = _check_program(path, whisper, _whisper_inputs(n))
+    assert dims["input_features"] == {} and list(dims["decoder_input_ids"]) == [1]
+
+
+def test_cli_exports_saved_vision_and_audio_models(tmp_path, capsys, vit, whisper):
+    from m2convert.cli import main
+
+    m2.save_pretrained(vit, tmp_path / "vit-m2")
+    m2.save_pretrained(whisper, tmp_path / "whisper-m2")
+    assert main(["export", str(tmp_path / "vit-m2"), "--out", str(tmp_path / "vit.pt2")]) == 0    # inputs from config
+    assert "pixel_values (1, 3, 16, 16)" in capsys.readouterr().err
+    _check_program(tmp_path / "vit.pt2", vit, {"pixel_values": torch.randn(1, 3, 16, 16)})
+    argv = ["export", str(tmp_path / "whisper-m2"), "--out", str(tmp_path / "whisper.pt2"),
+            "--input", "input_features=1x8x16:float32", "--input", "decoder_input_ids=1x8:int64"]
+    assert main(argv) == 0
+    assert "input_features (1, 8, 16), decoder_input_ids (1, 2.." in capsys.readouterr().err
+    for n in (8, 11):
+        _check_program(tmp_path / "whisper.pt2", whisper, _whisper_inputs(n))
+    assert main([*argv, "--static"]) == 0
+    assert "decoder_input_ids (1, 8)" in capsys.readouterr().err
+    assert _check_program(tmp_path / "whisper.pt2", whisper, _whisper_inputs(8))["decoder_input_ids"] == {}
+
+
+def test_a_failed_export_leaves_the_inputs_unmarked_for_a_retry(tmp_path, vit):
+    pixels = torch.randn(2, 3, 16, 16)                                                  # (B, C, H, W)
+    channels = {"pixel_values": {1: torch.export.Dim.DYNAMIC}}                        # a ViT fixes C
+    with pytest.raises(CaptureError, match="torch.export failed on ViTModel"):
+        m2.export(vit, {"pixel_values": pixels}, tmp_path / "bad.pt2", dynamic_shapes=channels)
+    assert not [k for k in vars(pixels) if k.startswith("_dynamo")]
+    path = m2.export(vit, {"pixel_values": pixels}, tmp_path / "vit.pt2", dynamic_seq=False)    # the same tensor
+    _check_program(path, vit, {"pixel_values": pixels})
+    assert not [k for k in vars(pixels) if k.startswith("_dynamo")]
