@@ -1,6 +1,6 @@
 """m2convert: turn pretrained Transformers into Monarch Mixer (M2) models and recover their quality."""
 
-from .api import convert, diff, load_model, plan
+from .api import convert, diff, load_model, plan, to_recurrent
 from .config import ConvertConfig
 from .errors import M2Error
 from .export import export
@@ -14,4 +14,4 @@ from .version import __version__
 
 __all__ = ["ConvertConfig", "DistillConfig", "DistillResult", "M2Error", "M2SequenceMixer", "MonarchLinear",
            "RewriteDiff", "RewritePlan", "StageConfig", "__version__", "convert", "diff", "distill", "export",
-           "from_pretrained", "load_model", "lower", "plan", "save_pretrained"]
+           "from_pretrained", "load_model", "lower", "plan", "save_pretrained", "to_recurrent"]

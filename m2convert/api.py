@@ -21,6 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 from .config import ConvertConfig
+from .layers.recurrent import to_recurrent
 from .loading import load_model
 from .passes.capture import check_model
 from .passes.diff import RewriteDiff
@@ -29,7 +30,7 @@ from .passes.pipeline import as_config, plan_model
 from .passes.plan import RewritePlan
 from .wrappers import inner_model, unwrap
 
-__all__ = ["convert", "diff", "load_model", "plan"]
+__all__ = ["convert", "diff", "load_model", "plan", "to_recurrent"]
 
 
 def plan(model: nn.Module, config: ConvertConfig | dict | None = None, example_inputs=None) -> RewritePlan:

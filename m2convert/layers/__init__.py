@@ -1,12 +1,17 @@
 """The M2 layers: Monarch matrices, the sequence mixer, and the attention adapters that put a mixer in
-an HF attention module's place (with its decoding cache). Plain nn.Modules; they import no passes."""
+an HF attention module's place (with its decoding cache and the recurrent form of causal filters).
+Plain nn.Modules; they import no passes."""
 
 from .attention import ADAPTERS, M2Attention, M2PostNormAttention, padding_mask
 from .base import M2Block
 from .cache import M2CacheLayer
+from .decode import RecurrentState
+from .experts import MonarchExperts
 from .filters import ImplicitFilter
 from .monarch import MonarchLinear, monarch_shape
+from .recurrent import RecurrentFilter, RecurrentReport, to_recurrent
 from .sequence import M2SequenceMixer
 
 __all__ = ["ADAPTERS", "ImplicitFilter", "M2Attention", "M2Block", "M2CacheLayer", "M2PostNormAttention",
-           "M2SequenceMixer", "MonarchLinear", "monarch_shape", "padding_mask"]
+           "M2SequenceMixer", "MonarchExperts", "MonarchLinear", "RecurrentFilter", "RecurrentReport", "RecurrentState",
+           "monarch_shape", "padding_mask", "to_recurrent"]

@@ -1,12 +1,15 @@
-"""Decoding cache for converted decoders: ``generate()`` at O(N) per new token instead of an FFT pass.
+"""Decoding cache for converted decoders: ``generate()`` from a state per layer instead of an FFT pass.
 
 A causal M2 mixer needs no keys and values: its state is the past long-conv inputs and the short conv's
-window (:class:`~m2convert.layers.decode.DecodeState`). When a converted decoder runs with a transformers
-``Cache`` (``use_cache=True``, as ``generate()`` does), each attention adapter keeps that state in an
-:class:`M2CacheLayer` at its own layer index of the cache: the prompt runs once through
-:func:`~m2convert.layers.decode.prefill`, every later token through
-:func:`~m2convert.layers.decode.decode_step`. Without a cache (``use_cache=False``) the full sequence is
-recomputed at each step; both give the same tokens.
+window (:class:`~m2convert.layers.decode.DecodeState`, O(N) per new token), or, for a mixer made
+recurrent by :func:`~m2convert.layers.recurrent.to_recurrent`, a fixed-size modal state
+(:class:`~m2convert.layers.decode.RecurrentState`, O(1) per new token in the context length). When a
+converted decoder runs with a transformers ``Cache`` (``use_cache=True``, as ``generate()`` does), each
+attention adapter keeps that state in an :class:`M2CacheLayer` at its own layer index of the cache: the
+prompt runs once through :func:`~m2convert.layers.decode.prefill` (or ``recurrent_prefill``), every
+later token through :func:`~m2convert.layers.decode.decode_step` (or ``recurrent_step``): which one
+follows from the mixer. Without a cache (``use_cache=False``) the full sequence is recomputed at each
+step; both give the same tokens.
 
 Greedy search, sampling and beam search work (beam search reorders the states like a KV cache);
 assisted / speculative decoding, which crops the cache, is refused with a clear error.
@@ -26,11 +29,13 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import ConversionError
-from .decode import DecodeState, decode_step, prefill
+from .decode import (DecodeState, RecurrentState, decode_step, is_recurrent, prefill, recurrent_prefill,
+                     recurrent_step)
 
 
 class M2CacheLayer(DynamicLayer):
-    """One layer of a transformers Cache holding an M2 mixer's :class:`DecodeState` instead of keys/values.
+    """One layer of a transformers Cache holding an M2 mixer's state (:class:`DecodeState` or
+    :class:`RecurrentState`) instead of keys/values.
 
     Reports the tokens seen as its sequence length (so masks and positions come out right) and
     follows the batch operations of beam search; it cannot be cropped.
@@ -49,7 +54,7 @@ class M2CacheLayer(DynamicLayer):
 
     def __init__(self):
         super().__init__()
-        self.state: DecodeState | None = None
+        self.state: DecodeState | RecurrentState | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         pass
@@ -59,7 +64,7 @@ class M2CacheLayer(DynamicLayer):
                               "holds an M2 mixer state; two layers share one layer_idx")
 
     def get_seq_length(self) -> int:
-        return 0 if self.state is None else self.state.length
+        return 0 if self.state is None else int(self.state.length)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -83,9 +88,7 @@ class M2CacheLayer(DynamicLayer):
 
     def _batch(self, fn) -> None:
         if self.state is not None:
-            s = self.state
-            s.z_tail, s.w = fn(s.z_tail), fn(s.w)
-            s.u = None if s.u is None else fn(s.u)
+            self.state.map_batch(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -125,7 +128,7 @@ def cached_mix(mixer, x: torch.Tensor, keep: torch.Tensor | None, cache, layer_i
     """Run a causal mixer on new tokens, keeping its state in ``cache`` at ``layer_idx``.
 
     The first call (an empty slot) is the prompt: the full mixer output plus a fresh state. Later
-    calls take one or more new tokens, each at O(N H) from the state.
+    calls take one or more new tokens, each at O(N H) from the state, or O(S H) for a recurrent mixer.
 
     Args:
         mixer: a causal M2SequenceMixer.  x: (B, n, H) new tokens.  keep: (B, n) padding mask or None
@@ -146,12 +149,20 @@ def cached_mix(mixer, x: torch.Tensor, keep: torch.Tensor | None, cache, layer_i
     """
     layer = cache_layer(cache, layer_idx)
     if layer.state is None:
-        # Room for as many new tokens as the prompt has: regenerating the filter taps for a larger
-        # capacity is an O(N) filter-MLP pass, so it happens at the prompt and then at each doubling.
-        y, layer.state = prefill(mixer, x, keep, capacity=2 * x.shape[1])
+        if is_recurrent(mixer):
+            y, layer.state = recurrent_prefill(mixer, x, keep)
+        else:
+            # Room for as many new tokens as the prompt has: regenerating the filter taps for a larger
+            # capacity is an O(N) filter-MLP pass, so it happens at the prompt and then at each doubling.
+            y, layer.state = prefill(mixer, x, keep, capacity=2 * x.shape[1])
         layer.is_initialized = True
         return y                                                               # (B, n, H)
-    if x.shape[0] != layer.state.w.shape[0]:
-        raise ConversionError(f"the cache holds {layer.state.w.shape[0]} sequences, got a batch of {x.shape[0]}")
-    steps = [decode_step(mixer, x[:, i:i + 1], layer.state) for i in range(x.shape[1])]
+    if x.shape[0] != layer.state.batch:
+        raise ConversionError(f"the cache holds {layer.state.batch} sequences, got a batch of {x.shape[0]}")
+    if isinstance(layer.state, RecurrentState) != is_recurrent(mixer):
+        raise ConversionError(f"cache layer {layer_idx} holds a {type(layer.state).__name__} but its mixer is "
+                              f"{'' if is_recurrent(mixer) else 'not '}recurrent (made recurrent mid-generation?); "
+                              "start a new cache")
+    step = recurrent_step if isinstance(layer.state, RecurrentState) else decode_step
+    steps = [step(mixer, x[:, i:i + 1], layer.state) for i in range(x.shape[1])]
     return torch.cat(steps, dim=1)                                             # (B, n, H)

@@ -1,4 +1,4 @@
-"""Incremental decoding for causal M2 sequence mixers: O(N) per new token instead of an FFT pass.
+"""Incremental decoding for causal M2 sequence mixers: a new token from a state instead of an FFT pass.
 
 Every long-conv tap depends on its offset alone, so the output at position t is
 
@@ -8,6 +8,10 @@ with w = v * x1 (after the short conv) and u the mixer input. :class:`DecodeStat
 w and u (and the short conv's last inputs); :func:`decode_step` computes y_t directly from them.
 Filter taps are generated once for a capacity that doubles when outgrown (a longer filter's prefix
 equals the shorter one), so a step never regenerates the filter MLP.
+
+A mixer whose filters are in modal form (:class:`~m2convert.layers.recurrent.RecurrentFilter`, made by
+:func:`~m2convert.layers.recurrent.to_recurrent`) decodes recurrently instead: :class:`RecurrentState`
+has a fixed size and :func:`recurrent_step` costs O(H S) whatever the context length.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, ShapeError
+from .modal import mode_powers
+from .recurrent import RecurrentFilter
 
 
 @dataclass
@@ -38,6 +44,15 @@ class DecodeState:
     taps: torch.Tensor
     res_taps: torch.Tensor | None
     length: int
+
+    @property
+    def batch(self) -> int:
+        return self.z_tail.shape[0]
+
+    def map_batch(self, fn) -> None:
+        """Apply a batch operation (index, repeat) to every per-sequence tensor."""
+        self.z_tail, self.w = fn(self.z_tail), fn(self.w)
+        self.u = None if self.u is None else fn(self.u)
 
 
 def _check_causal(mixer) -> None:
@@ -64,16 +79,9 @@ def _ensure_capacity(mixer, state: DecodeState, needed: int) -> None:
         state.res_taps = mixer.residual_filter(capacity)[0].flip(-1)
 
 
-def prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, capacity: int | None = None):
-    """Run the mixer on a prompt and return (output (B, N, H), DecodeState for what follows).
-
-    Args:
-        mixer: a causal :class:`M2SequenceMixer`.
-        x: (B, N, H) prompt activations.  mask: (B, N) 1 = token, 0 = padding, or None.
-        capacity: positions to reserve (prompt + new tokens); grows by doubling when exceeded.
-    """
-    _check_causal(mixer)
-    b, n, h = x.shape
+def _prompt_inputs(mixer, x: torch.Tensor, mask: torch.Tensor | None):
+    """(z_tail (B, 3H, kernel-1), w (B, H, N), u (B, H, N) or None) of a prompt, padding zeroed."""
+    n, h = x.shape[1], x.shape[2]
     keep = None if mask is None else mask.to(x.dtype)[:, None, :]             # (B, 1, N)
     z = mixer.in_proj(x).transpose(1, 2)                                       # (B, 3H, N)
     if keep is not None:
@@ -88,6 +96,20 @@ def prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, capacity: 
     u = None
     if mixer.residual_filter is not None:
         u = x.transpose(1, 2) if keep is None else x.transpose(1, 2) * keep    # (B, H, N)
+    return z_tail, w, u
+
+
+def prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, capacity: int | None = None):
+    """Run the mixer on a prompt and return (output (B, N, H), DecodeState for what follows).
+
+    Args:
+        mixer: a causal :class:`M2SequenceMixer`.
+        x: (B, N, H) prompt activations.  mask: (B, N) 1 = token, 0 = padding, or None.
+        capacity: positions to reserve (prompt + new tokens); grows by doubling when exceeded.
+    """
+    _check_causal(mixer)
+    n = x.shape[1]
+    z_tail, w, u = _prompt_inputs(mixer, x, mask)
     cap = max(capacity or 0, n, 1)
     state = DecodeState(z_tail=z_tail, w=_grow(w, cap), u=None if u is None else _grow(u, cap),
                         taps=mixer.filter(cap)[0].flip(-1),
@@ -129,3 +151,141 @@ def decode_step(mixer, x_t: torch.Tensor, state: DecodeState) -> torch.Tensor:
     state.length = t + 1
     out = mixer.out_proj(y)                                                    # (B, H)
     return out if squeeze else out[:, None]
+
+
+def is_recurrent(mixer) -> bool:
+    """True when ``mixer``'s filters are in modal form (see :func:`~m2convert.layers.recurrent.to_recurrent`).
+
+    Example:
+        >>> from m2convert.layers import M2SequenceMixer
+        >>> is_recurrent(M2SequenceMixer(8, mode="causal"))
+        False
+    """
+    return isinstance(getattr(mixer, "filter", None), RecurrentFilter)
+
+
+@dataclass
+class RecurrentState:
+    """Fixed-size decoding state of one recurrent mixer for a batch of sequences.
+
+    Attributes:
+        z_tail: (B, 3H, kernel-1) last in_proj outputs, the short conv's window.
+        modes: (B, H, S) complex: sum_j lam^(n-1-j) w_j over the n tokens seen (complex64 for float32 inputs).
+        res_modes: (B, H, S) complex or None: the same for the residual filter and the mixer input u.
+        length: 0-dim int64 tensor, tokens seen (a tensor: a compiled step has no guard on it).
+    """
+
+    z_tail: torch.Tensor
+    modes: torch.Tensor
+    res_modes: torch.Tensor | None
+    length: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.z_tail.shape[0]
+
+    def map_batch(self, fn) -> None:
+        """Apply a batch operation (index, repeat) to every per-sequence tensor."""
+        self.z_tail, self.modes = fn(self.z_tail), fn(self.modes)
+        self.res_modes = None if self.res_modes is None else fn(self.res_modes)
+
+    def nbytes(self) -> int:
+        """Bytes held: independent of the number of tokens seen."""
+        return sum(t.numel() * t.element_size() for t in (self.z_tail, self.modes, self.res_modes, self.length)
+                   if t is not None)
+
+
+def _scan(lam: torch.Tensor, w: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """(B, H, S) sum_j lam^(N-1-j) w_j of poles lam (H, S) and inputs w (B, H, N): chunks of ``chunk``
+    tokens, each one contraction against the powers, then one against the chunks' decay."""
+    b, h, n = w.shape
+    q = -(-n // chunk)
+    w = torch.nn.functional.pad(w, (q * chunk - n, 0)).view(b, h, q, chunk).to(lam.dtype)   # zeros first
+    within = _powers_flipped(lam, chunk)                                   # (H, S, chunk): lam^(chunk-1-i)
+    across = _powers_flipped(within[..., 0] * lam, q)                      # (H, S, q): lam^(chunk (q-1-p))
+    return torch.einsum("bhpi,hsi,hsp->bhs", w, within, across).contiguous()
+
+
+def _powers_flipped(lam: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., n) powers lam^(n-1-i), i = 0..n-1 (newest input last)."""
+    return mode_powers(lam, n).flip(-1)
+
+
+def recurrent_prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None):
+    """Run a recurrent mixer on a prompt: (output (B, N, H) by the FFT path, :class:`RecurrentState`).
+
+    Padded positions (mask 0) contribute nothing to the state, so left-padded batches decode as if
+    each sequence were alone.
+
+    Example:
+        >>> from m2convert.layers import M2SequenceMixer, to_recurrent
+        >>> mixer = to_recurrent(M2SequenceMixer(16, mode="causal").eval(), 4, 512).model
+        >>> y, state = recurrent_prefill(mixer, torch.randn(2, 7, 16))
+        >>> y.shape, state.modes.shape, int(state.length)
+        (torch.Size([2, 7, 16]), torch.Size([2, 16, 4]), 7)
+    """
+    _check_recurrent(mixer)
+    z_tail, w, u = _prompt_inputs(mixer, x, mask)
+    cplx = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+    lam = mixer.filter.modes(torch.float64)[0].to(cplx)
+    res_modes = None
+    if u is not None:
+        res_modes = _scan(mixer.residual_filter.modes(torch.float64)[0].to(cplx), u)
+    length = torch.tensor(x.shape[1], dtype=torch.int64, device=x.device)
+    return mixer(x, mask), RecurrentState(z_tail.contiguous(), _scan(lam, w), res_modes, length)
+
+
+def _check_recurrent(mixer) -> None:
+    _check_causal(mixer)
+    if not is_recurrent(mixer):
+        raise ConfigError("recurrent decoding needs a mixer whose filters are in modal form; this one has "
+                          f"{type(mixer.filter).__name__}: call m2.to_recurrent(model) first")
+
+
+def recurrent_step(mixer, x_t: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+    """Output for one new token per sequence at O(H S), updating ``state`` in place.
+
+    ``y = x2 * (Re(sum_s r * modes) + (h0 + D) * w)`` with the state before this token, then
+    ``modes = lam * modes + w`` (the residual filter likewise on the input).
+
+    Args:
+        mixer: the recurrent mixer the state came from.  x_t: (B, 1, H) or (B, H).
+        state: from :func:`recurrent_prefill` or an earlier step.
+
+    Returns:
+        (B, 1, H) (or (B, H), matching x_t).
+
+    Example:
+        >>> from m2convert.layers import M2SequenceMixer, to_recurrent
+        >>> mixer, x = to_recurrent(M2SequenceMixer(16, mode="causal").eval(), 4, 512).model, torch.randn(1, 6, 16)
+        >>> _, state = recurrent_prefill(mixer, x[:, :5])
+        >>> torch.allclose(recurrent_step(mixer, x[:, 5:], state), mixer(x)[:, 5:], atol=1e-5)
+        True
+    """
+    squeeze = x_t.dim() == 2
+    x = x_t if squeeze else x_t[:, 0]                                          # (B, H)
+    if x.dim() != 2 or x.shape[-1] != mixer.d_model:
+        raise ShapeError(f"recurrent_step expects x_t of shape (B, 1, {mixer.d_model}), got {tuple(x_t.shape)}")
+    h = mixer.d_model
+    z = mixer.in_proj(x)                                                       # (B, 3H)
+    window = torch.cat([state.z_tail, z[..., None]], dim=-1)                   # (B, 3H, kernel)
+    c = (window * mixer.short_conv.weight[:, 0, :]).sum(-1) + mixer.short_conv.bias   # (B, 3H)
+    state.z_tail = window[..., 1:].contiguous()     # the prefill's layout: a compiled step sees equal strides
+    x1, x2, v = c.split(h, dim=-1)
+    w = v * x1                                                                 # (B, H)
+    y, state.modes = _mode_step(mixer.filter, state.modes, w, mixer.D)
+    y = x2 * y
+    if state.res_modes is not None:
+        y_res, state.res_modes = _mode_step(mixer.residual_filter, state.res_modes, x, mixer.D_res)
+        y = y + y_res
+    state.length = state.length + 1
+    out = mixer.out_proj(y)                                                    # (B, H)
+    return out if squeeze else out[:, None]
+
+
+def _mode_step(filt: RecurrentFilter, modes: torch.Tensor, w: torch.Tensor, skip: torch.Tensor):
+    """(convolution output (B, H), next modes (B, H, S)) of one input w (B, H) through modal filter ``filt``."""
+    real = torch.float64 if w.dtype == torch.float64 else torch.float32       # half types: complex64 states
+    lam, residue, h0 = filt.modes(real)                                        # (H, S), (H, S), (H,)
+    y = (residue * modes).real.sum(-1) + (h0 + skip.to(real)) * w.to(real)     # (B, H)
+    return y.to(w.dtype), lam * modes + w[..., None]
