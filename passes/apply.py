@@ -12,6 +12,8 @@ Weight mapping (source -> destination, nn.Linear convention (out, in)):
      MonarchLinear with that many blocks at the site's rank, as MLP linears are)
     BERT-style post-norm LayerNorm     -> adapter.norm
     MLP linear / Conv1D (out, in)      -> MonarchLinear.from_weight (Frobenius projection)
+    MoE experts gate_up (E, 2I, H),    -> MonarchExperts: each expert's gate, up and down projected as
+      down (E, H, I)                      MonarchLinear.from_weight does; the activation is copied
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from tqdm.auto import tqdm
 from m2convert.errors import ConversionError, M2Error
 from m2convert.layers.monarch import MonarchLinear
 from m2convert.layers.attention import ADAPTERS
+from m2convert.layers.filters import softmax_taps
+from m2convert.passes.attention_bias import SEED_OFFSETS, SEED_STEPS
+from m2convert.layers.experts import ACTIVATIONS, MonarchExperts
 from m2convert.passes.graph import projection_dims, projection_weight
-from m2convert.passes.site import AttentionLayout, MLPLayout, Site
+from m2convert.passes.site import AttentionLayout, ExpertsLayout, MLPLayout, Site
 
 
 def _role_weight(model: nn.Module, site: Site, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -68,6 +73,8 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
     norm = layout.norm
     if norm is not None:
         kwargs.update(norm_eps=norm.eps, norm_affine=norm.affine, norm_bias=norm.bias)
+    if layout.residual is not None:
+        kwargs["residual"] = layout.residual
     new = ADAPTERS[layout.adapter](**kwargs)
     new.layer_idx = getattr(original, "layer_idx", None)                   # its slot in a generation cache
     if seed:
@@ -76,6 +83,12 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
         k = _repeat_heads(*_role_weight(model, site, "k"), hidden, head_dim)
         v = _repeat_heads(*_role_weight(model, site, "v"), hidden, head_dim)
         new.mixer.seed_projections(q, k, v, o)
+        bias = layout.offset_bias
+        if bias is not None and new.mixer.filter.heads == (1 if bias.ahead is None else 2):
+            # An offset-only score bias (ALiBi): start the filter as the attention that bias alone gives.
+            target, weight = softmax_taps(*bias.profile(SEED_OFFSETS), hidden)       # (heads_f, H, L)
+            fit = new.mixer.filter.fit_taps(target, weight, steps=SEED_STEPS)
+            bias.fit_error, bias.fit_corr = fit["fit_error_after"], fit["corr_after"]
         if norm is not None:
             new.norm.load_state_dict(model.get_submodule(norm.path).state_dict())
     new.train(original.training)
@@ -100,8 +113,35 @@ def _mlp_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[s
     return out
 
 
+def _experts_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[str, nn.Module]:
+    layout: ExpertsLayout = site.layout
+    nblocks, rank = site.settings["nblocks"], site.settings["rank"]
+    original = model.get_submodule(site.fqn)
+
+    def param(name):
+        return None if name is None else getattr(original, name).detach()
+
+    gate_up, down = param(layout.gate_up), param(layout.down)        # (E, 2I, H), (E, H, I)
+    if layout.transposed:                                             # stored (E, in, out)
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    act = getattr(original, layout.act) if layout.act else ACTIVATIONS[layout.activation]
+    act = copy.deepcopy(act) if isinstance(act, nn.Module) else act
+    if seed:
+        new = MonarchExperts.from_weights(gate_up, down, nblocks=nblocks, rank=rank, act=act, gated=layout.gated,
+                                          gate_up_bias=param(layout.gate_up_bias), down_bias=param(layout.down_bias),
+                                          top_k=layout.top_k)
+    else:
+        new = MonarchExperts(layout.experts, layout.hidden, layout.intermediate, nblocks=nblocks, rank=rank, act=act,
+                             gated=layout.gated, gate_up_bias=layout.gate_up_bias is not None,
+                             down_bias=layout.down_bias is not None, top_k=layout.top_k,
+                             device=device or down.device, dtype=down.dtype)
+    new.train(original.training)
+    return {site.fqn: new}
+
+
 # One replacement builder per site layout type.
-BUILDERS = {AttentionLayout: _attention_replacement, MLPLayout: _mlp_replacement}
+BUILDERS = {AttentionLayout: _attention_replacement, MLPLayout: _mlp_replacement,
+            ExpertsLayout: _experts_replacement}
 
 
 def build_replacements(site: Site, model: nn.Module, seed: bool = True, device=None) -> dict[str, nn.Module]:

@@ -20,6 +20,8 @@ from torch import fx, nn
 from m2convert.passes.attention_patterns import (ATTENTION_PATTERNS, AttentionCore, AttentionPattern,  # noqa: F401
                                                 attention_pattern, register_attention_pattern,
                                                 unregister_attention_pattern)
+from m2convert.passes.attention_bias import offset_bias
+from m2convert.passes.attention_rows import input_reason
 from m2convert.passes.graph import (RESHAPES, GraphIndex, common_prefix, feature_ranges, module_path, op_name,
                                    projection_dims, users, within)
 from m2convert.passes.site import SEQUENCE, AttentionLayout, NormLayout, Role, Site
@@ -41,6 +43,10 @@ def _output_projection(index: GraphIndex, node: fx.Node):
 
 def _allowed(index: GraphIndex, core: AttentionCore):
     """(allowed keys (.., Nq, Nk) bool, None) on the example inputs, or (None, why not)."""
+    if isinstance(core.allowed, str):
+        return None, core.allowed
+    if isinstance(core.allowed, torch.Tensor):
+        return core.allowed, None
     node = core.scores if core.scores is not None else core.mask
     key = ("allowed", node)
     if key not in index._cache:
@@ -68,7 +74,7 @@ def _allowed(index: GraphIndex, core: AttentionCore):
 
 def _causality(index: GraphIndex, core: AttentionCore) -> tuple[bool | None, str | None]:
     """Read causal vs bidirectional from is_causal or from which keys each query may see."""
-    if core.mask is None and core.scores is None:
+    if core.mask is None and core.scores is None and core.allowed is None:
         return core.is_causal, None
     allowed, why = _allowed(index, core)
     if why:
@@ -79,12 +85,20 @@ def _causality(index: GraphIndex, core: AttentionCore) -> tuple[bool | None, str
         return core.is_causal, None
     if shapes <= {"causal", "one"}:
         return True, None
+    bands = {s for s in shapes if s.startswith("band ")}
+    if len(bands) == 1 and shapes <= bands | {"one", "causal"}:
+        window = int(bands.pop().split()[1])
+        return None, (f"sliding-window attention (window of {window} tokens in the attention mask: each query "
+                      f"sees only the last {window} keys); the M2 mixers model only full or causal attention, "
+                      "so converting would make it global; exclude the site with overrides")
     return None, ("the attention mask is neither full nor causal (sliding window, prefix-LM or a custom "
                   "pattern); the M2 mixers model only these two; exclude the site with overrides")
 
 
 def _mask_shape(grid: torch.Tensor) -> str:
-    """'full', 'causal', 'one' (a single real token) or 'other' for one (Nq, Nk) grid of allowed keys.
+    """'full', 'causal', 'band W', 'one' (a single real token) or 'other' for an (Nq, Nk) grid of allowed keys.
+
+    'band W': causal with each query seeing only itself and the W - 1 keys before it (a sliding window).
 
     Padding is left out first: keys no query sees and queries that see no key. A sliding window keeps
     every key (each one sees itself), so it stays a band and reads as 'other', never as padding.
@@ -98,7 +112,13 @@ def _mask_shape(grid: torch.Tensor) -> str:
         return "one"
     if bool(sub.all()):
         return "full"
-    return "causal" if torch.equal(sub, torch.ones_like(sub).tril()) else "other"
+    if torch.equal(sub, torch.ones_like(sub).tril()):
+        return "causal"
+    pos = torch.arange(sub.shape[0])
+    lag = pos[:, None] - pos[None, :]                                    # query - key
+    window = int(lag[sub].max()) + 1 if bool(sub.any()) else 0
+    band = (lag >= 0) & (lag < window)
+    return f"band {window}" if window > 0 and torch.equal(sub, band) else "other"
 
 
 def sliding_window(module: nn.Module | None, model: nn.Module | None = None) -> int | None:
@@ -134,11 +154,15 @@ def sliding_window(module: nn.Module | None, model: nn.Module | None = None) -> 
 
 
 def _tail(index: GraphIndex, fqn: str, o, hidden: fx.Node, site_nodes: set, outputs: list):
-    """What the module does after O: ('plain'|'post-norm', final node, dropout p, norm node) or a reason."""
+    """What the module does after O: (kind, final node, dropout p, extra) or a reason.
+
+    kind is 'plain' (O, maybe dropout, is the output), 'post-norm' (BERT: LayerNorm(O + hidden); extra
+    is the norm node) or 'residual' (Bloom: O + a tensor the module is given; extra is that tensor).
+    """
     cur, dropout = o.output, 0.0
     while cur not in outputs:
         nxt = [u for u in users(cur) if u in site_nodes]
-        if len(nxt) != 1 or op_name(nxt[0]) not in ("aten.dropout", "aten.clone", "aten.alias"):
+        if len(nxt) != 1 or op_name(nxt[0]) not in PASS_THROUGH:
             break
         cur = nxt[0]
         if op_name(cur) == "aten.dropout":
@@ -152,9 +176,59 @@ def _tail(index: GraphIndex, fqn: str, o, hidden: fx.Node, site_nodes: set, outp
         if op_name(norm) == "aten.layer_norm" and norm in outputs and isinstance(
                 index.captured.modules.get(module_path(norm)), nn.LayerNorm):
             return "post-norm", norm, dropout, norm
+    residual = _residual_operand(add, cur, site_nodes, outputs)
+    if residual is not None:
+        return "residual", add, dropout, residual
     after = sorted({op_name(u) for u in users(cur)})
     return (f"the output projection '{o.fqn}' is followed inside '{fqn}' by {after}, which the "
-            "M2 adapters do not reproduce (they handle none, dropout, or a residual LayerNorm)")
+            "M2 adapters do not reproduce (they handle none, dropout, a residual LayerNorm, or adding one of "
+            "the module's inputs)")
+
+
+def _residual_operand(add, cur: fx.Node, site_nodes: set, outputs: list) -> fx.Node | None:
+    """The tensor from outside the module that ``add`` (the module's output) adds to O, else None.
+
+    HF Bloom: ``dropout_add(dense(x), residual, p, training)`` = residual + dropout(O); the residual
+    may itself pass through dropout or a copy inside the module.
+    """
+    if add is None or op_name(add) != "aten.add" or add not in outputs or len(add.args) != 2:
+        return None
+    if add.kwargs.get("alpha", 1) != 1 or cur not in add.args:
+        return None
+    other = add.args[1] if add.args[0] is cur else add.args[0]
+    while isinstance(other, fx.Node) and other in site_nodes and op_name(other) in PASS_THROUGH:
+        other = other.args[0]
+    if not isinstance(other, fx.Node) or other in site_nodes or other is cur:
+        return None
+    return other
+
+
+def _residual_arg(index: GraphIndex, fqn: str, node: fx.Node, hidden: fx.Node, names: list[str]):
+    """(the forward parameter of ``fqn`` that passes ``node`` in, None) or (None, why not).
+
+    The graph holds the value, not the parameter: the one forward input equal to ``node``'s value on
+    the example inputs (the hidden states themselves when ``node`` is Q's input) names it.
+    """
+    if node is hidden:
+        return names[0], None
+    try:
+        value = index.evaluate([node])[node]
+        given = index.captured.module_inputs(fqn)
+    except Exception as exc:                                    # a value we cannot rerun
+        return None, f"could not evaluate the residual '{node.name}': {type(exc).__name__}: {exc}"
+    same = [name for name, t in given.items() if name != names[0] and isinstance(t, torch.Tensor)
+            and isinstance(value, torch.Tensor) and t.shape == value.shape and t.dtype == value.dtype
+            and torch.allclose(t, value, rtol=1e-5, atol=1e-6)]
+    if len(same) != 1 or same[0] not in names:
+        found = "none" if not same else same
+        return None, (f"the output of '{fqn}' adds '{node.name}' ({op_name(node)} in "
+                      f"'{module_path(node) or 'the model'}'), but which of its forward inputs that is cannot be "
+                      f"told (matching inputs: {found}); the M2 adapters add a residual only from a named input")
+    return same[0], None
+
+
+# Ops that pass O through unchanged on the way to the module's output (eval-mode dropout, copies).
+PASS_THROUGH = ("aten.dropout", "aten.clone", "aten.alias")
 
 
 def _arg_names(module: nn.Module) -> list[str]:
@@ -191,6 +265,9 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
     if len({projs[r].input for r in "qkv"}) != 1:
         site.pattern = "cross-attention"
         return site.skip("cross-attention: keys/values come from another sequence than the queries")
+    rows = input_reason(index, fqn, projs["q"])
+    if rows:
+        return site.skip(rows)
     if cap.calls.get(fqn, 1) > 1 or any(p.call > 0 for p in projs.values()):
         return site.skip(f"'{fqn}' runs {cap.calls.get(fqn)} times per forward (shared module); converting "
                          "it would change every call")
@@ -201,31 +278,47 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
                 return site.skip(f"fused projection '{projs[role].fqn}': cannot tell which outputs feed "
                                  f"{role.upper()} (they do not reach it through reshapes, splits and selects)")
             site.roles[role].rows = feature_ranges(order)
-    window = sliding_window(cap.modules.get(owner), cap.model)
-    if window:
-        return site.skip(f"sliding-window attention (window of {window} tokens in the model config); the "
-                         "M2 mixers model only full or causal attention, so converting would make it global; "
-                         "exclude the site with overrides")
     causal, why = _causality(index, core)
     site.causal = causal
     if why:
         return site.skip(why)
+    window = sliding_window(cap.modules.get(owner), cap.model)
+    if window:                     # wider than the capture (or not in its mask): read from the config
+        site.causal = None
+        return site.skip(f"sliding-window attention (window of {window} tokens in the model config); the "
+                         "M2 mixers model only full or causal attention, so converting would make it global; "
+                         "exclude the site with overrides")
+    after = _after_output(index, fqn, projs, o)
+    if isinstance(after, str):
+        return site.skip(after)
+    return _fill_layout(site, index, core, projs, *after)
+
+
+def _after_output(index: GraphIndex, fqn: str, projs: dict, o):
+    """(kind, dropout p, kept norm node, residual parameter) of what ``fqn`` does after O, or why the
+    adapters cannot reproduce it (including values the site computes that are read outside it)."""
     site_nodes = {n for n in index.nodes if n.op == "call_function" and within(module_path(n), fqn)}
     outputs = [n for n in site_nodes if any(u not in site_nodes for u in users(n))]
     tail = _tail(index, fqn, o, projs["q"].input, site_nodes, outputs)
     if isinstance(tail, str):
-        return site.skip(tail)
-    kind, final, dropout, norm = tail
+        return tail
+    kind, final, dropout, extra = tail
+    norm, residual = (extra, None) if kind == "post-norm" else (None, None)
+    if kind == "residual":
+        names = _arg_names(index.captured.modules[fqn])
+        residual, why = _residual_arg(index, fqn, extra, projs["q"].input, names)
+        if why:
+            return why
     reused = [n for n in outputs if n is not final]
     if reused:
         n = reused[0]
         readers = sorted({module_path(u) or "the model output" for u in users(n) if u not in site_nodes})
-        return site.skip(f"'{n.name}' ({op_name(n)} in '{module_path(n)}') is also used outside the site by "
-                         f"{readers}; converting would change that value")
-    return _fill_layout(site, index, core, projs, kind, dropout, norm)
+        return (f"'{n.name}' ({op_name(n)} in '{module_path(n)}') is also used outside the site by "
+                f"{readers}; converting would change that value")
+    return kind, dropout, norm, residual
 
 
-def _fill_layout(site: Site, index: GraphIndex, core, projs, kind, dropout, norm) -> Site:
+def _fill_layout(site: Site, index: GraphIndex, core, projs, kind, dropout, norm, residual=None) -> Site:
     cap = index.captured
 
     def width(role: str) -> int:
@@ -238,6 +331,9 @@ def _fill_layout(site: Site, index: GraphIndex, core, projs, kind, dropout, norm
                          f"{hidden}; the mixer needs Q, K, V, O of width {hidden}")
     qval = core.q.meta.get("val")
     heads = qval.shape[1] if qval is not None and qval.dim() == 4 else 1
+    sval = core.scores.meta.get("val") if core.scores is not None else None
+    if heads == 1 and sval is not None and sval.dim() == 4 and hidden % sval.shape[1] == 0:
+        heads = sval.shape[1]                     # Bloom's (B * heads, N, d) queries, (B, heads, N, N) scores
     head_dim = hidden // heads
     kv = width("k")
     if width("v") != kv or kv % head_dim or hidden % kv:
@@ -255,7 +351,8 @@ def _fill_layout(site: Site, index: GraphIndex, core, projs, kind, dropout, norm
         adapter="M2PostNormAttention" if kind == "post-norm" else "M2Attention", hidden=hidden, heads=heads,
         kv_heads=kv // head_dim, head_dim=head_dim, arg_names=_arg_names(module),
         num_outputs=structure.get("len", 0), dropout=dropout, module_class=type(module).__name__,
-        norm=kept_norm)
+        norm=kept_norm, residual=residual,
+        offset_bias=None if site.causal is None else offset_bias(index, core, heads, site.causal))
     return site
 
 

@@ -6,6 +6,8 @@ rest. The built-in matchers:
 
     sdpa-attention      aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
     eager-attention     product(q, k) -> elementwise chain -> softmax(-1) -> [cast | dropout] -> product(., v)
+    flex-attention      the flex_attention higher-order op (q, k, v, score_mod, block_mask, ...)[0]; which
+                        keys each query sees comes from evaluating the block mask's mask_mod on index grids
 
 "product" is any of matmul, bmm, baddbmm (its added input is a bias, e.g. Bloom's ALiBi) and a
 two-operand einsum, with both operands computed from the inputs (a product with a weight is a
@@ -20,6 +22,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import fx
 
 from m2convert.passes.graph import GraphIndex, op_name, users
@@ -49,15 +52,18 @@ class AttentionCore:
         scores: the scores the softmax reads (B, heads, Nq, Nk), masks and biases included, or None;
             when set, causality is read from which keys keep a non-zero probability.
         biases: the other terms mixed into the scores (masks, ALiBi, relative position biases).
+        allowed: which keys each query may see, (B, heads, Nq, Nk) bool, when the matcher computed it
+            (flex-attention's mask_mod), or a string saying why it could not; None otherwise.
     """
 
-    def __init__(self, node, pattern, q, k, v, mask=None, is_causal=False, scores=None, biases=()):
+    def __init__(self, node, pattern, q, k, v, mask=None, is_causal=False, scores=None, biases=(), allowed=None):
         self.node, self.pattern = node, pattern
         self.q, self.k, self.v = q, k, v
         self.mask = mask if isinstance(mask, fx.Node) else None
         self.is_causal = bool(is_causal)
         self.scores = scores if isinstance(scores, fx.Node) else None
         self.biases = list(biases)
+        self.allowed = allowed
 
 
 @dataclass(frozen=True)
@@ -197,3 +203,54 @@ def match_softmax(index: GraphIndex) -> list[AttentionCore]:
         cores.append(AttentionCore(out, "eager-attention", q, k, product_operands(index, out)[1], mask,
                                    scores=softmax.args[0], biases=biases))
     return cores
+
+
+@register_attention_pattern("flex-attention")
+def match_flex(index: GraphIndex) -> list[AttentionCore]:
+    # transformers attn_implementation="flex_attention":
+    #   out = flex_attention(q, k, v, score_mod, (.., mask_mod), scale, kernel_options, score_bufs, mask_bufs)[0]
+    cores = []
+    for node in index.calls("flex_attention"):
+        out = next((u for u in users(node) if op_name(u) == "getitem" and u.args[1] == 0), None)
+        if out is None or len(node.args) < 5:
+            continue
+        cores.append(AttentionCore(out, "flex-attention", node.args[0], node.args[1], node.args[2],
+                                   allowed=_flex_allowed(index, node)))
+    return cores
+
+
+def _flex_allowed(index: GraphIndex, node: fx.Node):
+    """(B, 1, Nq, Nk) bool keys each query sees, from the block mask's mask_mod, or why not (a string)."""
+    module = index.captured.exported.graph_module
+    score_mod, block_mask = node.args[3], node.args[4]
+    if not _is_identity(getattr(module, str(getattr(score_mod, "target", "")), None)):
+        return ("flex-attention with a score_mod that changes the scores (a bias or a mask in it), which "
+                "is not read; the M2 mixers model only full or causal attention")
+    mask_mod = block_mask[-1] if isinstance(block_mask, (tuple, list)) and block_mask else None
+    mask_fn = getattr(module, str(getattr(mask_mod, "target", "")), None)
+    if mask_fn is None:
+        return "flex-attention without a mask_mod in its block mask"
+    buffers = [b for b in (node.args[-1] if isinstance(node.args[-1], (tuple, list)) else ())]
+    try:
+        values = index.evaluate([b for b in buffers if isinstance(b, fx.Node)])
+        b, _, nq, _ = node.args[0].meta["val"].shape
+        nk = node.args[1].meta["val"].shape[-2]
+        grid = [torch.arange(b).view(b, 1, 1, 1), torch.zeros(1, 1, 1, 1, dtype=torch.long),
+                torch.arange(nq).view(1, 1, nq, 1), torch.arange(nk).view(1, 1, 1, nk)]
+        with torch.no_grad():
+            allowed = mask_fn(*grid, *[values.get(x, x) for x in buffers])
+        return allowed.bool().expand(b, 1, nq, nk)
+    except Exception as exc:                              # a mask_mod that does not take index grids
+        return f"could not evaluate flex-attention's mask_mod on index grids: {type(exc).__name__}: {exc}"
+
+
+def _is_identity(module) -> bool:
+    """True for a score_mod graph that returns its first input (the score) unchanged."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return False
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    result = output.args[0]
+    result = result[0] if isinstance(result, (tuple, list)) and len(result) == 1 else result
+    return bool(placeholders) and result is placeholders[0]

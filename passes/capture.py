@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import sys
@@ -30,7 +31,12 @@ import torch
 from torch import nn
 
 from m2convert.errors import CaptureError, UnsupportedModelError
-from m2convert.passes.inputs import disable_cache, example_inputs_for, split_inputs
+from m2convert.passes.inputs import EXAMPLE_SEQ_LEN, disable_cache, example_inputs_for, split_inputs
+
+# Sliding windows narrower than this are captured on window + SHOW_WINDOW tokens, so that the attention
+# mask in the graph itself shows each query's window; wider ones are read from the config.
+CHEAP_WINDOW = 256
+SHOW_WINDOW = 8
 
 
 @dataclass
@@ -45,10 +51,55 @@ class Captured:
     calls: dict[str, int] = field(default_factory=dict)         # fqn -> times the module ran
     outputs: dict[str, dict] = field(default_factory=dict)      # fqn -> structure of what it returned
     shared: dict[str, tuple[str, ...]] = field(default_factory=dict)   # fqn -> every path of its object
+    _inputs: dict[str, dict] = field(default_factory=dict, repr=False)
 
     @property
     def graph(self) -> torch.fx.Graph:
         return self.exported.graph
+
+    def module_inputs(self, fqn: str) -> dict:
+        """{forward parameter name: value} the module at ``fqn`` receives on the example inputs.
+
+        The graph holds values but not which forward parameter each one was passed as; one eager run
+        of the model (eval mode, no gradients) with a hook on that module tells. Cached per path; {}
+        when the module did not run.
+
+        Example:
+            >>> captured = capture(transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)))
+            >>> captured.module_inputs("h.0.attn")["hidden_states"].shape        # (B, N, H)
+            torch.Size([2, 16, 32])
+        """
+        if fqn not in self._inputs:
+            self._inputs[fqn] = _record_inputs(self.model, self.modules[fqn], self.args, self.kwargs)
+        return self._inputs[fqn]
+
+
+def _record_inputs(model: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The first call's inputs of ``module`` while ``model(*args, **kwargs)`` runs, bound by name."""
+    seen: dict = {}
+
+    def hook(_module, call_args, call_kwargs):
+        if not seen:
+            signature = inspect.signature(module.forward)
+            try:
+                bound = signature.bind(*call_args, **call_kwargs)
+            except TypeError:
+                return
+            for name, value in bound.arguments.items():
+                extra = signature.parameters[name].kind == inspect.Parameter.VAR_KEYWORD
+                seen.update(value if extra else {name: value})
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        handle.remove()
+        for m, mode in modes:
+            m.training = mode
+    return seen
 
 
 def check_model(model, what: str = "m2.plan") -> nn.Module:
@@ -116,14 +167,31 @@ def describe_output(value) -> dict:
     return {"type": type(value).__name__}
 
 
+def capture_length(model: nn.Module) -> int:
+    """Tokens of the example inputs built for ``model``: EXAMPLE_SEQ_LEN, or more when a sliding window
+    (``sliding_window`` of the config or of a module) is narrower than CHEAP_WINDOW tokens.
+
+    Example:
+        >>> config = transformers.MistralConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+        ...                                     num_key_value_heads=1, intermediate_size=64, sliding_window=16)
+        >>> capture_length(transformers.MistralModel(config))                  # window + SHOW_WINDOW
+        24
+    """
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    windows = [getattr(m, "sliding_window", None) for m in (text, *model.modules())]
+    small = [w for w in windows if isinstance(w, int) and not isinstance(w, bool) and 0 < w < CHEAP_WINDOW]
+    return max(EXAMPLE_SEQ_LEN, min(small) + SHOW_WINDOW) if small else EXAMPLE_SEQ_LEN
+
+
 def capture(model: nn.Module, example_inputs=None) -> Captured:
     """Export ``model`` with torch.export (non-strict) and return the graph and hook records.
 
     Args:
         model: any nn.Module; Hugging Face models need no example inputs.
         example_inputs: dict of keyword tensors or tuple of positional tensors; built from
-            ``model.config`` when None (see :func:`example_inputs_for`). ``use_cache=False`` is added
-            for models whose forward takes it.
+            ``model.config`` when None (see :func:`example_inputs_for`), :func:`capture_length` tokens
+            long. ``use_cache=False`` is added for models whose forward takes it.
 
     Raises:
         CaptureError: naming the module that was running when export failed and how to fall back.
@@ -135,23 +203,64 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
     """
     check_model(model)
     check_device(model)
-    args, kwargs = split_inputs(example_inputs_for(model) if example_inputs is None else example_inputs)
+    built = example_inputs is None
+    if built:
+        example_inputs = example_inputs_for(model, seq_len=capture_length(model))
+    args, kwargs = split_inputs(example_inputs)
     disable_cache(model, kwargs)                          # a KV cache in the outputs cannot be exported
-    hooks = _Hooks(model)
     # Each module's own flag, not just the top-level one: model.train(mode) afterwards would reset
     # submodules the user had put in another mode (e.g. a frozen encoder layer in eval mode).
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        exported = _export_quietly(model, args, kwargs)
-    except Exception as exc:
-        raise CaptureError(_explain_failure(model, hooks.running, exc)) from exc
+        try:
+            hooks = _Hooks(model)
+            exported = _export_quietly(model, args, kwargs)
+        except Exception as exc:
+            hooks.remove()
+            retry = _without_grad_inputs(model, kwargs, built)
+            if retry is None:
+                raise CaptureError(_explain_failure(model, hooks.running, exc)) from exc
+            hooks, kwargs = _Hooks(model), retry
+            try:
+                with _frozen(model):
+                    exported = _export_quietly(model, args, kwargs)
+            except Exception:
+                raise CaptureError(_explain_failure(model, hooks.running, exc)) from exc
     finally:
         hooks.remove()
         for module, mode in modes:
             module.training = mode
     modules = dict(model.named_modules(remove_duplicate=False))
     return Captured(model, exported, args, kwargs, modules, hooks.calls, hooks.outputs, shared_modules(model))
+
+
+def _without_grad_inputs(model: nn.Module, kwargs: dict, built: bool) -> dict | None:
+    """The keyword inputs of a second export attempt, or None when there is none to make.
+
+    Some attention kernels (flex-attention on the CPU) trace only with parameters that need no
+    gradient, and transformers reads an all-ones ``attention_mask`` with a data-dependent check that
+    export cannot trace; the retry freezes the parameters and leaves out an all-ones mask it built
+    (a mask of ones means no padding, as no mask does).
+    """
+    if not any(p.requires_grad for p in model.parameters()) and not built:
+        return None
+    mask = kwargs.get("attention_mask")
+    drop = built and isinstance(mask, torch.Tensor) and bool((mask == 1).all())
+    return {k: v for k, v in kwargs.items() if not (drop and k == "attention_mask")}
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    """Parameters with requires_grad False for the duration (restored after)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 class _Hooks:

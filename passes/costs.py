@@ -12,11 +12,13 @@ from m2convert.errors import M2Error
 from m2convert.layers.cost import attention_flops, linear_flops
 from m2convert.passes.apply import build_replacements
 from m2convert.passes.graph import projection_dims
-from m2convert.passes.site import CONVERT, SEQUENCE, SKIP, AttentionLayout, Site
+from m2convert.passes.site import CONVERT, SEQUENCE, SKIP, AttentionLayout, ExpertsLayout, Site
 
 
 def flops_before(site: Site, model) -> sympy.Expr:
     """Dense cost of a site: its projections (fused ones once) plus the O(N^2) attention core."""
+    if isinstance(site.layout, ExpertsLayout):                  # stacked experts: no projection modules
+        return site.layout.dense_flops()
     total, seen = sympy.Integer(0), set()
     for role in site.roles.values():
         if role.path in seen:
@@ -42,6 +44,8 @@ def describe(site: Site) -> str:
         adapter = site.layout.adapter if isinstance(site.layout, AttentionLayout) else "M2Attention"
         return f"{adapter}({site.mode}{proj})"
     s = site.settings
+    if isinstance(site.layout, ExpertsLayout):
+        return f"MonarchExperts({site.layout.experts} experts, nblocks={s['nblocks']}, rank={s['rank']})"
     return f"{len(site.replaces)}x MonarchLinear(nblocks={s['nblocks']}, rank={s['rank']})"
 
 
@@ -50,7 +54,7 @@ def estimate_costs(ctx) -> int:
     model = ctx.captured.model
     priced = 0
     for site in ctx.sites:
-        if not site.roles:
+        if not site.roles and not isinstance(site.layout, ExpertsLayout):
             continue
         params = {id(p): p for path in site.replaces for p in model.get_submodule(path).parameters()}
         site.params_before = sum(p.numel() for p in params.values())

@@ -129,7 +129,8 @@ class _GraphTables:
         if data["change"] == "replaced":
             site = self.by_site[data["site"]]
             return (f'<td class="replaced" data-site="{escape(site.fqn)}"><span class="path">'
-                    f'{escape(_short(data["path"], block))}</span><span class="type">MonarchLinear</span>'
+                    f'{escape(_short(data["path"], block))}</span>'
+                    f'<span class="type">{escape(data["after_type"])}</span>'
                     f'<div class="ops">nblocks={site.settings["nblocks"]}, rank={site.settings["rank"]} '
                     f'({escape(site.pattern)})</div></td>')
         return f'<td class="kept"><span class="path">{escape(_short(data["path"], block))}</span></td>'

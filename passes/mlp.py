@@ -10,7 +10,8 @@ projections where that walk stops are its sources. Each registered pattern reads
 Splits of the last dimension may sit on the way (a fused gate_up projection); anything else (a norm, a
 residual add, a reshape, attention) means it is not an MLP, and an MLP maps the model width back to itself
 (H -> I -> H), which leaves task heads (pooler -> classifier) alone.
-A new MLP shape is one matcher plus :func:`register_mlp_pattern`.
+A new MLP shape is one matcher plus :func:`register_mlp_pattern`. Mixture-of-experts modules, whose experts
+are stacked parameters rather than linears, are found by :mod:`m2convert.passes.experts`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from torch import fx, nn
+from torch import fx
 
-from m2convert.layers.base import M2Block
-from m2convert.passes.graph import (ACTIVATIONS, ELEMENTWISE, MOVES, GraphIndex, common_prefix, feature_ranges,
-                                   module_entry, module_path, op_name, projection_dims, users)
+from m2convert.passes.experts import expert_sites
+from m2convert.passes.graph import (ACTIVATIONS, ELEMENTWISE, GraphIndex, common_prefix, feature_ranges,
+                                   module_entry, op_name, projection_dims, users)
 from m2convert.passes.site import DIMENSION, MLPLayout, Role, Site
 
 
@@ -194,38 +195,7 @@ def find_mlps(ctx):
             continue
         count += 1
         ctx.add(site, f"{site.pattern} fired at '{site.fqn or '(model)'}' ({', '.join(site.replaces)})")
-    for site in expert_sites(ctx.index):
+    for site in expert_sites(ctx.index):             # mixture-of-experts modules (passes/experts.py)
         count += 1
         ctx.add(site, f"{site.pattern} found at '{site.fqn}'")
     return count
-
-
-def expert_sites(index: GraphIndex) -> list[Site]:
-    """Skipped MLP sites for mixture-of-experts blocks whose experts are stacked (E, out, in) parameters.
-
-    HF Mixtral (transformers 5) keeps every expert's gate_up and down weights in one 3-D parameter each and
-    runs them with a grouped matmul: there is no nn.Linear per expert to put a MonarchLinear in. Each such
-    block is listed, skipped, so the plan says why it stays dense instead of leaving it out.
-    """
-    stacked: dict[str, dict[str, int]] = {}                  # reading module -> {param name: experts}
-    for node in index.nodes:
-        name = index.param_names.get(node.name)
-        val = node.meta.get("val")
-        owner = index.captured.modules.get(name.rpartition(".")[0]) if name else None
-        # conv kernels and the factors of already converted M2 layers are 3-D too, but are no experts
-        if name is None or getattr(val, "ndim", 0) != 3 or isinstance(owner, (nn.modules.conv._ConvNd, M2Block)):
-            continue
-        frontier, readers = [node], []
-        while frontier:                                    # through transposes/views to what computes with it
-            for user in users(frontier.pop()):
-                (frontier if op_name(user) in MOVES else readers).append(user)
-        for reader in (r for r in readers if any(k in op_name(r) for k in ("mm", "matmul", "linear", "einsum"))):
-            stacked.setdefault(module_path(reader), {})[name.rpartition(".")[2]] = val.shape[0]
-    # an expert MLP multiplies by at least two stacked projections, each holding every expert
-    stacked = {fqn: names for fqn, names in stacked.items()
-               if len(names) >= 2 and len(set(names.values())) == 1 and min(names.values()) > 1}
-    return [Site(fqn=fqn, kind=DIMENSION, pattern="experts-mlp", replaces=[fqn]).skip(
-                f"mixture-of-experts MLP: the experts' weights are stacked (experts, out, in) parameters "
-                f"{sorted(names)}, not nn.Linear modules, so there is no linear to replace with MonarchLinear; "
-                "the block stays dense")
-            for fqn, names in stacked.items()]

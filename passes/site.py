@@ -1,7 +1,8 @@
 """Site: one place in a model that the plan converts (or explains why it does not), with typed layouts.
 
 A site's ``layout`` is one dataclass per site kind: :class:`AttentionLayout` for attention ("sequence")
-sites, :class:`MLPLayout` for MLP ("dimension") sites. Each projection a site reads is a :class:`Role`.
+sites, :class:`MLPLayout` for MLP ("dimension") sites, :class:`ExpertsLayout` for the stacked experts of a
+mixture-of-experts block (a "dimension" site too). Each projection a site reads is a :class:`Role`.
 Saved plans carry ``PLAN_VERSION``; :meth:`Site.from_dict` reads every version written so far.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 import sympy
+import torch
 
 from m2convert.errors import CheckpointError
 from m2convert.layers.cost import B, N
@@ -56,6 +58,50 @@ class NormLayout:
 
 
 @dataclass
+class OffsetBias:
+    """An additive attention-score bias that depends only on the key-query offset, per head (ALiBi).
+
+    Measured on the captured example, relative to the bias of the query's own key. Offsets past the
+    measured ones continue the line when every profile is linear in the offset (ALiBi: -slope * j),
+    else keep the last measured value (bucketed relative positions level off).
+
+    Attributes:
+        back: (heads, n) bias of the key j = 0..n-1 tokens back.
+        ahead: (heads, n) bias of the key j tokens ahead (bidirectional attention), or None.
+        linear: every profile is a line in j.
+        fit_error, fit_corr: how well the mixer's filter taps were fitted to the weights this bias
+            alone gives (relative MSE, mean Pearson correlation); set when the plan is applied.
+
+    Example:
+        >>> OffsetBias([[0.0, -0.5, -1.0]], linear=True).profile(5)[0]
+        tensor([[ 0.0000, -0.5000, -1.0000, -1.5000, -2.0000]], dtype=torch.float64)
+    """
+
+    back: list[list[float]]
+    ahead: list[list[float]] | None = None
+    linear: bool = False
+    fit_error: float | None = None
+    fit_corr: float | None = None
+
+    def profile(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(back (heads, length), ahead (heads, length) or None): the bias extended to ``length`` offsets."""
+        return self._extend(self.back, length), None if self.ahead is None else self._extend(self.ahead, length)
+
+    def _extend(self, rows: list[list[float]], length: int) -> torch.Tensor:
+        known = torch.tensor(rows, dtype=torch.float64)                           # (heads, n)
+        n = known.shape[1]
+        if length <= n:
+            return known[:, :length]
+        j = torch.arange(n, length, dtype=torch.float64)                          # offsets to extend to
+        if self.linear and n > 1:
+            slope = (known[:, -1] - known[:, 0]) / (n - 1)                        # (heads,)
+            more = known[:, :1] + slope[:, None] * j[None, :]
+        else:
+            more = known[:, -1:].expand(-1, length - n)
+        return torch.cat([known, more], dim=1)
+
+
+@dataclass
 class SiteLayout:
     """Base of the per-kind layouts: what apply needs besides the weights."""
 
@@ -79,6 +125,10 @@ class AttentionLayout(SiteLayout):
         dropout: dropout probability after the output projection.
         module_class: class name of the replaced module.
         norm: the residual LayerNorm kept by post-norm blocks, or None.
+        residual: the forward parameter whose tensor the module adds to its output (HF Bloom's
+            ``residual``: the block's residual connection made inside the attention module), or None.
+        offset_bias: the score bias that depends only on the key-query offset (ALiBi), which seeds
+            the mixer's filters, or None.
     """
 
     type: ClassVar[str] = "attention"
@@ -94,12 +144,16 @@ class AttentionLayout(SiteLayout):
     dropout: float = 0.0
     module_class: str = ""
     norm: NormLayout | None = None
+    residual: str | None = None
+    offset_bias: OffsetBias | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "AttentionLayout":
         data = dict(data)
         if data.get("norm") is not None:
             data["norm"] = NormLayout(**data["norm"])
+        if data.get("offset_bias") is not None:
+            data["offset_bias"] = OffsetBias(**data["offset_bias"])
         return cls(**data)
 
 
@@ -117,7 +171,57 @@ class MLPLayout(SiteLayout):
         return cls(**data)
 
 
-LAYOUTS: dict[str, type[SiteLayout]] = {cls.type: cls for cls in (AttentionLayout, MLPLayout)}
+@dataclass
+class ExpertsLayout(SiteLayout):
+    """Layout of a mixture-of-experts site: one module holding every expert's weights stacked.
+
+    Attributes:
+        experts, hidden, intermediate: E, H and I (each expert maps H -> I -> H).
+        gate_up, down: names of the module's stacked weight parameters: (E, 2I, H) gate rows first, or
+            (E, I, H) when not ``gated``; (E, H, I). ``transposed``: stored (E, in, out) instead.
+        gated: act(gate(x)) * up(x) -> down (True), or act(up(x)) -> down.
+        gate_up_bias, down_bias: names of the (E, out) bias parameters, or None.
+        act: attribute name of the module's activation (copied into the replacement), or None to use
+            ``activation`` by name.
+        activation: the activation's name ("silu", "gelu", ...; None when unknown).
+        top_k: experts each token is routed to (read from the captured call; for FLOPs).
+
+    Example:
+        >>> layout = ExpertsLayout(4, 32, 64, "gate_up_proj", "down_proj", act="act_fn", activation="silu", top_k=2)
+        >>> layout.dense_flops()
+        24576*B*N
+    """
+
+    type: ClassVar[str] = "experts"
+    kind: ClassVar[str] = DIMENSION
+
+    experts: int
+    hidden: int
+    intermediate: int
+    gate_up: str
+    down: str
+    gated: bool = True
+    transposed: bool = False
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+    act: str | None = None
+    activation: str | None = None
+    top_k: int = 1
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExpertsLayout":
+        return cls(**data)
+
+    def dense_flops(self) -> sympy.Expr:
+        """Forward FLOPs of the dense experts: ``top_k`` experts per token, each H -> (2)I -> H."""
+        first = self.intermediate * (2 if self.gated else 1)
+        per_row = 2 * self.hidden * first + 2 * self.intermediate * self.hidden
+        per_row += (first if self.gate_up_bias else 0) + (self.hidden if self.down_bias else 0)
+        return B * N * self.top_k * per_row
+
+
+# In the order version-1 plans (no "type" key) pick a layout by kind: MLPLayout before ExpertsLayout.
+LAYOUTS: dict[str, type[SiteLayout]] = {cls.type: cls for cls in (AttentionLayout, MLPLayout, ExpertsLayout)}
 
 
 def layout_from_dict(data: dict | None, kind: str, where: str = "plan") -> SiteLayout | None:
@@ -146,9 +250,11 @@ class Site:
         pattern: name of the registered pattern that matched, e.g. "sdpa-attention", "eager-attention",
             "gelu-mlp", "gated-mlp".
         causal: attention only: True (causal mask or is_causal), False (bidirectional), None (unknown).
-        replaces: module paths the rewrite swaps (the attention module; each MLP linear).
-        roles: role name -> :class:`Role`: q/k/v/o for attention, fc1/fc2 or gate/up/down for MLPs.
-        layout: :class:`AttentionLayout` or :class:`MLPLayout`; None while the analysis stopped early.
+        replaces: module paths the rewrite swaps (the attention module; each MLP linear; the experts module).
+        roles: role name -> :class:`Role`: q/k/v/o for attention, fc1/fc2 or gate/up/down for MLPs; none for
+            experts sites (their projections are stacked parameters, named in :class:`ExpertsLayout`).
+        layout: :class:`AttentionLayout`, :class:`MLPLayout` or :class:`ExpertsLayout`; None while the
+            analysis stopped early.
         status: "convert", "skip" (cannot convert; ``strict`` makes it an error) or "exclude" (the
             user's config left it out).
         reason: why a site is skipped or excluded.

@@ -22,6 +22,10 @@ def _tiny(family):
     if family == "gpt2":
         config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=128)
         return transformers.GPT2LMHeadModel(config).eval()
+    if family == "bloom":                                  # adds the residual inside its attention module
+        config = transformers.BloomConfig(vocab_size=96, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0,
+                                          bos_token_id=0, eos_token_id=0)
+        return transformers.BloomForCausalLM(config).eval()
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128)
     return transformers.LlamaForCausalLM(config).eval()
@@ -47,7 +51,7 @@ def _generate(model, use_cache, seed=7, **kwargs):
     return model.generate(**_prompt(), use_cache=use_cache, **kwargs)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bloom"])
 @pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
 def test_cache_gives_the_tokens_of_full_recompute(family, sampling, monkeypatch):
     model = _decoder(family)

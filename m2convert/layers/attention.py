@@ -29,7 +29,8 @@ def padding_mask(mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.T
 
     Accepts (B, N) 0/1 or bool, (B, Nq, Nk) and (B, heads, Nq, Nk) bool (True = attend) or additive float
     (0 = attend, a large negative = masked). The last query row of a causal or bidirectional mask holds
-    the padding of every key; with a KV cache only the last ``seq_len`` keys belong to this input.
+    the padding of every key (when that query is padding itself and sees nothing, the keys any query
+    sees); with a KV cache only the last ``seq_len`` keys belong to this input.
 
     Example:
         >>> m = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
@@ -38,29 +39,52 @@ def padding_mask(mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.T
     """
     if mask is None:
         return None
-    if mask.dim() == 4:
-        row = mask[:, 0, -1, -seq_len:]                                   # (B, N) keys seen by the last query
-    elif mask.dim() == 3:
-        row = mask[:, -1, -seq_len:]                                      # (B, N)
-    elif mask.dim() == 2:
-        row = mask[:, -seq_len:]                                          # (B, N)
-    else:
+    if hasattr(mask, "mask_mod") and hasattr(mask, "seq_lengths"):        # a flex-attention BlockMask
+        mask = _last_row(mask, batch)                                      # (B, Nk) bool
+    if mask.dim() not in (2, 3, 4):
         raise ValueError(f"cannot read a padding mask from an attention mask of shape {tuple(mask.shape)}")
-    if row.dtype == torch.bool:
-        keep = row
-    elif row.is_floating_point() and mask.dim() > 2:
-        keep = row > torch.finfo(row.dtype).min / 2                        # additive: 0 keeps, -inf drops
+    grid = mask[:, 0] if mask.dim() == 4 else mask                        # (B, Nq, Nk) or (B, N)
+    if grid.dtype == torch.bool:
+        keep = grid
+    elif grid.is_floating_point() and mask.dim() > 2:
+        keep = grid > torch.finfo(grid.dtype).min / 2                      # additive: 0 keeps, -inf drops
     else:
-        keep = row != 0
-    return keep.expand(batch, seq_len)
+        keep = grid != 0
+    if keep.dim() == 3:
+        # The last query's keys; a padded last query (a mask made as the outer product of the padding,
+        # HF DeBERTa) sees none: then the keys any query sees.
+        last = keep[:, -1]                                                # (B, Nk)
+        keep = torch.where(last.any(-1, keepdim=True), last, keep.any(1))
+    return keep[:, -seq_len:].expand(batch, seq_len)
+
+
+def _last_row(block_mask, batch: int) -> torch.Tensor:
+    """(B, Nk) bool: the keys the last query may see under a flex-attention BlockMask's mask_mod."""
+    q_len, kv_len = block_mask.seq_lengths
+    device = block_mask.kv_num_blocks.device
+    rows = block_mask.shape[0] if block_mask.shape[0] > 0 else batch
+    head, query = torch.zeros((), dtype=torch.long, device=device), torch.tensor(q_len - 1, device=device)
+
+    def allowed(b, kv):
+        return block_mask.mask_mod(b, head, query, kv)
+
+    keys = torch.vmap(torch.vmap(allowed, in_dims=(None, 0)), in_dims=(0, None))(
+        torch.arange(rows, device=device), torch.arange(kv_len, device=device))       # (B, Nk)
+    return keys.bool().expand(batch, kv_len)
+
+
+# The forward parameters attention modules take their mask as (HF T5Attention calls it ``mask``).
+MASK_NAMES = ("attention_mask", "mask")
 
 
 class M2Attention(M2Block):
     """Replaces an attention module whose output is its output projection (GPT-2, Llama, ViT...).
 
     forward(*args, **kwargs) takes the replaced module's arguments; the hidden states (B, N, H) are
-    its first parameter ``arg_names[0]``, the mask its ``attention_mask``. Returns (B, N, H), or a
-    tuple of ``num_outputs`` items (output, None, ...) when the original returned a tuple.
+    its first parameter ``arg_names[0]``, the mask its ``attention_mask`` (or ``mask``). Returns (B, N, H), or a
+    tuple of ``num_outputs`` items (output, None, ...) when the original returned a tuple. With
+    ``residual`` (a parameter name, e.g. HF Bloom's "residual"), the (B, N, H) tensor passed as that
+    parameter is added to the output, as the replaced module did.
 
     Example:
         >>> attn = M2Attention(64, "causal", ["hidden_states", "attention_mask"], num_outputs=2)
@@ -70,7 +94,7 @@ class M2Attention(M2Block):
 
     def __init__(self, d_model: int, mode: str, arg_names, num_outputs: int = 0, dropout: float = 0.0,
                  filter_order: int = 128, filter_emb_dim: int = 5, projection_nblocks: int = 0,
-                 projection_rank: int = 1, device=None, dtype=None):
+                 projection_rank: int = 1, residual: str | None = None, device=None, dtype=None):
         super().__init__()
         self.mixer = M2SequenceMixer(d_model, mode=mode, filter_order=filter_order,
                                      filter_emb_dim=filter_emb_dim, projection_nblocks=projection_nblocks,
@@ -78,15 +102,31 @@ class M2Attention(M2Block):
         self.dropout = nn.Dropout(dropout)
         self.arg_names = tuple(arg_names)
         self.num_outputs = int(num_outputs)
+        if residual is not None and residual not in self.arg_names:
+            raise ValueError(f"residual={residual!r} is not one of the forward parameters {list(self.arg_names)}")
+        self.residual = residual
         self.layer_idx: int | None = None        # the replaced module's slot in a transformers Cache
+
+    def _argument(self, name: str, args, kwargs):
+        """The value passed as forward parameter ``name`` (by keyword or position), or None."""
+        if name in kwargs:
+            return kwargs[name]
+        at = self.arg_names.index(name) if name in self.arg_names else len(args)
+        return args[at] if at < len(args) else None
+
+    def _add_residual(self, out: torch.Tensor, args, kwargs) -> torch.Tensor:
+        if self.residual is None:
+            return out
+        residual = self._argument(self.residual, args, kwargs)
+        if residual is None:
+            raise ValueError(f"{type(self).__name__} adds its '{self.residual}' input to its output, but the "
+                             "call passed none")
+        return out + residual                                              # (B, N, H)
 
     def _read_inputs(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden_name = self.arg_names[0] if self.arg_names else None
         x = args[0] if args else kwargs[hidden_name]
-        mask = kwargs.get("attention_mask")
-        if mask is None and "attention_mask" in self.arg_names:
-            at = self.arg_names.index("attention_mask")
-            mask = args[at] if at < len(args) else None
+        mask = next((m for m in (self._argument(name, args, kwargs) for name in MASK_NAMES) if m is not None), None)
         return x, mask
 
     def _mix(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -113,14 +153,16 @@ class M2Attention(M2Block):
         if cache is not None and self.mixer.mode != "bidirectional":
             # Generation: prompt once, then each new token at O(N) from the state kept in the cache.
             keep = padding_mask(mask, x.shape[0], x.shape[1])              # (B, n) or None
-            return self._pack(self.dropout(cached_mix(self.mixer, x, keep, cache, self.layer_idx)))
-        return self._pack(self._mix(x, mask))
+            out = self.dropout(cached_mix(self.mixer, x, keep, cache, self.layer_idx))
+            return self._pack(self._add_residual(out, args, kwargs))
+        return self._pack(self._add_residual(self._mix(x, mask), args, kwargs))
 
     def flops(self, seq_len=None, batch=None) -> sympy.Expr:
         return self.mixer.flops(seq_len, batch)
 
     def extra_repr(self) -> str:
-        return f"arg_names={list(self.arg_names)}, num_outputs={self.num_outputs}"
+        residual = f", residual={self.residual!r}" if self.residual else ""
+        return f"arg_names={list(self.arg_names)}, num_outputs={self.num_outputs}{residual}"
 
 
 class M2PostNormAttention(M2Attention):

@@ -159,3 +159,104 @@ class ImplicitFilter(nn.Module):
 
     def forward(self, n: int) -> torch.Tensor:
         return self.taps(self.trunk(n))                                                 # (heads, H, n)
+
+    def fit_taps(self, target: torch.Tensor, weight: torch.Tensor | None = None, steps: int = 100,
+                 lr: float = 1e-2) -> dict:
+        """Fit this filter's parameters (only those) so that ``self(L)`` approaches ``target``.
+
+        Adam on the weighted MSE between the taps and ``target`` (heads, channels, L), or (channels, L)
+        for a one-head filter; ``weight`` broadcasts to it (default 1: every tap counts alike).
+        Returns {"fit_error_before", "fit_error_after", "corr_before", "corr_after"}: the weighted
+        relative MSE and the mean weighted Pearson correlation over (head, channel) rows (:func:`fit_stats`).
+        Each parameter's ``requires_grad`` is restored and its gradient cleared afterwards.
+
+        Example:
+            >>> filt = ImplicitFilter(4, order=16)
+            >>> target = torch.softmax(-0.1 * torch.arange(32.0), 0).expand(4, 32)      # (channels, L)
+            >>> stats = filt.fit_taps(target, steps=50)
+            >>> bool(stats["fit_error_after"] < stats["fit_error_before"])
+            True
+        """
+        check_int("steps", steps, low=1)
+        params = list(self.parameters())
+        ref = params[0]
+        target = target.to(ref.device, torch.float32)
+        target = target.view(1, *target.shape) if target.dim() == 2 else target
+        if target.dim() != 3 or tuple(target.shape[:2]) != (self.heads, self.channels):
+            raise ShapeError(f"fit_taps: target has shape {tuple(target.shape)}, expected "
+                             f"({self.heads}, {self.channels}, L)")
+        weight = torch.ones_like(target) if weight is None else weight.to(ref.device, torch.float32)
+        length, flags = target.shape[-1], [p.requires_grad for p in params]
+        norm = ((target ** 2) * weight).sum().clamp_min(1e-30)
+        with torch.no_grad():
+            before = fit_stats(self(length).float(), target, weight)
+        opt = torch.optim.Adam(params, lr=lr)
+        try:
+            with torch.enable_grad():
+                for p in params:
+                    p.requires_grad_(True)
+                for _ in range(steps):
+                    loss = ((self(length).float() - target) ** 2 * weight).sum() / norm
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+                p.grad = None
+        with torch.no_grad():
+            after = fit_stats(self(length).float(), target, weight)
+        return {"fit_error_before": before[0], "fit_error_after": after[0], "corr_before": before[1],
+                "corr_after": after[1]}
+
+
+def fit_stats(taps: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> tuple[float, float]:
+    """(weighted relative MSE, mean weighted Pearson correlation over rows) of ``taps`` against ``target``.
+
+    Shapes: taps, target (..., L); weight broadcasts to them. Rows whose target is flat (no spread to
+    correlate with) are left out of the mean; nan when every row is.
+
+    Example:
+        >>> t = torch.tensor([[1.0, 0.5, 0.25]])
+        >>> fit_stats(t, t, torch.ones(1, 3))
+        (0.0, 1.0)
+    """
+    err = ((taps - target) ** 2 * weight).sum() / ((target ** 2) * weight).sum().clamp_min(1e-30)
+    w = weight.expand_as(taps)
+    wsum = w.sum(-1, keepdim=True).clamp_min(1e-30)
+    a = taps - (taps * w).sum(-1, keepdim=True) / wsum
+    b = target - (target * w).sum(-1, keepdim=True) / wsum
+    cov = (a * b * w).sum(-1)
+    denom = ((a * a * w).sum(-1) * (b * b * w).sum(-1)).sqrt()
+    ok = denom > 1e-20                                                   # rows with a flat target have none
+    corr = (cov[ok] / denom[ok]).clamp(-1, 1).mean().item() if ok.any() else float("nan")
+    return err.item(), corr
+
+
+def softmax_taps(back: torch.Tensor, ahead: torch.Tensor | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(taps (heads_f, channels, L), weight (heads_f, 1, L)): the attention weights an additive bias alone gives.
+
+    ``back`` (heads, L) is each attention head's score bias for the key j = 0..L-1 tokens back;
+    ``ahead`` (heads, L), for bidirectional attention, for the key j tokens ahead (j = 0 is the same
+    key as back's). The taps are softmax(bias) over all those keys: the forward filter gets the keys
+    back, the reverse filter (bidirectional) the keys ahead, its tap 0 zero with weight 0 (a
+    convolution counts offset 0 once). Channel c holds head c // (channels // heads).
+
+    Example:
+        >>> taps, weight = softmax_taps(-0.5 * torch.arange(8.0).expand(2, 8), None, 4)   # (heads, L)
+        >>> taps.shape, round(taps[0, 0].sum().item(), 4)
+        (torch.Size([1, 4, 8]), 1.0)
+    """
+    heads = back.shape[0]
+    if channels % heads:
+        raise ShapeError(f"softmax_taps: {heads} attention heads do not divide {channels} filter channels")
+    bias = back.double() if ahead is None else torch.cat([back.double(), ahead.double()[:, 1:]], dim=-1)
+    probs = torch.softmax(bias, dim=-1)                                            # (heads, L or 2L - 1)
+    length = back.shape[-1]
+    rows = [probs[:, :length]]
+    weight = torch.ones(1 if ahead is None else 2, 1, length)
+    if ahead is not None:
+        rows.append(torch.cat([torch.zeros(heads, 1, dtype=probs.dtype), probs[:, length:]], dim=-1))
+        weight[1, 0, 0] = 0.0
+    taps = torch.stack(rows).repeat_interleave(channels // heads, dim=1)           # (heads_f, channels, L)
+    return taps.float(), weight

@@ -161,20 +161,6 @@ def filter_target(sums: torch.Tensor, counts: torch.Tensor, mixer: M2SequenceMix
     return target.float(), weight[:, None, :].float()
 
 
-def _fit_stats(taps: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> tuple[float, float]:
-    """(weighted relative MSE, mean weighted Pearson correlation over (head, channel) rows)."""
-    err = ((taps - target) ** 2 * weight).sum() / ((target ** 2) * weight).sum().clamp_min(1e-30)
-    w = weight.expand_as(taps)
-    wsum = w.sum(-1, keepdim=True).clamp_min(1e-30)
-    a = taps - (taps * w).sum(-1, keepdim=True) / wsum
-    b = target - (target * w).sum(-1, keepdim=True) / wsum
-    cov = (a * b * w).sum(-1)
-    denom = ((a * a * w).sum(-1) * (b * b * w).sum(-1)).sqrt()
-    ok = denom > 1e-20                                                   # rows with a flat target have none
-    corr = (cov[ok] / denom[ok]).mean().item() if ok.any() else float("nan")
-    return err.item(), corr
-
-
 def seed_filters_from_attention(student: nn.Module, teacher: nn.Module, batches, *, steps: int = 300,
                                 lr: float = 1e-2, max_offset: int | None = None, open_gates: bool = False,
                                 progress: bool = True) -> dict:
@@ -275,30 +261,4 @@ def _open_gates(mixer: M2SequenceMixer) -> None:
 
 
 def _fit(mixer: M2SequenceMixer, target: torch.Tensor, weight: torch.Tensor, steps: int, lr: float) -> dict:
-    filt = mixer.filter
-    params = list(filt.parameters())
-    flags = [p.requires_grad for p in params]
-    ref = params[0]
-    target, weight = target.to(ref.device), weight.to(ref.device)
-    length = target.shape[-1]
-    norm = ((target ** 2) * weight).sum().clamp_min(1e-30)
-    opt = torch.optim.Adam(params, lr=lr)
-    with torch.no_grad():
-        before = _fit_stats(filt(length).float(), target, weight)
-    try:
-        with torch.enable_grad():
-            for p in params:
-                p.requires_grad_(True)
-            for _ in range(steps):
-                loss = ((filt(length).float() - target) ** 2 * weight).sum() / norm
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-            p.grad = None
-    with torch.no_grad():
-        after = _fit_stats(filt(length).float(), target, weight)
-    return {"mode": mixer.mode, "fit_error_before": before[0], "fit_error_after": after[0],
-            "corr_before": before[1], "corr_after": after[1]}
+    return {"mode": mixer.mode, **mixer.filter.fit_taps(target, weight, steps, lr)}
