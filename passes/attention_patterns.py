@@ -33,7 +33,7 @@ SOFTMAXES = ("aten.softmax", "aten._softmax", "aten._safe_softmax")
 SCORE_OPS = frozenset(f"aten.{op}" for op in (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "tanh", "tanh_", "masked_fill", "masked_fill_",
     "where", "to", "_to_copy", "clone", "alias", "contiguous", "view", "reshape", "_unsafe_view", "type_as",
-    "clamp", "clamp_min", "clamp_max", "clamp_", "float"))
+    "clamp", "clamp_min", "clamp_max", "clamp_", "float", "max", "maximum", "min", "minimum"))
 # Ops between the softmax and the product with V: casts, dropout, reshapes, a head mask.
 PROB_OPS = frozenset(f"aten.{op}" for op in (
     "to", "_to_copy", "dropout", "clone", "alias", "type_as", "view", "reshape", "_unsafe_view", "contiguous",

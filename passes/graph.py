@@ -26,7 +26,8 @@ ELEMENTWISE = frozenset(
 # Activation ops that name an MLP pattern (tanh/sigmoid also appear inside composite GELUs).
 ACTIVATIONS = {"aten.gelu": "gelu", "aten.silu": "silu", "aten.relu": "relu", "aten.relu6": "relu",
                "aten.leaky_relu": "relu", "aten.elu": "elu", "aten.mish": "mish", "aten.hardswish": "swish",
-               "aten.softplus": "softplus", "aten.tanh": "tanh", "aten.sigmoid": "sigmoid"}
+               "aten.softplus": "softplus", "aten.tanh": "tanh", "aten.sigmoid": "sigmoid",
+               "aten.erf": "gelu"}                 # x * 0.5 * (1 + erf(x / sqrt(2))): GELU written out (HF ESM)
 
 # Ops that only move or cast data between a projection and the attention core.
 RESHAPES = frozenset(

@@ -1,27 +1,27 @@
 """Name every softmax attention core that no registered pattern matched, so a plan never hides one.
 
 The attention patterns (passes/attention_patterns.py) each accept a known set of ops. A model that puts
-another op between the QK product and the softmax (a clamp spelled ``torch.max(scores, floor)``, a custom
-kernel) would otherwise leave its attention dense with nothing in the plan to say so. This pass walks the
+another op between the QK product and the softmax (an unusual squashing function, a custom kernel) would
+otherwise leave its attention dense with nothing in the plan to say so. This pass walks the
 graph for the shape of a core alone, whatever the ops: a softmax over the last dim whose input is
 computed (within a few ops) from a product of two input-derived tensors, and whose output reaches such
 a product. Each core that no attention site covers becomes a skipped site whose reason lists the ops no
 pattern accepts; ``strict=True`` then refuses the plan and the CLI counts it.
 
 Example:
-    >>> class ClampedAttention(nn.Module):          # scores floored with torch.max before the softmax
+    >>> class SinhAttention(nn.Module):             # scores through sinh before the softmax
     ...     def __init__(self):
     ...         super().__init__()
     ...         self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
     ...     def forward(self, x):                                            # x: (B, N, 16)
     ...         scores = self.q(x) @ self.k(x).transpose(1, 2)               # (B, N, N)
-    ...         scores = torch.max(scores, torch.tensor(-1e4))
+    ...         scores = torch.sinh(scores)
     ...         return self.o(scores.softmax(-1) @ self.v(x))
-    >>> plan = m2.plan(ClampedAttention(), example_inputs=(torch.randn(1, 8, 16),))
+    >>> plan = m2.plan(nn.Sequential(SinhAttention()), example_inputs=(torch.randn(1, 8, 16),))
     >>> [(s.pattern, s.status) for s in plan.sites]
     [('unmatched-softmax-core', 'skip')]
     >>> print(plan.sites[0].reason.split(";")[0])
-    a softmax attention core (QK product -> aten.max -> softmax -> product with V) that no registered attention pattern matches
+    a softmax attention core (QK product -> aten.sinh -> softmax -> product with V) that no registered attention pattern matches
 """
 
 from __future__ import annotations
