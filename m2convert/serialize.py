@@ -3,8 +3,9 @@
 A saved directory holds
 
     m2convert.json      format + version, the model class, its Hugging Face config dict, the rewrite
-                        plan (``RewritePlan.to_dict()``), weight aliases (tied weights), versions, and the
-                        SHA-256 of the weight file's header and of every tensor
+                        plan (``RewritePlan.to_dict()``), weight aliases (tied weights), versions, the
+                        SHA-256 of the weight file's header and of every tensor, and ``recurrent``: the
+                        state size, horizon and fit errors of each mixer ``m2.to_recurrent`` made recurrent
     model.safetensors   every parameter and persistent buffer, one copy per tied group
     config.json         an ``M2Config`` (:mod:`m2convert.auto_config`): a model type transformers does not
                         know and an ``auto_map`` to m2convert_auto.py, so that transformers' Auto classes,
@@ -45,7 +46,9 @@ from torch import nn
 
 from .auto_config import write_auto_files
 from .errors import CheckpointError, ConfigError
+from .layers.recurrent import recurrent_fits
 from .passes.apply import CONVERTED_MODEL_HOOKS
+from .passes.plan import recurrent_plan
 from .safetensors_header import DTYPES, HeaderEntry, WeightHashes, read_safetensors_header
 from .structure import build_structure, parameters_on_meta  # noqa: F401  (parameters_on_meta: re-exported)
 
@@ -160,8 +163,10 @@ def _save(model: nn.Module, path, tokenizer=None, state: dict | None = None) -> 
         tokenizer_files = sorted(n for n in TOKENIZER_FILES if (out / n).is_file())
     else:
         tokenizer_files = _copy_known_tokenizer(model, out)
+    fits = recurrent_fits(model)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": type(model).__name__,
-            "hf_config": config.to_dict(), "plan": plan, "weights": WEIGHTS_FILE,
+            "hf_config": config.to_dict(), "plan": recurrent_plan(plan, fits), "recurrent": fits,
+            "weights": WEIGHTS_FILE,
             "aliases": [g for g in groups if len(g) > 1], "tokenizer_files": tokenizer_files,
             "hashes": hashes.to_dict(), "versions": _versions()}
     (out / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -323,7 +328,7 @@ def from_pretrained(path, plan=None) -> nn.Module:
         raise CheckpointError(f"'{directory}' has no weight file {weights.name}; the save is incomplete")
     hashes = None if meta.get("hashes") is None else WeightHashes.from_dict(meta["hashes"], directory / META_FILE)
     header = read_safetensors_header(weights)
-    model = build_structure(meta.get("model_class"), meta["hf_config"], plan_dict, directory)
+    model = build_structure(meta.get("model_class"), meta["hf_config"], plan_dict, directory, meta.get("recurrent"))
     groups = _alias_groups(model)
     _check_tensors(weights, header, model, groups)       # a named structural fault first, then any changed byte
     if hashes is not None:                               # saves made before hashes were recorded have none

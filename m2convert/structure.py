@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, M2Error
+from .layers.recurrent import recurrent_fits, restore_recurrent_layout  # noqa: F401  (recurrent_fits: doctest)
 
 
 @contextlib.contextmanager
@@ -60,13 +61,25 @@ def parameters_on_meta():
         nn.Module.register_parameter, nn.Module._apply = register, apply_
 
 
-def build_structure(model_class: str | None, hf_config: dict, plan_dict: dict, where: Path) -> nn.Module:
+def build_structure(model_class: str | None, hf_config: dict, plan_dict: dict, where: Path,
+                    recurrent: dict | None = None) -> nn.Module:
     """The converted model's structure: class ``model_class`` (default: the config's first architecture)
-    built from ``hf_config`` with its parameters on ``meta``, the plan applied without seeding.
+    built from ``hf_config`` with its parameters on ``meta``, the plan applied without seeding, and the
+    mixers named in ``recurrent`` (:func:`~m2convert.layers.recurrent.recurrent_fits` of a recurrent
+    model; none in saves of other models or made before it was recorded) given their modal filters.
 
     Raises:
-        CheckpointError: naming ``where``: the class is not a transformers model class, or the config or
-            plan does not rebuild it.
+        CheckpointError: naming ``where``: the class is not a transformers model class, or the config,
+            plan or recurrent layout does not rebuild it.
+
+    Example:
+        >>> config = transformers.GPT2Config(vocab_size=96, n_layer=1, n_embd=32, n_head=2)
+        >>> converted = m2.convert(transformers.GPT2LMHeadModel(config).eval(), filter_order=16)
+        >>> recurrent = m2.to_recurrent(converted, state_size=4, horizon=256).model
+        >>> layout = recurrent_fits(recurrent)
+        >>> model = build_structure("GPT2LMHeadModel", config.to_dict(), recurrent.m2convert_plan, Path("."), layout)
+        >>> model.transformer.h[0].attn.mixer.filter
+        RecurrentFilter(channels=32, state_size=4, horizon=256)
     """
     import transformers
 
@@ -87,7 +100,21 @@ def build_structure(model_class: str | None, hf_config: dict, plan_dict: dict, w
     with parameters_on_meta(), torch.no_grad():
         model = cls(config)
         try:
-            return plan.apply(inplace=True, model=model, seed=False)
+            model = plan.apply(inplace=True, model=model, seed=False)
         except M2Error as exc:
             raise CheckpointError(f"{where}: the saved plan does not fit {class_name} built from the saved "
                                   f"config: {exc}") from exc
+        return _restore_recurrent(model, recurrent, where)
+
+
+def _restore_recurrent(model: nn.Module, recurrent, where: Path) -> nn.Module:
+    """``model`` with the modal filters the saved ``recurrent`` layout names (None or {}: unchanged)."""
+    if not recurrent:
+        return model
+    try:
+        if not isinstance(recurrent, dict) or not all(isinstance(v, dict) for v in recurrent.values()):
+            raise ValueError(f"expected {{mixer name: {{state_size, horizon, ...}}}}, got {str(recurrent)[:80]}")
+        return restore_recurrent_layout(model, recurrent)
+    except (M2Error, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: the saved recurrent layout does not fit the converted "
+                              f"{type(model).__name__}: {type(exc).__name__}: {exc}") from exc

@@ -14,9 +14,24 @@ import networkx as nx
 from torch import nn
 
 from m2convert.layers.base import M2Block
+from m2convert.layers.recurrent import recurrent_fits
 from m2convert.passes.capture import capture, check_model
 from m2convert.passes.graph import BOOKKEEPING, GraphIndex, module_entry, op_name, within
-from m2convert.passes.site import AttentionLayout, MLPLayout
+from m2convert.passes.site import AttentionLayout, ExpertsLayout, MLPLayout
+
+
+def recurrent_text(fit: dict | None) -> str:
+    """How the plan table shows a site's recurrent form: "S=4, fit 3.1e-04" (the worse filter's relative
+    L2 error), or "-".
+
+    Example:
+        >>> recurrent_text({"state_size": 4, "horizon": 256, "filter_error": 3.1e-4, "residual_error": 1e-4})
+        'S=4, fit 3.1e-04'
+    """
+    if not fit:
+        return "-"
+    errors = [e for e in (fit.get("filter_error"), fit.get("residual_error")) if e is not None]
+    return f"S={fit['state_size']}" + (f", fit {max(errors):.1e}" if errors else "")
 
 
 def module_graph(index: GraphIndex) -> nx.DiGraph:
@@ -61,9 +76,10 @@ def plan_graphs(plan) -> tuple[nx.DiGraph, nx.DiGraph, nx.DiGraph]:
     if plan._graphs is not None:
         return plan._graphs
     before = module_graph(GraphIndex(plan.captured))
-    # Attention sites swap a whole module for an adapter; MLP sites swap each linear for a MonarchLinear.
+    # Attention sites swap a whole module for an adapter; MLP sites swap each linear for a MonarchLinear,
+    # mixture-of-experts sites their experts module for a MonarchExperts.
     seq = [s for s in plan.converted if isinstance(s.layout, AttentionLayout)]
-    dim = {p: s for s in plan.converted if isinstance(s.layout, MLPLayout) for p in s.replaces}
+    dim = {p: s for s in plan.converted if isinstance(s.layout, (MLPLayout, ExpertsLayout)) for p in s.replaces}
     diff = nx.DiGraph()
     mapped = {}
     for key, data in before.nodes(data=True):
@@ -78,7 +94,8 @@ def plan_graphs(plan) -> tuple[nx.DiGraph, nx.DiGraph, nx.DiGraph]:
                               change="added", site=site.fqn, replacement=site.replacement)
             mapped[key] = new_key
         elif data["path"] in dim:
-            attrs.update(change="replaced", after_type="MonarchLinear", site=dim[data["path"]].fqn)
+            new_type = "MonarchExperts" if isinstance(dim[data["path"]].layout, ExpertsLayout) else "MonarchLinear"
+            attrs.update(change="replaced", after_type=new_type, site=dim[data["path"]].fqn)
             mapped[key] = key
         else:
             mapped[key] = key
@@ -103,13 +120,16 @@ def plan_graph_diff(plan) -> nx.DiGraph:
 
 @dataclass
 class ModuleChange:
-    """One module swapped by a conversion."""
+    """One module swapped by a conversion; ``recurrent``: for an attention site made recurrent
+    (``m2.to_recurrent``), its mixer's state size, horizon and fit errors
+    (:func:`~m2convert.layers.recurrent.recurrent_fits`), else None."""
 
     path: str
     before: str
     after: str
     params_before: int
     params_after: int
+    recurrent: dict | None = None
 
 
 @dataclass
@@ -139,7 +159,7 @@ class RewriteDiff:
         lines = [f"{len(self.changes)} module(s) replaced; parameters {self.params_before:,} -> {self.params_after:,}"]
         width = max((len(c.path) for c in self.changes), default=0)
         lines += [f"  {c.path.ljust(width)}  {c.before} -> {c.after}  ({c.params_before:,} -> {c.params_after:,})"
-                  for c in self.changes]
+                  + (f"  recurrent {recurrent_text(c.recurrent)}" if c.recurrent else "") for c in self.changes]
         if self.graph is not None:
             lines.append("graph nodes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts().items())))
         lines += [f"note: {n}" for n in self.notes]
@@ -172,12 +192,14 @@ def diff(original: nn.Module, converted: nn.Module, example_inputs=None) -> Rewr
     check_model(converted, "m2.diff")
     before_modules = dict(original.named_modules())
     out = RewriteDiff(params_before=_params(original), params_after=_params(converted))
+    fits = recurrent_fits(converted)
     for path, module in converted.named_modules():
         if isinstance(module, M2Block) and not any(within(path, c.path) for c in out.changes):
             old = before_modules.get(path)
+            fit = next((f for name, f in fits.items() if within(name, path)), None)
             out.changes.append(ModuleChange(path, type(old).__name__ if old is not None else "-",
                                             type(module).__name__, _params(old) if old is not None else 0,
-                                            _params(module)))
+                                            _params(module), fit))
     g_before = module_graph(GraphIndex(capture(original, example_inputs)))
     try:
         g_after = module_graph(GraphIndex(capture(converted, example_inputs)))

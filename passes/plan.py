@@ -20,7 +20,10 @@ from pathlib import Path
 from m2convert.config import ConvertConfig
 from m2convert.errors import M2Error
 from m2convert.layers.cost import evaluate
+from m2convert.layers.recurrent import RECURRENT_MODEL_HOOKS, recurrent_fits
 from m2convert.passes.formatting import change, growth, human
+from m2convert.passes.diff import recurrent_text
+from m2convert.passes.graph import within
 from m2convert.passes.site import CONVERT, EXCLUDE, PLAN_VERSION, SKIP, Site
 
 
@@ -96,12 +99,15 @@ class RewritePlan:
                 "growth": (f"{growth(s.flops_before)} -> {growth(s.flops_after)}" if s.status == CONVERT
                            else growth(s.flops_before)),
                 "reason": s.reason or "",
+                "recurrent": recurrent_text(s.settings.get("recurrent")),
             })
         return out
 
     def table(self) -> str:
-        """The sites as an aligned text table (FLOPs at N = seq_len, B = 1)."""
+        """The sites as an aligned text table (FLOPs at N = seq_len, B = 1); a recurrent model's plan
+        (see :func:`record_recurrent`) adds the state size and fit error of each site's filters."""
         cols = ["#", "module", "kind", "pattern", "mask", "replacement", "params", "flops", "growth"]
+        cols += ["recurrent"] if any(s.settings.get("recurrent") for s in self.converted) else []
         heads = {"flops": f"FLOPs @N={self.seq_len}", "params": "params before -> after"}
         rows = [r for r in self.rows() if r["status"] == CONVERT]
         if not rows:
@@ -197,3 +203,46 @@ class RewritePlan:
         path = Path(path)
         path.write_text(render_plan(self), encoding="utf-8")
         return path
+
+
+def recurrent_plan(plan: dict, fits: dict[str, dict]) -> dict:
+    """A copy of plan dict ``plan`` whose converted attention sites record the recurrent form of their
+    mixers (``settings["recurrent"]``: state size, horizon, fit errors; see
+    :func:`m2convert.layers.recurrent.recurrent_fits`); sites without recurrent mixers record none.
+
+    Example:
+        >>> plan = {"sites": [{"fqn": "h.0.attn", "kind": "sequence", "status": "convert", "settings": {}}]}
+        >>> fits = {"h.0.attn.mixer": {"state_size": 4, "horizon": 256, "filter_error": 1e-4}}
+        >>> recurrent_plan(plan, fits)["sites"][0]["settings"]["recurrent"]["state_size"]
+        4
+    """
+    sites = []
+    for site in plan.get("sites", []):
+        settings = {k: v for k, v in (site.get("settings") or {}).items() if k != "recurrent"}
+        found = [fit for name, fit in fits.items() if within(name, site.get("fqn", ""))]
+        if site.get("kind") == "sequence" and site.get("status") == CONVERT and found:
+            settings["recurrent"] = dict(found[0])
+        sites.append({**site, "settings": settings})
+    return {**plan, "sites": sites}
+
+
+def record_recurrent(model) -> None:
+    """Make ``model.m2convert_plan`` (when it has one) record its recurrent mixers; run on every model
+    ``m2.to_recurrent`` returns, and by ``m2.save_pretrained``.
+
+    Example:
+        >>> converted = m2.convert(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_layer=1,
+        ...     n_embd=32, n_head=2)).eval(), filter_order=16)
+        >>> recurrent = m2.to_recurrent(converted, state_size=4, horizon=256).model     # calls record_recurrent
+        >>> print(RewritePlan.from_dict(recurrent.m2convert_plan).table())              # doctest: +ELLIPSIS
+        #  module          ...  recurrent
+        ...
+        0  transformer.h.0.attn  ...  S=4, fit ...
+        ...
+    """
+    plan = getattr(model, "m2convert_plan", None)
+    if isinstance(plan, dict):
+        model.m2convert_plan = recurrent_plan(plan, recurrent_fits(model))
+
+
+RECURRENT_MODEL_HOOKS.append(record_recurrent)

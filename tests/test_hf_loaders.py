@@ -117,6 +117,22 @@ def test_auto_classes_load_the_converted_weights(gpt2, bert, tokenizer):
         assert torch.equal(classifier(**batch).logits, converted(**batch).logits)
 
 
+def test_a_recurrent_folder_loads_recurrent_through_the_auto_classes(gpt2, tokenizer, tmp_path):
+    recurrent = m2.to_recurrent(gpt2[0], state_size=4, horizon=128).model
+    recurrent.save_pretrained(tmp_path / "rec")
+    head = AutoModelForCausalLM.from_pretrained(tmp_path / "rec", trust_remote_code=True)
+    base = AutoModel.from_pretrained(tmp_path / "rec", trust_remote_code=True)
+    assert type(head.transformer.h[0].attn.mixer.filter).__name__ == "RecurrentFilter"
+    assert base.m2convert_plan["sites"][0]["settings"]["recurrent"]["state_size"] == 4
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(head(**batch).logits, recurrent(**batch).logits)
+        assert torch.equal(base(**batch).last_hidden_state, recurrent.transformer(**batch).last_hidden_state)
+    ids = batch["input_ids"][:1]
+    settings = {"max_new_tokens": 16, "do_sample": False, "eos_token_id": None, "pad_token_id": 1}
+    assert torch.equal(head.generate(ids, **settings), recurrent.generate(ids, **settings))
+
+
 def test_an_auto_class_the_folder_cannot_serve_names_those_it_can(gpt2):
     with pytest.raises(CheckpointError, match=r"GPT2LMHeadModel; transformers.AutoModelForSequenceClassification "
                                               r"cannot load it; it loads with \['AutoModel', 'AutoModelForCausalLM'"):

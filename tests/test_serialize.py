@@ -138,7 +138,17 @@ BAD = {
     "broken json": (lambda p: (p / "m2convert.json").write_text("{not json"), "cannot read"),
     "not an m2convert save": (lambda p: (p / "m2convert.json").unlink(), "not an m2convert save"),
     "no weights": (lambda p: (p / "model.safetensors").unlink(), "no weight file"),
+    "recurrent layout of another model": (lambda p: _rewrite_meta(p, recurrent={
+        "transformer.h.0.attn": {"state_size": 4, "horizon": 128}}), "recurrent layout .*transformer.h.0.attn"),
+    "malformed recurrent layout": (lambda p: _rewrite_meta(p, recurrent={"transformer.h.0.attn.mixer": 4}),
+                                   "recurrent layout"),
 }
+
+
+def _rewrite_meta(path, **changes):
+    meta = json.loads((path / "m2convert.json").read_text())
+    meta.update(changes)
+    (path / "m2convert.json").write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -180,3 +190,78 @@ def test_load_model_points_converted_folders_to_from_pretrained(tmp_path):
     m2.save_pretrained(m2.convert(model, m2.ConvertConfig(filter_order=8)), tmp_path / "m2")
     with pytest.raises(ModelLoadError, match=r"m2.from_pretrained"):
         m2.load_model(str(tmp_path / "m2"))
+
+
+@pytest.fixture(scope="module")
+def recurrent_gpt2():
+    from conftest import _gpt2
+
+    converted = m2.convert(_gpt2(), SMALL)
+    converted.generation_config.eos_token_id = None         # always generate every requested token
+    converted.generation_config.pad_token_id = 0
+    return converted, m2.to_recurrent(converted, state_size=4, horizon=128).model
+
+
+def test_a_recurrent_model_saves_and_loads_bit_equal(tmp_path, recurrent_gpt2, tiny_inputs):
+    converted, recurrent = recurrent_gpt2
+    recurrent.save_pretrained(tmp_path / "rec")
+    meta = json.loads((tmp_path / "rec" / "m2convert.json").read_text())
+    assert sorted(meta["recurrent"]) == [f"transformer.h.{i}.attn.mixer" for i in range(2)]
+    assert meta["recurrent"]["transformer.h.1.attn.mixer"]["state_size"] == 4
+    loaded = m2.from_pretrained(tmp_path / "rec")
+    mixer = loaded.transformer.h[1].attn.mixer
+    assert (type(mixer.filter).__name__, mixer.filter.state_size, mixer.filter.horizon) == ("RecurrentFilter", 4, 128)
+    assert mixer.filter.total_error == recurrent.transformer.h[1].attn.mixer.filter.total_error
+    inputs = tiny_inputs(9)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, recurrent(**inputs).logits)
+        assert not torch.equal(loaded(**inputs).logits, converted(**inputs).logits)   # the fit is not exact
+    ids = inputs["input_ids"][:1]
+    assert torch.equal(loaded.generate(ids, max_new_tokens=24, do_sample=False),
+                       recurrent.generate(ids, max_new_tokens=24, do_sample=False))
+    loaded.save_pretrained(tmp_path / "again")                            # a loaded recurrent model saves alike
+    weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("again", "rec")]
+    assert weights[0] == weights[1]
+    assert json.loads((tmp_path / "again" / "m2convert.json").read_text())["recurrent"] == meta["recurrent"]
+
+
+def test_saves_without_a_recurrent_layout_still_load(tmp_path, recurrent_gpt2, tiny_inputs):
+    converted = recurrent_gpt2[0]
+    save_pretrained(converted, tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "m2convert.json").read_text())
+    assert meta["recurrent"] == {}
+    del meta["recurrent"]
+    (tmp_path / "old" / "m2convert.json").write_text(json.dumps(meta))   # as written before layouts were saved
+    loaded = from_pretrained(tmp_path / "old")
+    inputs = tiny_inputs(9)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, converted(**inputs).logits)
+
+
+def test_plans_and_diffs_show_the_recurrent_form(tmp_path, recurrent_gpt2):
+    from conftest import _gpt2
+
+    from m2convert.passes.diff import recurrent_text
+
+    converted, recurrent = recurrent_gpt2
+    fits = {s["fqn"]: s["settings"].get("recurrent") for s in recurrent.m2convert_plan["sites"]}
+    assert fits["transformer.h.0.mlp"] is None and "recurrent" not in converted.m2convert_plan["sites"][0]["settings"]
+    fit = fits["transformer.h.0.attn"]
+    mixer = recurrent.transformer.h[0].attn.mixer
+    assert (fit["state_size"], fit["horizon"]) == (4, 128)
+    filters = (mixer.filter, mixer.residual_filter)
+    assert (fit["filter_error"], fit["residual_error"]) == tuple(f.total_error for f in filters)
+    assert fit["max_channel_error"] == max(float(f.fit_error.max()) for f in filters)
+    plan = m2.RewritePlan.from_dict(json.loads(json.dumps(recurrent.m2convert_plan)))
+    assert plan.to_dict()["sites"][0]["settings"]["recurrent"] == fit             # round-trips, PLAN_VERSION 2
+    worst = max(fit["filter_error"], fit["residual_error"])
+    assert f"S=4, fit {worst:.1e}" in plan.table() and "recurrent" not in m2.RewritePlan.from_dict(
+        converted.m2convert_plan).table()
+    save_pretrained(recurrent, tmp_path / "rec")
+    saved = json.loads((tmp_path / "rec" / "m2convert.json").read_text())["plan"]
+    assert saved["sites"][0]["settings"]["recurrent"] == fit
+    changes = {c.path: c for c in m2.diff(_gpt2(), recurrent).changes}
+    assert changes["transformer.h.0.attn"].recurrent == fit and changes["transformer.h.0.mlp.c_fc"].recurrent is None
+    lines = str(m2.diff(_gpt2(), recurrent)).splitlines()
+    assert sum("attn" in line and line.endswith(f"recurrent {recurrent_text(fit)}") for line in lines) == 1
+    assert all(c.recurrent is None for c in m2.diff(_gpt2(), converted).changes)

@@ -35,6 +35,8 @@ from .sequence import M2SequenceMixer
 
 HORIZON = 8192            # taps fitted: the longest context served at the fit's accuracy
 CAUSAL_MODES = ("causal", "causal-monarch")
+# Called with every model to_recurrent returns (the plan records the recurrent form: m2convert.passes.plan).
+RECURRENT_MODEL_HOOKS: list = []
 
 
 def _tap_dtype(t: torch.Tensor) -> torch.dtype:
@@ -69,11 +71,15 @@ class RecurrentFilter(nn.Module):
         self.residue = nn.Parameter(torch.view_as_real(fit.residue).to(**factory))
         self.h0 = nn.Parameter(fit.h0.to(**factory))                               # (C,)
         self.register_buffer("fit_error", fit.error.to(**factory))                 # (C,)
+        self.total_error: float | None = None      # relative L2 of all channels' taps (set by fits, layouts)
 
     @classmethod
     def from_taps(cls, taps: torch.Tensor, state_size: int = STATE_SIZE) -> RecurrentFilter:
         """Fit (C, L) taps (horizon L); parameters in the taps' dtype and device."""
-        return cls(fit_modal(taps, state_size), taps.shape[-1], dtype=taps.dtype, device=taps.device)
+        fit = fit_modal(taps, state_size)
+        filt = cls(fit, taps.shape[-1], dtype=taps.dtype, device=taps.device)
+        filt.total_error = fit.total_error
+        return filt
 
     @classmethod
     def empty(cls, channels: int, state_size: int, horizon: int, dtype=None, device=None) -> RecurrentFilter:
@@ -165,6 +171,7 @@ def _make_recurrent(name: str, mixer: M2SequenceMixer, state_size: int, horizon:
             taps = filt(horizon)[0]                                                 # (H, L)
         fit = fit_modal(taps, state_size)
         setattr(mixer, role, RecurrentFilter(fit, horizon, dtype=taps.dtype, device=taps.device))
+        getattr(mixer, role).total_error = fit.total_error
         errors[role], worst = fit.total_error, max(worst, float(fit.error.max()))
     mixer._spectrum_cache = None
     return LayerFit(name, "recurrent", filter_error=errors["filter"], residual_error=errors.get("residual_filter"),
@@ -206,6 +213,8 @@ def to_recurrent(model: nn.Module, state_size: int = STATE_SIZE, horizon: int = 
                                           "filter sees future tokens and has no recurrent form"))
             continue
         report.layers.append(_make_recurrent(name, mixer, state_size, horizon))
+    for hook in RECURRENT_MODEL_HOOKS:
+        hook(target)
     return report
 
 
@@ -247,5 +256,31 @@ def restore_recurrent_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Mo
             if getattr(mixer, role) is not None:
                 setattr(mixer, role, RecurrentFilter.empty(mixer.d_model, sizes["state_size"], sizes["horizon"],
                                                            dtype=mixer.D.dtype, device=mixer.D.device))
+                getattr(mixer, role).total_error = sizes.get(_ERROR_KEYS[role])   # recorded by recurrent_fits
         mixer._spectrum_cache = None
     return model
+
+
+_ERROR_KEYS = {"filter": "filter_error", "residual_filter": "residual_error"}
+
+
+def recurrent_fits(model: nn.Module) -> dict[str, dict]:
+    """:func:`recurrent_layout` plus each mixer's fit errors (``filter_error``, ``residual_error``: relative
+    L2 of all channels' taps, None where unknown or absent; ``max_channel_error``: the worst channel's).
+    JSON-ready; :func:`restore_recurrent_layout` takes it too and keeps the errors.
+
+    Example:
+        >>> fits = recurrent_fits(to_recurrent(M2SequenceMixer(16, mode="causal"), 4, 512).model)
+        >>> sorted(fits[""]), fits[""]["filter_error"] < 1e-2
+        (['filter_error', 'horizon', 'max_channel_error', 'residual_error', 'state_size'], True)
+    """
+    out = {}
+    modules = dict(model.named_modules())
+    for name, sizes in recurrent_layout(model).items():
+        filters = {role: getattr(modules[name], role) for role in _ERROR_KEYS}
+        errors = {key: None if filters[role] is None else filters[role].total_error
+                  for role, key in _ERROR_KEYS.items()}
+        worst = max((float(f.fit_error.max()) for f in filters.values() if f is not None and f.fit_error.numel()),
+                    default=0.0)
+        out[name] = {**sizes, **errors, "max_channel_error": worst}
+    return out
