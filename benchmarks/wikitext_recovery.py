@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kd-weight", type=float, default=1.0)
     p.add_argument("--task-weight", type=float, default=0.5)
+    p.add_argument("--save-student", type=Path, default=None,
+                   help="also save the recovered student (m2convert folder + tokenizer) here, for later benchmarks")
     args = p.parse_args(argv)
     if args.smoke:
         args.vocab, args.n_embd, args.n_layer = 1024, 64, 2
@@ -198,6 +200,10 @@ def main(argv=None) -> dict:
               "recovered_test_ppl": recovered, "teacher_params": t_params, "student_params": s_params,
               "wall_seconds": wall, "cpu_seconds": cpu, "stages": stage_out, "ppl_ratio": recovered / teacher_ppl,
               "target_met": bool(recovered <= 1.05 * teacher_ppl), "teacher": tinfo}
+    if args.save_student is not None:
+        student.save_pretrained(args.save_student)
+        tokenizer.save_pretrained(args.save_student)
+        log(f"saved the recovered student to {args.save_student}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     path = write_report(args.name, result, config, render, args.out)
     log(f"wrote {path}")
