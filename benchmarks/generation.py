@@ -316,7 +316,8 @@ def main(argv=None) -> dict:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.fidelity_only:
         out = Path(args.out or Path(__file__).resolve().parent / "results")
-        doc = json.loads((out / f"{args.name}.json").read_text())
+        known = out / f"{args.name}.json"
+        doc = json.loads(known.read_text()) if known.exists() else {"rows": [], "fit": {}, "notes": [], "config": {}}
         result = {k: doc[k] for k in ("rows", "fit", "notes")}
         result["recurrent"] = fidelity(args)
         config = {**doc["config"], "fidelity": config}
