@@ -22,6 +22,19 @@ def _bert(attn: str = "sdpa", layers: int = 2, head: str | None = None):
     return cls(cfg).eval()
 
 
+def _whisper():
+    """A tiny WhisperModel: 8 mel bins x 16 frames in (max_source_positions 8), 16 decoder positions."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=8,
+                                     max_target_positions=16, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                     decoder_start_token_id=0)
+    return transformers.WhisperModel(cfg).eval()
+
+
 def _gpt2(attn: str = "sdpa", layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -66,14 +66,10 @@ WHISPER_INPUTS = ["--input", "input_features=1x8x16:float32", "--input", "decode
 
 
 def _tiny_whisper_dir(tmp_path):
-    torch.manual_seed(0)
-    cfg = transformers.WhisperConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
-                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                     decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=8,
-                                     max_target_positions=16, pad_token_id=0, bos_token_id=0, eos_token_id=0,
-                                     decoder_start_token_id=0)
+    from conftest import _whisper
+
     path = tmp_path / "whisper"
-    transformers.WhisperModel(cfg).save_pretrained(path)
+    _whisper().save_pretrained(path)
     return path
 
 

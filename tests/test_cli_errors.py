@@ -176,14 +176,10 @@ def test_cli_checks_example_inputs_before_loading(saved, monkeypatch, argv, code
 @pytest.fixture(scope="module")
 def whisper_dir(tmp_path_factory):
     """A tiny saved WhisperModel: its forward takes input_features, which no config describes."""
-    torch.manual_seed(0)
-    cfg = transformers.WhisperConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
-                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                     decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=8,
-                                     max_target_positions=16, pad_token_id=0, bos_token_id=0, eos_token_id=0,
-                                     decoder_start_token_id=0)
+    from conftest import _whisper
+
     path = tmp_path_factory.mktemp("whisper") / "whisper"
-    transformers.WhisperModel(cfg).save_pretrained(path)
+    _whisper().save_pretrained(path)
     return path
 
 

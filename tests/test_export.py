@@ -162,15 +162,9 @@ def vit():
 @pytest.fixture(scope="module")
 def whisper():
     """A converted tiny WhisperModel: 8 mel bins x 16 frames in, decoder self-attention converted."""
-    import transformers
+    from conftest import _whisper
 
-    torch.manual_seed(0)
-    cfg = transformers.WhisperConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
-                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                     decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=8,
-                                     max_target_positions=16, pad_token_id=0, bos_token_id=0, eos_token_id=0,
-                                     decoder_start_token_id=0)
-    model = transformers.WhisperModel(cfg).eval()
+    model = _whisper()
     return m2.convert(model, SMALL, example_inputs=_whisper_inputs(8))
 
 
