@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import ConfigError, check_int
 
-STATE_SIZE = 16
+STATE_SIZE = 4            # smallest state keeping the WikiText student within 0.5% ppl (generation.md)
 MAX_RADIUS = 1 - 1e-6     # poles are pulled inside the unit circle to this radius: the recurrence stays stable
 PAIRS, COLUMNS = 32, 128  # geometrically spaced Hankel row pairs and columns past the dense block
 CHUNK = 128               # channels fitted at once (bounds memory to a few tens of MiB)
