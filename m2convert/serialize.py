@@ -46,6 +46,7 @@ from torch import nn
 
 from .auto_config import write_auto_files
 from .errors import CheckpointError, ConfigError
+from .layers.gemv import lay_out_for_decode
 from .layers.recurrent import recurrent_fits
 from .passes.apply import CONVERTED_MODEL_HOOKS
 from .passes.plan import recurrent_plan
@@ -337,6 +338,8 @@ def from_pretrained(path, plan=None) -> nn.Module:
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{weights} left {left[:5]} unset; the directory does not match the model")
+    if meta.get("recurrent"):
+        lay_out_for_decode(model)                        # as m2.to_recurrent stored them: bit-equal outputs
     if (directory / "generation_config.json").is_file() and hasattr(model, "generation_config"):
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(str(directory))

@@ -15,6 +15,11 @@ with the same factors (w1: (nb, nb * rho, P), w2: (nb, S, nb * rho)), but arrang
   data that is still in cache.
 - Each chunk's result is written straight into its rows of the output, so the block-major GEMM result
   is transposed once, into its final place.
+- A handful of rows (one decoded token per sequence) is bound by reading the factors, not by FLOPs: both
+  products then run rows-first (x @ w^T), where BLAS reads each factor in the orientation it is stored
+  (one-token decoding stores each factor with its longer side contiguous:
+  :func:`m2convert.layers.monarch.lay_out_for_decode`); the tokens-last order above reads a (N, P)
+  block as N short dot products and ran 2-3x slower at one row.
 
 Example:
     >>> from m2convert.kernels.monarch.reference import monarch_matmul
@@ -33,6 +38,8 @@ import torch
 CHUNK_ELEMENTS = 1 << 21
 # Fewer rows than this per chunk and the GEMMs get too short to run at full speed.
 MIN_CHUNK_ROWS = 256
+# Up to this many rows the products run rows-first (see the module notes): measured faster at 1-8 rows.
+FEW_ROWS = 8
 
 
 def chunk_rows(rows: int, width: int) -> int:
@@ -60,11 +67,14 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
     rho = mid // nb
     m = x.shape[1] if x_t else x.shape[0]
     out = nb * s if out_features is None else out_features
+    if bias is not None and out < nb * s:
+        bias = torch.nn.functional.pad(bias, (0, nb * s - out))
+    if 0 < m <= FEW_ROWS:
+        rows = _few_rows(x.t() if x_t else x, w1, w2, bias)[:, :out]          # (m, out)
+        return (rows.t() if out_t else rows).contiguous()
     y = torch.empty((out, m) if out_t else (m, out), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    if bias is not None and out < nb * s:
-        bias = torch.nn.functional.pad(bias, (0, nb * s - out))
     rows = chunk_rows(m, nb * max(mid, s))
     r = min(rows, m)
     # Flat buffers, so a short last chunk gets contiguous views of its own size.
@@ -99,6 +109,19 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
             torch.baddbmm(b, a, c, out=ybc)
         _place(ybc, y[:, start:stop] if out_t else y[start:stop], out_t)
     return y
+
+
+def _few_rows(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(m, nb * S) = Monarch(w1, w2) @ rows x (m, nb * P) (+ bias (nb * S,)), both products rows-first."""
+    nb, mid, p = w1.shape
+    s, rho, m = w2.shape[1], mid // nb, x.shape[0]
+    h = torch.bmm(x.reshape(m, nb, p).transpose(0, 1), w1.transpose(1, 2))    # (nb_k, m, nb_l * rho)
+    h = h.view(nb, m, nb, rho).permute(2, 1, 0, 3).reshape(nb, m, mid)       # P1: (nb_l, m, nb_k * rho)
+    if bias is None:
+        yb = torch.bmm(h, w2.transpose(1, 2))                                   # (nb_l, m, S)
+    else:
+        yb = torch.baddbmm(bias.view(nb, 1, s), h, w2.transpose(1, 2))
+    return yb.transpose(0, 1).reshape(m, nb * s)
 
 
 def _place(ybc: torch.Tensor, dest: torch.Tensor, out_t: bool) -> None:

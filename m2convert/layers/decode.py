@@ -268,12 +268,11 @@ def recurrent_step(mixer, x_t: torch.Tensor, state: RecurrentState) -> torch.Ten
         raise ShapeError(f"recurrent_step expects x_t of shape (B, 1, {mixer.d_model}), got {tuple(x_t.shape)}")
     h = mixer.d_model
     z = mixer.in_proj(x)                                                       # (B, 3H)
-    window = torch.cat([state.z_tail, z[..., None]], dim=-1)                   # (B, 3H, kernel)
-    c = (window * mixer.short_conv.weight[:, 0, :]).sum(-1) + mixer.short_conv.bias   # (B, 3H)
-    state.z_tail = window[..., 1:].contiguous()     # the prefill's layout: a compiled step sees equal strides
+    c = _short_conv_step(mixer.short_conv, state.z_tail, z)                    # (B, 3H)
+    # The prefill's layout, so a compiled step sees equal strides.
+    state.z_tail = torch.cat([state.z_tail[..., 1:], z[..., None]], dim=-1)    # (B, 3H, kernel-1)
     x1, x2, v = c.split(h, dim=-1)
-    w = v * x1                                                                 # (B, H)
-    y, state.modes = _mode_step(mixer.filter, state.modes, w, mixer.D)
+    y, state.modes = _mode_step(mixer.filter, state.modes, v * x1, mixer.D)
     y = x2 * y
     if state.res_modes is not None:
         y_res, state.res_modes = _mode_step(mixer.residual_filter, state.res_modes, x, mixer.D_res)
@@ -283,9 +282,20 @@ def recurrent_step(mixer, x_t: torch.Tensor, state: RecurrentState) -> torch.Ten
     return out if squeeze else out[:, None]
 
 
+def _short_conv_step(conv: torch.nn.Conv1d, tail: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv output (B, C) at the newest input z (B, C), the earlier ones in tail (B, C, K-1):
+    one multiply-add per tap (a product and a sum over the K-wide window cost more ops at one token)."""
+    weight = conv.weight[:, 0]                                                 # (C, K)
+    c = torch.addcmul(conv.bias, z, weight[:, -1]) if conv.bias is not None else z * weight[:, -1]
+    for k in range(tail.shape[-1]):
+        c = torch.addcmul(c, tail[..., k], weight[:, k])
+    return c
+
+
 def _mode_step(filt: RecurrentFilter, modes: torch.Tensor, w: torch.Tensor, skip: torch.Tensor):
     """(convolution output (B, H), next modes (B, H, S)) of one input w (B, H) through modal filter ``filt``."""
     real = torch.float64 if w.dtype == torch.float64 else torch.float32       # half types: complex64 states
     lam, residue, h0 = filt.modes(real)                                        # (H, S), (H, S), (H,)
-    y = (residue * modes).real.sum(-1) + (h0 + skip.to(real)) * w.to(real)     # (B, H)
-    return y.to(w.dtype), lam * modes + w[..., None]
+    wr = w.to(real)
+    y = torch.addcmul((residue * modes).real.sum(-1), h0 + skip.to(real), wr)  # (B, H)
+    return y.to(w.dtype), lam * modes + wr[..., None]

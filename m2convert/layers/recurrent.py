@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, check_int
+from .gemv import lay_out_for_decode
 from .modal import STATE_SIZE, ModalFit, fit_modal, min_horizon, modal_taps
 from .sequence import M2SequenceMixer
 
@@ -184,7 +185,8 @@ def to_recurrent(model: nn.Module, state_size: int = STATE_SIZE, horizon: int = 
 
     ``model`` is a converted model or one :class:`M2SequenceMixer`; a deep copy is changed unless
     ``inplace`` (as in ``m2.convert``), and returned as ``report.model``. The full forward then uses the
-    fitted taps, and ``generate()`` decodes with a fixed-size state (O(1) per token in the context).
+    fitted taps, and ``generate()`` decodes with a fixed-size state (O(1) per token in the context); the
+    converted weight matrices are stored for one-token products (:mod:`m2convert.layers.gemv`).
     Bidirectional mixers are listed as skipped, with the reason. Fitting again refits the current taps.
 
     Raises:
@@ -213,6 +215,7 @@ def to_recurrent(model: nn.Module, state_size: int = STATE_SIZE, horizon: int = 
                                           "filter sees future tokens and has no recurrent form"))
             continue
         report.layers.append(_make_recurrent(name, mixer, state_size, horizon))
+    lay_out_for_decode(target)
     for hook in RECURRENT_MODEL_HOOKS:
         hook(target)
     return report
@@ -233,7 +236,8 @@ def recurrent_layout(model: nn.Module) -> dict[str, dict]:
 
 def restore_recurrent_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
     """Give the mixers named in ``layout`` (from :func:`recurrent_layout`) empty recurrent filters of the
-    recorded sizes, in place, so that the recurrent model's state dict loads into ``model``.
+    recorded sizes, in place, so that the recurrent model's state dict loads into ``model`` (and stores
+    the weights for decoding as :func:`to_recurrent` does, so ``load_state_dict`` gives equal outputs).
 
     Raises:
         ConfigError: a name is not a causal M2 mixer of ``model``.
@@ -258,6 +262,7 @@ def restore_recurrent_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Mo
                                                            dtype=mixer.D.dtype, device=mixer.D.device))
                 getattr(mixer, role).total_error = sizes.get(_ERROR_KEYS[role])   # recorded by recurrent_fits
         mixer._spectrum_cache = None
+    lay_out_for_decode(model)
     return model
 
 
