@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import count_params, log, markdown_table, write_report  # noqa: E402
 
 import m2convert as m2  # noqa: E402
+from m2convert.layers.modal import STATE_SIZE  # noqa: E402
 from m2convert.layers.recurrent import RecurrentFilter  # noqa: E402
 
 FLOAT = 4                                     # bytes per fp32 value
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--state-size", type=int, default=16)
+    p.add_argument("--state-size", type=int, default=STATE_SIZE, help="the speed rows' state size (default: m2.to_recurrent's)")
     p.add_argument("--projection-nblocks", type=int, default=4)
     p.add_argument("--student", type=Path, default=None, help="a saved recovered WikiText student")
     p.add_argument("--sweep", default="4,8,16,32,64")
