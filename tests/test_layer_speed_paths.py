@@ -285,3 +285,26 @@ def test_fast_paths_switch_each_path_and_restore(monkeypatch):
     with pytest.raises(m2.M2Error, match="unknown paths"):
         with fast_paths(fft=False):
             pass
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("x_t,out_t", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("decode_layout", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_monarch_few_rows_equal_the_reference(monkeypatch, rows, x_t, out_t, decode_layout, bias):
+    # Up to FEW_ROWS rows take the rows-first products; 9 rows the chunked path. Either reads the factors
+    # in both storage orders (lay_out_for_decode transposes the longer-output factors in memory).
+    from m2convert.layers.gemv import lay_out_for_decode
+
+    torch.manual_seed(rows)
+    layer = m2.MonarchLinear(37, 70, nblocks=3, bias=bias).double()          # padded input, cropped output
+    x = torch.randn(rows, 37, dtype=torch.float64)
+    expected = layer(x)                                                         # grad enabled: the reference
+    if decode_layout:
+        assert lay_out_for_decode(layer) >= 1 and not layer.w2.is_contiguous()
+    calls = spy(monkeypatch, monarch_cpu, "_few_rows")
+    with torch.no_grad():
+        y = layer.matmul(x.t().contiguous() if x_t else x, x_channels_first=x_t, out_channels_first=out_t)
+    assert bool(calls) == (rows <= monarch_cpu.FEW_ROWS)
+    assert y.is_contiguous() and y.shape == ((70, rows) if out_t else (rows, 70))
+    torch.testing.assert_close(y.t() if out_t else y, expected, rtol=1e-10, atol=1e-10)
