@@ -17,6 +17,7 @@ has a fixed size and :func:`recurrent_step` costs O(H S) whatever the context le
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -25,8 +26,25 @@ from .modal import mode_powers
 from .recurrent import RecurrentFilter
 
 
+class _PerSequence:
+    """Base of the decoding states: the fields named in ``per_sequence`` hold one row per sequence."""
+
+    per_sequence: ClassVar[tuple[str, ...]] = ()
+    z_tail: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.z_tail.shape[0]
+
+    def map_batch(self, fn) -> None:
+        """Apply a batch operation (index, repeat) to every per-sequence tensor."""
+        for name in self.per_sequence:
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+
+
 @dataclass
-class DecodeState:
+class DecodeState(_PerSequence):
     """Past inputs of one causal mixer for a batch of sequences.
 
     Attributes:
@@ -44,15 +62,7 @@ class DecodeState:
     taps: torch.Tensor
     res_taps: torch.Tensor | None
     length: int
-
-    @property
-    def batch(self) -> int:
-        return self.z_tail.shape[0]
-
-    def map_batch(self, fn) -> None:
-        """Apply a batch operation (index, repeat) to every per-sequence tensor."""
-        self.z_tail, self.w = fn(self.z_tail), fn(self.w)
-        self.u = None if self.u is None else fn(self.u)
+    per_sequence: ClassVar[tuple[str, ...]] = ("z_tail", "w", "u")
 
 
 def _check_causal(mixer) -> None:
@@ -165,7 +175,7 @@ def is_recurrent(mixer) -> bool:
 
 
 @dataclass
-class RecurrentState:
+class RecurrentState(_PerSequence):
     """Fixed-size decoding state of one recurrent mixer for a batch of sequences.
 
     Attributes:
@@ -179,15 +189,7 @@ class RecurrentState:
     modes: torch.Tensor
     res_modes: torch.Tensor | None
     length: torch.Tensor
-
-    @property
-    def batch(self) -> int:
-        return self.z_tail.shape[0]
-
-    def map_batch(self, fn) -> None:
-        """Apply a batch operation (index, repeat) to every per-sequence tensor."""
-        self.z_tail, self.modes = fn(self.z_tail), fn(self.modes)
-        self.res_modes = None if self.res_modes is None else fn(self.res_modes)
+    per_sequence: ClassVar[tuple[str, ...]] = ("z_tail", "modes", "res_modes")
 
     def nbytes(self) -> int:
         """Bytes held: independent of the number of tokens seen."""
