@@ -17,8 +17,15 @@ Fidelity (``--student``): the WikiText benchmark's recovered student (``wikitext
 --save-student``), test perplexity of the convolution form vs the recurrent form, greedy 64-token
 continuations of 20 test prompts, and a state-size sweep.
 
-    python benchmarks/generation.py --student runs/bench_cache/wikitext_student     # the committed report
+    python benchmarks/generation.py --student runs/bench_cache/wikitext_student     # speed and fidelity
     python benchmarks/generation.py --smoke                                          # a quick look
+
+Speed and fidelity can also run apart (each takes most of an hour on one core) and be joined:
+
+    python benchmarks/generation.py                                                  # speed rows
+    python benchmarks/generation.py --fidelity-only --student runs/bench_cache/wikitext_student \
+        --out runs/bench_fid --name generation_fidelity
+    python benchmarks/generation.py --attach-fidelity runs/bench_fid/generation_fidelity.json
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import count_params, log, markdown_table, write_report  # noqa: E402
+from common import RESULTS, count_params, log, markdown_table, write_markdown, write_report  # noqa: E402
 
 import m2convert as m2  # noqa: E402
 from m2convert.layers.modal import STATE_SIZE  # noqa: E402
@@ -49,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--conv-new-tokens", type=int, default=8, help="tokens for the convolution cache past 4096")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--long-repeats", type=int, default=1, help="repeats past 4096 tokens (each prefill takes minutes)")
+    p.add_argument("--attach-fidelity", type=Path, default=None,
+                   help="a --fidelity-only report (JSON) to add to the speed report <out>/<name>.json")
     p.add_argument("--fidelity-only", action="store_true",
                    help="add the student's fidelity and sweep to an existing report instead of timing the speed rows")
     p.add_argument("--original-max-prompt", type=int, default=4096,
@@ -296,6 +305,10 @@ def render(doc: dict) -> str:
                             [[r["prompt_len"], r["state_bytes"]["original"] * mib, r["state_bytes"]["conv"] * mib,
                               r["state_bytes"]["recurrent"] * mib] for r in doc["rows"]])
     lines = ["## Decode speed (batch 1, greedy)", "", speed, "", "## Decode state per sequence", "", states, ""]
+    if doc.get("fidelity_run"):
+        run = doc["fidelity_run"]
+        lines += [f"Fidelity and sweep: `{run['command']}`, {run['date']}, load average at the end "
+                  f"{run['machine'].get('load_average_1_5_15min')}.", ""]
     rec = doc.get("recurrent")
     if rec:
         sweep = markdown_table(["state size", "worst layer fit error", "test ppl", "ppl change", "decode tok/s",
@@ -311,17 +324,28 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def attach_fidelity(args) -> dict:
+    """Put a ``--fidelity-only`` report's fidelity and sweep (with its command, date, machine and config)
+    into the speed report ``<out>/<name>.json``, and rewrite its markdown."""
+    out = Path(args.out or RESULTS)
+    doc = json.loads((out / f"{args.name}.json").read_text())
+    fid = json.loads(args.attach_fidelity.read_text())
+    doc["recurrent"] = fid["recurrent"]
+    doc["fidelity_run"] = {k: fid[k] for k in ("command", "date", "machine")}
+    doc["config"]["fidelity"] = fid["config"]
+    (out / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    log(f"wrote {write_markdown(args.name, render, out)}")
+    return doc
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.attach_fidelity is not None:
+        return attach_fidelity(args)
     if args.fidelity_only:
-        out = Path(args.out or Path(__file__).resolve().parent / "results")
-        known = out / f"{args.name}.json"
-        doc = json.loads(known.read_text()) if known.exists() else {"rows": [], "fit": {}, "notes": [], "config": {}}
-        result = {k: doc[k] for k in ("rows", "fit", "notes")}
-        result["recurrent"] = fidelity(args)
-        config = {**doc["config"], "fidelity": config}
+        result = {"rows": [], "fit": {}, "notes": [], "recurrent": fidelity(args)}
     else:
         original, models, reports = build(args)
         log(f"original {count_params(original):,} parameters; converted {count_params(models['conv_default']):,}")
