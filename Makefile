@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.m2convert-installed
 TORCH_VERSION ?= 2.13.0
+# pytest worker processes; each test file runs whole in one of them (module fixtures are built once).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv clean
 
@@ -20,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/m2convert demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) build *.egg-info
