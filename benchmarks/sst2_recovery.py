@@ -145,9 +145,20 @@ def train_teacher(args, tokenizer, base_path, train_path, dev) -> tuple[torch.nn
     steps = args.teacher_max_steps or int(args.teacher_epochs * src.report.rows / 32)
     warmup = max(1, steps // 10)
     clock = Clock()
-    best, best_state, history, bad = -1.0, None, [], 0
+    best, best_state, best_dev, history, bad, first = -1.0, None, None, [], 0, 0
+    resume = folder / "resume.pt"                    # written at each evaluation: a stopped run continues
+    if resume.exists():
+        saved = torch.load(resume, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        torch.set_rng_state(saved["rng"])
+        best, best_state, best_dev, history, bad = (saved[k] for k in ("best", "best_state", "best_dev",
+                                                                       "history", "bad"))
+        first = saved["step"]
+        clock.start -= saved["seconds"]                # wall time counts the earlier runs too
+        log(f"teacher resumes at step {first}/{steps} from {resume}")
     model.train()
-    for step in range(steps):
+    for step in range(first, steps):
         for g in opt.param_groups:
             g["lr"] = args.teacher_lr * min((step + 1) / warmup, (steps - step) / (steps - warmup))
         loss = model(**src.batch(step)).loss
@@ -167,6 +178,11 @@ def train_teacher(args, tokenizer, base_path, train_path, dev) -> tuple[torch.nn
                 bad += 1
                 if bad >= args.teacher_patience:
                     break
+            state = {"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(), "best": best,
+                     "best_state": best_state, "best_dev": best_dev, "history": history, "bad": bad,
+                     "seconds": clock.total, "rng": torch.get_rng_state()}
+            torch.save(state, resume.with_suffix(".tmp"))
+            resume.with_suffix(".tmp").replace(resume)
     model.load_state_dict(best_state)
     model.eval()
     model.save_pretrained(folder)
@@ -176,6 +192,7 @@ def train_teacher(args, tokenizer, base_path, train_path, dev) -> tuple[torch.nn
             "holdout_rows": len(holdout_path.read_text().splitlines()) - 1,
             "selection": "best held-out train accuracy (dev never used to choose)", "threads": args.threads}
     info_file.write_text(json.dumps(info, indent=2))
+    resume.unlink(missing_ok=True)
     return model, info
 
 
