@@ -148,7 +148,7 @@ def train_teacher(args, tokenizer, base_path, train_path, dev) -> tuple[torch.nn
     best, best_state, best_dev, history, bad, first = -1.0, None, None, [], 0, 0
     resume = folder / "resume.pt"                    # written at each evaluation: a stopped run continues
     if resume.exists():
-        saved = torch.load(resume, weights_only=False)
+        saved = torch.load(resume, weights_only=True)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         torch.set_rng_state(saved["rng"])
