@@ -81,21 +81,25 @@ def monarch_linear_rows(dims, nblocks_list, rows: int, repeats: int) -> list[dic
     return out
 
 
-def _config_of(args: dict) -> tuple[m2.ConvertConfig, dict]:
+def config_of(args: dict) -> tuple[m2.ConvertConfig, dict]:
     """ConvertConfig of an sst2_recovery.py command line (nblocks, rank, filter_order, projection_nblocks,
-    no_sequence, no_dimension, layers: a comma list of converted layer indices, empty for all).
+    no_sequence, no_dimension, layers: a comma list of converted layer indices, empty for all;
+    keep_attention: a comma list of layers whose attention stays dense), and the settings shown.
 
     Reports written before --projection-nblocks existed lack it: their projections were dense (0).
     """
     keys = ("nblocks", "rank", "filter_order", "filter_emb_dim", "projection_nblocks")
     fields = {k: args[k] for k in keys if k in args}
     fields.update(sequence=not args.get("no_sequence", False), dimension=not args.get("no_dimension", False))
-    layers = str(args.get("layers") or "")
+    layers, kept = str(args.get("layers") or ""), str(args.get("keep_attention") or "")
     if layers:
         keep = {int(i) for i in layers.split(",")}
         fields["filter_fn"] = lambda _m, fqn: (lambda mt: mt is None or int(mt.group(1)) in keep)(
             re.search(r"layer\.(\d+)\.", fqn))
-    shown = {k: v for k, v in fields.items() if k != "filter_fn"} | ({"layers": layers} if layers else {})
+    if kept:
+        fields["overrides"] = {rf"layer\.{int(i)}\.attention$": None for i in kept.split(",")}
+    shown = ({k: v for k, v in fields.items() if k not in ("filter_fn", "overrides")}
+             | ({"layers": layers} if layers else {}) | ({"keep_attention": kept} if kept else {}))
     return m2.ConvertConfig(**fields), shown
 
 
@@ -115,7 +119,7 @@ def quality_configs() -> dict:
     where = path.relative_to(ROOT)
 
     def described(run: dict, what: str) -> tuple[m2.ConvertConfig, str]:
-        cfg, shown = _config_of(run["config"])
+        cfg, shown = config_of(run["config"])
         return cfg, (f"{shown}: SST-2 dev {run.get('recovered_dev_acc', 0):.4f} recovered vs teacher "
                      f"{run.get('teacher_dev_acc', 0):.4f}, {100 * run.get('param_reduction', 0):.1f}% fewer "
                      f"parameters ({what} {run['config'].get('name')} of {where})")

@@ -244,9 +244,9 @@ def _script(name: str):
 
 def test_benchmark_scripts_read_and_pass_the_setting(bert):
     throughput = _script("throughput")
-    cfg, shown = throughput._config_of({"nblocks": 16, "projection_nblocks": 16, "filter_order": 16})
+    cfg, shown = throughput.config_of({"nblocks": 16, "projection_nblocks": 16, "filter_order": 16})
     assert cfg.projection_nblocks == 16 and shown["projection_nblocks"] == 16
-    old, _ = throughput._config_of({"nblocks": 4, "filter_order": 16})     # a report from before the flag
+    old, _ = throughput.config_of({"nblocks": 4, "filter_order": 16})     # a report from before the flag
     assert old.projection_nblocks == 0
     assert not hasattr(throughput, "monarch_projections")
     assert throughput.FASTEST["projection_nblocks"] == 16

@@ -1,0 +1,303 @@
+"""In-context recall: what converting attention to long convolutions gives up.
+
+Multi-query associative recall (MQAR): each sequence of N tokens starts with P key-value pairs
+(distinct keys), then asks for every key again, in a random order, at random positions among filler
+tokens; the token after each query key must be its value. Only those P answers are scored (loss and
+accuracy), so guessing gives 1 / (number of value tokens).
+
+    1. teacher: GPT-2 architecture trained on fresh MQAR batches until its held-out accuracy reaches
+       the target (cached under runs/bench_cache/)
+    2. layer ranking: every attention converted, each mixer's filter fitted to its layer's average
+       attention by offset (m2convert.recover.seed_filters_from_attention): the layers whose attention
+       a convolution fits worst are the ones hybrids keep
+    3. students: the full conversion and hybrids keeping 1 and 2 attention layers (overrides), each
+       scored converted and after recovery (layer-wise transfer, then KD + the answers' loss on fresh
+       MQAR batches), and after recovery in the recurrent form at a stated state size
+
+Run:   python benchmarks/recall.py --threads 2          (the committed report)
+       python benchmarks/recall.py --smoke              (a couple of minutes; writes to runs/bench_smoke/)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Clock, cache_dir, count_params, log, markdown_table, progress_logger, write_markdown, write_report  # noqa: E402
+
+import m2convert as m2  # noqa: E402
+from m2convert.recover import DistillConfig, StageConfig, seed_filters_from_attention  # noqa: E402
+
+FILLER = 0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny budgets to check the pipeline")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher-only", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--name", default="recall")
+    p.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSON report")
+    # task
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--pairs", type=int, default=16)
+    p.add_argument("--keys", type=int, default=128, help="key tokens to draw each sequence's keys from")
+    p.add_argument("--values", type=int, default=128, help="value tokens")
+    # teacher
+    p.add_argument("--n-embd", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--teacher-steps", type=int, default=6000, help="at most this many steps")
+    p.add_argument("--teacher-lr", type=float, default=2e-3)
+    p.add_argument("--teacher-target", type=float, default=0.995, help="stop once held-out accuracy reaches it")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-sequences", type=int, default=512)
+    # students
+    p.add_argument("--filter-order", type=int, default=64)
+    p.add_argument("--state-size", type=int, default=4, help="state size of the recurrent form scored")
+    p.add_argument("--transfer-steps", type=int, default=300)
+    p.add_argument("--transfer-lr", type=float, default=1e-3)
+    p.add_argument("--task-steps", type=int, default=1200)
+    p.add_argument("--task-lr", type=float, default=1e-3)
+    p.add_argument("--task-weight", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seq_len, args.pairs, args.keys, args.values = 64, 4, 16, 16
+        args.n_embd, args.n_layer, args.n_head = 32, 3, 2
+        args.teacher_steps, args.eval_every, args.eval_sequences = 40, 20, 64
+        args.transfer_steps, args.task_steps = 4, 4
+        args.out = args.out or Path(__file__).resolve().parents[1] / "runs" / "bench_smoke"
+    if args.seq_len < 4 * args.pairs:
+        p.error(f"--seq-len {args.seq_len} leaves no room for {args.pairs} pairs and their queries (need >= 4 x pairs)")
+    if args.pairs > args.keys:
+        p.error(f"--pairs {args.pairs} needs at least as many --keys (got {args.keys})")
+    return args
+
+
+class MQAR:
+    """Fresh MQAR batches from a seeded generator; re-iterable (each ``iter`` starts again from ``seed``).
+
+    Tokens: 0 filler, 1..K keys, K+1..K+V values. A batch is ``input_ids`` (B, N) and ``labels``
+    (B, N): the value at each answer position, -100 elsewhere (the model shifts labels by one, so the
+    prediction scored is the one made at the query key).
+    """
+
+    def __init__(self, args, seed: int, batch_size: int | None = None):
+        self.n, self.p, self.k, self.v = args.seq_len, args.pairs, args.keys, args.values
+        self.batch_size, self.seed = batch_size or args.batch_size, seed
+
+    @property
+    def vocab(self) -> int:
+        return 1 + self.k + self.v
+
+    def batch(self, gen: torch.Generator) -> dict:
+        b, n, p = self.batch_size, self.n, self.p
+        keys = torch.argsort(torch.rand(b, self.k, generator=gen), dim=1)[:, :p] + 1            # (B, P) distinct
+        values = torch.randint(self.k + 1, self.k + 1 + self.v, (b, p), generator=gen)          # (B, P)
+        ids = torch.full((b, n), FILLER, dtype=torch.long)
+        ids[:, 0:2 * p:2], ids[:, 1:2 * p:2] = keys, values
+        # Query slots: P of the (N - 2P) // 2 two-token slots after the pairs, in order; keys shuffled.
+        slots = torch.sort(torch.argsort(torch.rand(b, (n - 2 * p) // 2, generator=gen), dim=1)[:, :p], dim=1).values
+        where = 2 * p + 2 * slots                                                                # (B, P) query position
+        order = torch.argsort(torch.rand(b, p, generator=gen), dim=1)
+        q_keys, q_values = keys.gather(1, order), values.gather(1, order)
+        ids.scatter_(1, where, q_keys)
+        ids.scatter_(1, where + 1, q_values)
+        labels = torch.full_like(ids, -100)
+        labels.scatter_(1, where + 1, q_values)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield self.batch(gen)
+
+
+@torch.no_grad()
+def accuracy(model, batches: list[dict]) -> float:
+    """Fraction of answers whose argmax prediction (made at the query key) is the value."""
+    was = model.training
+    model.eval()
+    right = total = 0
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        target = b["labels"][:, 1:]
+        scored = target != -100
+        right += (logits.argmax(-1)[scored] == target[scored]).sum().item()
+        total += scored.sum().item()
+    model.train(was)
+    return right / total
+
+
+def eval_batches(args, data: MQAR, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    per = MQAR(args, seed, batch_size=64)
+    return [per.batch(gen) for _ in range(math.ceil(args.eval_sequences / 64))]
+
+
+def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
+    """Train (or load) the teacher; early stopping reads held-out batches drawn from another seed."""
+    # long: one training loop with its evaluation and bookkeeping, read top to bottom
+    from transformers import GPT2Config, GPT2LMHeadModel
+    info_file = folder / "teacher.json"
+    if info_file.exists():
+        info = json.loads(info_file.read_text())
+        log(f"teacher from cache {folder}: held-out accuracy {info['held_out_acc']:.4f}")
+        return GPT2LMHeadModel.from_pretrained(folder).eval(), info
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=data.vocab, n_positions=args.seq_len, n_embd=args.n_embd, n_layer=args.n_layer,
+                     n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=FILLER, eos_token_id=FILLER, pad_token_id=FILLER)
+    model = GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.1, betas=(0.9, 0.98))
+    warm = max(1, args.teacher_steps // 20)
+    clock, history, best, best_state = Clock(), [], -1.0, None
+    stream = iter(data)
+    model.train()
+    for step in range(args.teacher_steps):
+        frac = max(0.0, (step - warm) / max(1, args.teacher_steps - warm))
+        for g in opt.param_groups:
+            g["lr"] = args.teacher_lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * frac))
+        loss = model(**next(stream)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.teacher_steps:
+            acc = accuracy(model, held_out)
+            history.append({"step": step + 1, "loss": loss.item(), "held_out_acc": acc, "seconds": clock.total})
+            log(f"teacher step {step + 1}: loss {loss.item():.4f} held-out accuracy {acc:.4f} "
+                f"({clock.total / 60:.1f} min)")
+            if acc > best:
+                best, best_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
+            if acc >= args.teacher_target:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    info = {"held_out_acc": best, "steps": step + 1, "seconds": clock.total, "cpu_seconds": clock.cpu,
+            "sequences": (step + 1) * args.batch_size, "lr": args.teacher_lr, "history": history,
+            "params": count_params(model), "config": cfg.to_dict()}
+    model.save_pretrained(folder)
+    info_file.write_text(json.dumps(info, indent=2))
+    return model, info
+
+
+def convert(teacher, args, keep: list[int]):
+    """Every attention converted to a causal M2 mixer except the layers in ``keep`` (MLPs stay dense)."""
+    overrides = {rf"^transformer\.h\.{i}\.": None for i in keep}
+    return m2.convert(teacher, m2.ConvertConfig(sequence=True, dimension=False, causal_mode="causal",
+                                                filter_order=args.filter_order, overrides=overrides))
+
+
+def rank_layers(teacher, args, data: MQAR) -> dict:
+    """Each layer's offset-fit error: how far its average attention is from any convolution."""
+    student = convert(teacher, args, keep=[])
+    gen = torch.Generator().manual_seed(7)
+    batches = [{k: v for k, v in data.batch(gen).items() if k != "labels"} for _ in range(4)]
+    report = seed_filters_from_attention(student, teacher, batches, progress=False)
+    errors = {int(path.split(".")[2]): v["fit_error_after"] for path, v in report["layers"].items()}
+    return {"fit_error_after": errors, "corr_after": {int(p.split(".")[2]): v["corr_after"]
+                                                       for p, v in report["layers"].items()},
+            "order": sorted(errors, key=lambda i: -errors[i]), "seconds": report["seconds"]}
+
+
+def recover(student, teacher, args, name: str) -> list[dict]:
+    """Layer-wise transfer, then KD + the answers' loss, on fresh MQAR batches (a seed per stage)."""
+    stages = [StageConfig("transfer", steps=args.transfer_steps, lr=args.transfer_lr),
+              StageConfig("task", steps=args.task_steps, lr=args.task_lr, kd_weight=1.0,
+                          task_weight=args.task_weight, temperature=args.temperature, schedule="cosine",
+                          warmup_steps=max(1, min(50, args.task_steps // 10)))]
+    out = []
+    for i, stage in enumerate(s for s in stages if s.steps):
+        cfg = DistillConfig(stages=[stage], batch_size=args.batch_size, seed=i + 1, progress=False,
+                            checkpoint_dir=str(cache_dir(f"{args.name}_ckpt") / name / stage.name))
+        res = m2.distill(student, teacher, MQAR(args, seed=100 + i), cfg,
+                         on_step=progress_logger(100)).to_dict()["stages"][0]
+        out.append({k: res[k] for k in ("name", "steps", "tokens", "seconds", "first_loss", "final_loss")})
+    return out
+
+
+def student_row(teacher, args, data, test, name: str, keep: list[int]) -> dict:
+    clock = Clock()
+    student = convert(teacher, args, keep)
+    converted = accuracy(student, test)
+    log(f"{name}: converted accuracy {converted:.4f}")
+    stages = recover(student, teacher, args, name)
+    recovered = accuracy(student, test)
+    recurrent = m2.to_recurrent(student, state_size=args.state_size).model
+    recurrent_acc = accuracy(recurrent, test)
+    log(f"{name}: recovered accuracy {recovered:.4f}, recurrent (S={args.state_size}) {recurrent_acc:.4f}")
+    return {"name": name, "kept_attention_layers": keep, "converted_acc": converted, "recovered_acc": recovered,
+            "recurrent_acc": recurrent_acc, "params": count_params(student), "stages": stages,
+            "wall_seconds": clock.total, "cpu_seconds": clock.cpu}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.render:
+        return {"markdown": str(write_markdown(args.name, render, args.out))}
+    torch.set_num_threads(args.threads)
+    data = MQAR(args, seed=1)
+    held_out, test = eval_batches(args, data, seed=2), eval_batches(args, data, seed=3)
+    folder = cache_dir("recall_teacher_smoke" if args.smoke else
+                       f"recall_teacher_n{args.seq_len}_p{args.pairs}_e{args.n_embd}_l{args.n_layer}")
+    teacher, tinfo = train_teacher(args, data, held_out, folder)
+    teacher_acc = accuracy(teacher, test)
+    log(f"teacher test accuracy {teacher_acc:.4f}, {count_params(teacher):,} params")
+    if args.teacher_only:
+        return {"teacher_acc": teacher_acc}
+    ranking = rank_layers(teacher, args, data)
+    log(f"layers by offset-fit error (worst first): {ranking['order']}")
+    plans = [("full conversion", []), ("hybrid, 1 attention layer kept", sorted(ranking["order"][:1])),
+             ("hybrid, 2 attention layers kept", sorted(ranking["order"][:2]))]
+    students = [student_row(teacher, args, data, test, name, keep) for name, keep in plans]
+    result = {"teacher_acc": teacher_acc, "students": students, "teacher": tinfo, "layer_ranking": ranking,
+              "chance_acc": 1 / args.values, "teacher_params": count_params(teacher),
+              "filter_order": args.filter_order, "state_size": args.state_size,
+              "test_sequences": sum(len(b["input_ids"]) for b in test)}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path = write_report(args.name, result, config, render, args.out)
+    log(f"wrote {path}")
+    return result
+
+
+def render(doc: dict) -> str:
+    """The markdown body of the report from its JSON document."""
+    cfg, t = doc["config"], doc["teacher"]
+    rows = [["teacher (GPT-2 attention)", "all", f"{doc['teacher_acc']:.4f}", "", "", f"{doc['teacher_params']:,}",
+             f"{t['cpu_seconds'] / 60:.1f}"]]
+    rows += [[s["name"], ", ".join(map(str, s["kept_attention_layers"])) or "none", f"{s['converted_acc']:.4f}",
+              f"{s['recovered_acc']:.4f}", f"{s['recurrent_acc']:.4f}", f"{s['params']:,}",
+              f"{s['cpu_seconds'] / 60:.1f}"] for s in doc["students"]]
+    table = markdown_table(["model", "attention layers kept", "accuracy converted", "after recovery",
+                            f"recurrent form (S={doc['state_size']})", "params", "CPU min"], rows)
+    rank = doc["layer_ranking"]
+    fits = ", ".join(f"layer {i}: {rank['fit_error_after'][str(i)]:.3f}" for i in rank["order"])
+    steps = "/".join(str(s["steps"]) for s in doc["students"][0]["stages"])
+    return "\n".join([
+        table, "",
+        f"- task: {cfg['pairs']} key-value pairs then a query for each key, {cfg['seq_len']} tokens per sequence, "
+        f"{cfg['keys']} key and {cfg['values']} value tokens (chance {doc['chance_acc']:.4f}); accuracy over the "
+        f"answers of {doc['test_sequences']} test sequences from a seed neither training nor early stopping saw",
+        f"- teacher: GPT-2 architecture, {cfg['n_layer']} layers, width {cfg['n_embd']}, {cfg['n_head']} heads, "
+        f"trained {t['steps']} steps x {cfg['batch_size']} fresh sequences to held-out accuracy "
+        f"{t['held_out_acc']:.4f} ({t['seconds'] / 60:.1f} min wall)",
+        f"- students: causal M2 mixers, filter order {doc['filter_order']}, MLPs dense; recovery {steps} steps "
+        f"(layer-wise transfer, then KD + the answers' loss x {cfg['task_weight']:g}) on fresh sequences; the "
+        f"recurrent form is m2.to_recurrent at state size {doc['state_size']} after recovery",
+        f"- hybrids keep the layers whose average attention a convolution fits worst (offset-fit error after "
+        f"seeding, worst first: {fits})",
+    ]) + "\n"
+
+
+if __name__ == "__main__":
+    main()
