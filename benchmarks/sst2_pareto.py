@@ -18,9 +18,10 @@ the original with SDPA.
 Rows already run (runs/bench_variants/sst2_pareto_<row>.json; runs/bench_smoke/pareto/ for a --smoke
 headline) are read, not rerun.
 
-Run:   python benchmarks/sst2_pareto.py --threads 2             (the rows, then the speed, into the report)
-       python benchmarks/sst2_pareto.py --rows mlp-only,hybrid-keep1
-       python benchmarks/sst2_pareto.py --speed-only            (speed of the rows already run)
+Run:   python benchmarks/sst2_pareto.py --budget 300,1000        (the rows, then the speed, into the report)
+       python benchmarks/sst2_pareto.py --budget 300,1000 --rows mlp-only,hybrid-keep1 --no-speed
+       python benchmarks/sst2_pareto.py --budget 300,1000 --speed-only   (speed of every row already run)
+The table holds the rows of the last run that measured speed.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     p.add_argument("--threads", type=int, default=1, help="threads of the recovery runs")
     p.add_argument("--speed-only", action="store_true", help="measure the rows already run; run none")
+    p.add_argument("--no-speed", action="store_true", help="run the rows only; measure speed later (--speed-only)")
     p.add_argument("--budget", default="", help="TRANSFER,TASK steps of every row (default: the headline's)")
     p.add_argument("--seq-lens", default="2048,8192")
     p.add_argument("--repeats", type=int, default=3)
@@ -150,6 +152,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     headline = json.loads(args.report.read_text())
     reports = run_rows(args.rows.split(","), headline, args)
+    if args.no_speed:
+        log(f"rows {', '.join(reports)} run; their speed comes with --speed-only")
+        return {"rows": list(reports)}
     seq_lens = [int(n) for n in args.seq_lens.split(",")]
     ratios = speed(reports, seq_lens, args.repeats)
     pareto = [{"name": name, "dev_acc": r["recovered_dev_acc"], "params": r["student_params"],
@@ -160,7 +165,8 @@ def main(argv=None) -> dict:
     doc["pareto"] = pareto
     doc["pareto_speed"] = {"model": "MiniLM-shaped BertModel (H 384, 6 layers, MLP 1536), random weights",
                            "batch": 1, "threads": 1, "original_attention": "sdpa", "repeats": args.repeats,
-                           "seq_lens": seq_lens, "budget": args.budget or "the headline run's"}
+                           "seq_lens": seq_lens, "budget": args.budget or "the headline run's",
+                           "command": " ".join(["python", "benchmarks/sst2_pareto.py", *(argv or sys.argv[1:])])}
     args.report.write_text(json.dumps(doc, indent=2) + "\n")
     sst2_recovery.write_markdown(args.report.stem, sst2_recovery.render, args.report.parent)
     log(f"wrote pareto ({len(pareto)} rows) into {args.report}")
