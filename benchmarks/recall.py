@@ -1,9 +1,11 @@
 """In-context recall: what converting attention to long convolutions gives up.
 
 Multi-query associative recall (MQAR): each sequence of N tokens starts with P key-value pairs
-(distinct keys), then asks for every key again, in a random order, at random positions among filler
-tokens; the token after each query key must be its value. Only those P answers are scored (loss and
-accuracy), so guessing gives 1 / (number of value tokens).
+(distinct keys), then asks Q queries: a key of the sequence followed by its value, at random two-token
+slots of the rest (filler tokens elsewhere). With Q <= P every key is asked at most once; the default
+fills every slot (Q = (N - 2P) / 2, keys drawn with replacement), which gives the most answers to learn
+from per sequence. Only the answers are scored (loss and accuracy): guessing among the sequence's
+values gives 1 / P, among all value tokens 1 / (number of value tokens).
 
     1. teacher: GPT-2 architecture trained on fresh MQAR batches until its held-out accuracy reaches
        the target (cached under runs/bench_cache/)
@@ -50,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=16)
     p.add_argument("--keys", type=int, default=128, help="key tokens to draw each sequence's keys from")
     p.add_argument("--values", type=int, default=128, help="value tokens")
+    p.add_argument("--queries", type=int, default=0, help="queries per sequence (0: every slot after the pairs)")
     # teacher
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--n-layer", type=int, default=4)
@@ -71,13 +74,17 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     args = p.parse_args(argv)
     if args.smoke:
-        args.seq_len, args.pairs, args.keys, args.values = 64, 4, 16, 16
+        args.seq_len, args.pairs, args.keys, args.values, args.queries = 64, 4, 16, 16, 0
         args.n_embd, args.n_layer, args.n_head = 32, 3, 2
         args.teacher_steps, args.eval_every, args.eval_sequences = 40, 20, 64
         args.transfer_steps, args.task_steps = 4, 4
         args.out = args.out or Path(__file__).resolve().parents[1] / "runs" / "bench_smoke"
     if args.seq_len < 4 * args.pairs:
         p.error(f"--seq-len {args.seq_len} leaves no room for {args.pairs} pairs and their queries (need >= 4 x pairs)")
+    slots = (args.seq_len - 2 * args.pairs) // 2
+    args.queries = args.queries or slots
+    if args.queries > slots:
+        p.error(f"--queries {args.queries} do not fit: {slots} two-token slots follow the pairs")
     if args.pairs > args.keys:
         p.error(f"--pairs {args.pairs} needs at least as many --keys (got {args.keys})")
     return args
@@ -92,7 +99,7 @@ class MQAR:
     """
 
     def __init__(self, args, seed: int, batch_size: int | None = None):
-        self.n, self.p, self.k, self.v = args.seq_len, args.pairs, args.keys, args.values
+        self.n, self.p, self.k, self.v, self.q = args.seq_len, args.pairs, args.keys, args.values, args.queries
         self.batch_size, self.seed = batch_size or args.batch_size, seed
 
     @property
@@ -105,10 +112,14 @@ class MQAR:
         values = torch.randint(self.k + 1, self.k + 1 + self.v, (b, p), generator=gen)          # (B, P)
         ids = torch.full((b, n), FILLER, dtype=torch.long)
         ids[:, 0:2 * p:2], ids[:, 1:2 * p:2] = keys, values
-        # Query slots: P of the (N - 2P) // 2 two-token slots after the pairs, in order; keys shuffled.
-        slots = torch.sort(torch.argsort(torch.rand(b, (n - 2 * p) // 2, generator=gen), dim=1)[:, :p], dim=1).values
-        where = 2 * p + 2 * slots                                                                # (B, P) query position
-        order = torch.argsort(torch.rand(b, p, generator=gen), dim=1)
+        # Query slots: Q of the (N - 2P) // 2 two-token slots after the pairs, in order.
+        q = self.q
+        slots = torch.sort(torch.argsort(torch.rand(b, (n - 2 * p) // 2, generator=gen), dim=1)[:, :q], dim=1).values
+        where = 2 * p + 2 * slots                                                                # (B, Q) query position
+        if q <= p:                                                                               # each key at most once
+            order = torch.argsort(torch.rand(b, p, generator=gen), dim=1)[:, :q]
+        else:                                                                                    # keys with replacement
+            order = torch.randint(0, p, (b, q), generator=gen)
         q_keys, q_values = keys.gather(1, order), values.gather(1, order)
         ids.scatter_(1, where, q_keys)
         ids.scatter_(1, where + 1, q_values)
@@ -249,7 +260,7 @@ def main(argv=None) -> dict:
     data = MQAR(args, seed=1)
     held_out, test = eval_batches(args, data, seed=2), eval_batches(args, data, seed=3)
     folder = cache_dir("recall_teacher_smoke" if args.smoke else
-                       f"recall_teacher_n{args.seq_len}_p{args.pairs}_e{args.n_embd}_l{args.n_layer}")
+                       f"recall_teacher_n{args.seq_len}_p{args.pairs}_q{args.queries}_e{args.n_embd}_l{args.n_layer}")
     teacher, tinfo = train_teacher(args, data, held_out, folder)
     teacher_acc = accuracy(teacher, test)
     log(f"teacher test accuracy {teacher_acc:.4f}, {count_params(teacher):,} params")
@@ -261,7 +272,7 @@ def main(argv=None) -> dict:
              ("hybrid, 2 attention layers kept", sorted(ranking["order"][:2]))]
     students = [student_row(teacher, args, data, test, name, keep) for name, keep in plans]
     result = {"teacher_acc": teacher_acc, "students": students, "teacher": tinfo, "layer_ranking": ranking,
-              "chance_acc": 1 / args.values, "teacher_params": count_params(teacher),
+              "chance_acc": 1 / args.pairs, "teacher_params": count_params(teacher),
               "filter_order": args.filter_order, "state_size": args.state_size,
               "test_sequences": sum(len(b["input_ids"]) for b in test)}
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -285,8 +296,9 @@ def render(doc: dict) -> str:
     steps = "/".join(str(s["steps"]) for s in doc["students"][0]["stages"])
     return "\n".join([
         table, "",
-        f"- task: {cfg['pairs']} key-value pairs then a query for each key, {cfg['seq_len']} tokens per sequence, "
-        f"{cfg['keys']} key and {cfg['values']} value tokens (chance {doc['chance_acc']:.4f}); accuracy over the "
+        f"- task: {cfg['pairs']} key-value pairs then {cfg['queries']} queries of those keys, {cfg['seq_len']} tokens "
+        f"per sequence, {cfg['keys']} key and {cfg['values']} value tokens (a guess among the sequence's values: "
+        f"{1 / cfg['pairs']:.4f}); accuracy over the "
         f"answers of {doc['test_sequences']} test sequences from a seed neither training nor early stopping saw",
         f"- teacher: GPT-2 architecture, {cfg['n_layer']} layers, width {cfg['n_embd']}, {cfg['n_head']} heads, "
         f"trained {t['steps']} steps x {cfg['batch_size']} fresh sequences to held-out accuracy "
