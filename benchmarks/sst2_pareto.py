@@ -6,14 +6,16 @@ conversion from the throughput harness (m2convert.bench): a MiniLM-shaped BERT (
 12 heads, MLP 1536) with a position table long enough for N = 2,048 and 8,192, random weights (speed does not depend on them), one thread,
 the original with SDPA.
 
-    full            the headline run's conversion (benchmarks/results/sst2_recovery.json): every attention
-                    and MLP converted; with the headline's budget, the headline run itself
-    mlp-only        the same MLPs, attention kept
-    full-nb4        full with 4 Monarch blocks in the MLPs
-    full-monarch    full with Monarch in/out projections of the mixers (projection_nblocks 4)
-    hybrid-keep1/2  full with the attention of the 1 / 2 layers a convolution fits worst kept dense
+    mlp-only        attention kept, MLP linears -> Monarch (nblocks 4)
+    full-nb4        every attention and MLP converted, MLPs at nblocks 4
+    full-monarch    full-nb4 with Monarch in/out projections of the mixers (projection_nblocks 4)
+    hybrid-keep1/2  full-nb4 with the attention of the 1 / 2 layers a convolution fits worst kept dense
                     (each layer's offset-fit error after the headline run's filter seeding)
     fastest-nb16    every linear Monarch with 16 blocks (nblocks 16, projection_nblocks 16)
+    full            the headline run's own conversion (not in the default rows; with the headline's
+                    budget, the headline run itself)
+
+The other settings (filter order, seeding, learning rates, batch) are the headline run's.
 
 Rows already run (runs/bench_variants/sst2_pareto_<row>.json; runs/bench_smoke/pareto/ for a --smoke
 headline) are read, not rerun.
@@ -43,13 +45,14 @@ from m2convert.bench import bench_many  # noqa: E402
 
 VARIANTS = ROOT / "runs" / "bench_variants"
 SMOKE_ROWS = ROOT / "runs" / "bench_smoke" / "pareto"
-ROWS = {"full": [],
-        "mlp-only": ["--no-sequence"],
+ROWS = {"mlp-only": ["--no-sequence", "--nblocks", "4"],
         "full-nb4": ["--nblocks", "4"],
-        "full-monarch": ["--projection-nblocks", "4"],
-        "hybrid-keep1": ["--keep-attention", "{keep1}"],
-        "hybrid-keep2": ["--keep-attention", "{keep2}"],
-        "fastest-nb16": ["--nblocks", "16", "--projection-nblocks", "16"]}
+        "full-monarch": ["--nblocks", "4", "--projection-nblocks", "4"],
+        "hybrid-keep1": ["--nblocks", "4", "--keep-attention", "{keep1}"],
+        "hybrid-keep2": ["--nblocks", "4", "--keep-attention", "{keep2}"],
+        "fastest-nb16": ["--nblocks", "16", "--projection-nblocks", "16"],
+        "full": []}
+DEFAULT_ROWS = [name for name in ROWS if name != "full"]
 # Options of the headline run every row shares (the recovery budget and the filter settings).
 SHARED = ("nblocks", "transfer_steps", "task_steps", "transfer_lr", "task_lr", "filter_order", "batch_size", "temperature",
           "kd_weight", "schedule", "seed_filter_batches")
@@ -57,7 +60,7 @@ SHARED = ("nblocks", "transfer_steps", "task_steps", "transfer_lr", "task_lr", "
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma list of {', '.join(ROWS)}")
     p.add_argument("--threads", type=int, default=1, help="threads of the recovery runs")
     p.add_argument("--speed-only", action="store_true", help="measure the rows already run; run none")
     p.add_argument("--no-speed", action="store_true", help="run the rows only; measure speed later (--speed-only)")
