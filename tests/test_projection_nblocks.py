@@ -255,7 +255,17 @@ def test_benchmark_scripts_read_and_pass_the_setting(bert):
     args = sst2.parse_args(["--projection-nblocks", "4", "--filter-order", "16"])
     student = sst2.convert(bert, args)
     assert all(isinstance(m.in_proj, MonarchLinear) and m.in_proj.nblocks == 4 for m in _mixers(student))
-    assert "projections nblocks 4" in sst2._conversion(vars(args))
-    assert "projections" not in sst2._conversion({**vars(args), "projection_nblocks": 0})
+    assert "projections nblocks 4" in sst2.conversion_text(vars(args))
+    assert "projections" not in sst2.conversion_text({**vars(args), "projection_nblocks": 0})
     legacy = {k: v for k, v in vars(args).items() if k != "projection_nblocks"}
-    assert "projections" not in sst2._conversion(legacy)
+    assert "projections" not in sst2.conversion_text(legacy)
+
+
+def test_benchmark_hybrid_keeps_the_named_attention_layers(bert):
+    sst2 = _script("sst2_recovery")
+    args = sst2.parse_args(["--keep-attention", "0", "--filter-order", "16"])
+    student = sst2.convert(bert, args)
+    mixers = [path for path, m in student.named_modules() if isinstance(m, m2.M2SequenceMixer)]
+    layers = len(bert.encoder.layer) if hasattr(bert, "encoder") else len(bert.bert.encoder.layer)
+    assert len(mixers) == layers - 1 and not any("layer.0." in path for path in mixers)
+    assert "attention kept dense in layer(s) 0" in sst2.conversion_text(vars(args))
