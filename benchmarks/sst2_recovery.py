@@ -345,8 +345,9 @@ def render(doc: dict) -> str:
         sp = doc["pareto_speed"]
         lines += ["", "## Pareto: accuracy, parameters, speed", "", pareto_table(doc), "",
                   f"- speed: converted / original throughput of the same conversion of a {sp['model']}, batch "
-                  f"{sp['batch']}, {sp['threads']} thread, original with {sp['original_attention']}, median of "
-                  f"{sp['repeats']} interleaved rounds (m2convert.bench); every row recovered against the same "
+                  f"{sp['batch']}, {sp['threads']} thread, original with {sp['original_attention']}, median of up to "
+                  f"{sp['repeats']} interleaved rounds within 60 s per length (m2convert.bench); every row "
+                  "recovered against the same "
                   f"teacher with one budget ({sp['budget']} transfer,task steps)", ""]
     if doc.get("variants"):
         vrows = []
