@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -64,6 +65,13 @@ class Clock:
     def cpu(self) -> float:
         """CPU seconds this process used since construction (all its threads)."""
         return time.process_time() - self.cpu_start
+
+
+def cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor at ``step`` of ``total``: linear warmup over ``warmup`` steps, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def log(msg: str) -> None:

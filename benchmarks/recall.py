@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Clock, cache_dir, count_params, log, markdown_table, progress_logger, write_markdown, write_report  # noqa: E402
+from common import (Clock, cache_dir, cosine, count_params, log, markdown_table, progress_logger, write_markdown,  # noqa: E402
+                    write_report)
 
 import m2convert as m2  # noqa: E402
 from m2convert.recover import DistillConfig, StageConfig, seed_filters_from_attention  # noqa: E402
@@ -149,7 +150,8 @@ def accuracy(model, batches: list[dict]) -> float:
     return right / total
 
 
-def eval_batches(args, data: MQAR, seed: int) -> list[dict]:
+def eval_batches(args, seed: int) -> list[dict]:
+    """Fixed evaluation batches (64 sequences each) from their own seed."""
     gen = torch.Generator().manual_seed(seed)
     per = MQAR(args, seed, batch_size=64)
     return [per.batch(gen) for _ in range(math.ceil(args.eval_sequences / 64))]
@@ -175,9 +177,8 @@ def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
     stream = iter(data)
     model.train()
     for step in range(args.teacher_steps):
-        frac = max(0.0, (step - warm) / max(1, args.teacher_steps - warm))
         for g in opt.param_groups:
-            g["lr"] = args.teacher_lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * frac))
+            g["lr"] = args.teacher_lr * cosine(step, args.teacher_steps, warm)
         loss = model(**next(stream)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,7 +238,7 @@ def recover(student, teacher, args, name: str) -> list[dict]:
     return out
 
 
-def student_row(teacher, args, data, test, name: str, keep: list[int]) -> dict:
+def student_row(teacher, args, test, name: str, keep: list[int]) -> dict:
     clock = Clock()
     student = convert(teacher, args, keep)
     converted = accuracy(student, test)
@@ -258,7 +259,7 @@ def main(argv=None) -> dict:
         return {"markdown": str(write_markdown(args.name, render, args.out))}
     torch.set_num_threads(args.threads)
     data = MQAR(args, seed=1)
-    held_out, test = eval_batches(args, data, seed=2), eval_batches(args, data, seed=3)
+    held_out, test = eval_batches(args, seed=2), eval_batches(args, seed=3)
     folder = cache_dir("recall_teacher_smoke" if args.smoke else
                        f"recall_teacher_n{args.seq_len}_p{args.pairs}_q{args.queries}_e{args.n_embd}_l{args.n_layer}")
     teacher, tinfo = train_teacher(args, data, held_out, folder)
@@ -270,7 +271,7 @@ def main(argv=None) -> dict:
     log(f"layers by offset-fit error (worst first): {ranking['order']}")
     plans = [("full conversion", []), ("hybrid, 1 attention layer kept", sorted(ranking["order"][:1])),
              ("hybrid, 2 attention layers kept", sorted(ranking["order"][:2]))]
-    students = [student_row(teacher, args, data, test, name, keep) for name, keep in plans]
+    students = [student_row(teacher, args, test, name, keep) for name, keep in plans]
     result = {"teacher_acc": teacher_acc, "students": students, "teacher": tinfo, "layer_ranking": ranking,
               "chance_acc": 1 / args.pairs, "teacher_params": count_params(teacher),
               "filter_order": args.filter_order, "state_size": args.state_size,

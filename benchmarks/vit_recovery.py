@@ -18,7 +18,6 @@ Needs: pip install -e .[bench]   (scikit-learn)
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Clock, count_params, log, markdown_table, write_report  # noqa: E402
+from common import Clock, cosine, count_params, log, markdown_table, write_report  # noqa: E402
 
 import m2convert as m2  # noqa: E402
 from m2convert.recover.stages import TransferObjective, kd_kl, layer_pairs, record_module_io  # noqa: E402
@@ -124,12 +123,6 @@ def batches(n: int, batch_size: int, epochs: int, gen: torch.Generator):
         order = torch.randperm(n, generator=gen)
         for i in range(0, n - batch_size + 1, batch_size):
             yield order[i:i + batch_size]
-
-
-def cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def train_end_to_end(model, x, y, *, epochs, lr, batch_size, seed, teacher=None, temperature=2.0,

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Clock, cache_dir, count_params, log, markdown_table, progress_logger, stage_rows,  # noqa: E402
+from common import (Clock, cache_dir, cosine, count_params, log, markdown_table, progress_logger, stage_rows,  # noqa: E402
                     write_markdown, write_report)
 
 import m2convert as m2  # noqa: E402
@@ -167,9 +167,8 @@ def train_teacher(args, tokenizer, train_text: Path, held_blocks, test_blocks, f
     model.train()
     warm = max(1, args.teacher_steps // 20)
     for step in range(args.teacher_steps):
-        frac = max(0.0, (step - warm) / max(1, args.teacher_steps - warm))
         for g in opt.param_groups:
-            g["lr"] = args.teacher_lr * (min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * frac)))
+            g["lr"] = args.teacher_lr * cosine(step, args.teacher_steps, warm)
         loss = model(**src.batch(step)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
