@@ -7,8 +7,10 @@ fills every slot (Q = (N - 2P) / 2, keys drawn with replacement), which gives th
 from per sequence. Only the answers are scored (loss and accuracy): guessing among the sequence's
 values gives 1 / P, among all value tokens 1 / (number of value tokens).
 
-    1. teacher: GPT-2 architecture trained on fresh MQAR batches until its held-out accuracy reaches
-       the target (cached under runs/bench_cache/)
+    1. teacher: GPT-2 architecture (one wide head per layer) trained on fresh MQAR batches, first on a
+       shorter, easier task (--curriculum, 64 tokens and 4 pairs by default: the recall circuit forms
+       there in a few hundred steps, while on the full task it sits on a long plateau), then on the task
+       until its held-out accuracy reaches the target (cached under runs/bench_cache/)
     2. layer ranking: every attention converted, each mixer's filter fitted to its layer's average
        attention by offset (m2convert.recover.seed_filters_from_attention): the layers whose attention
        a convolution fits worst are the ones hybrids keep
@@ -16,7 +18,7 @@ values gives 1 / P, among all value tokens 1 / (number of value tokens).
        scored converted and after recovery (layer-wise transfer, then KD + the answers' loss on fresh
        MQAR batches), and after recovery in the recurrent form at a stated state size
 
-Run:   python benchmarks/recall.py --threads 2          (the committed report)
+Run:   python benchmarks/recall.py --threads 1          (the committed report)
        python benchmarks/recall.py --smoke              (a couple of minutes; writes to runs/bench_smoke/)
 """
 
@@ -51,18 +53,22 @@ def parse_args(argv=None):
     # task
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--pairs", type=int, default=16)
-    p.add_argument("--keys", type=int, default=128, help="key tokens to draw each sequence's keys from")
-    p.add_argument("--values", type=int, default=128, help="value tokens")
+    p.add_argument("--keys", type=int, default=64, help="key tokens to draw each sequence's keys from")
+    p.add_argument("--values", type=int, default=64, help="value tokens")
     p.add_argument("--queries", type=int, default=0, help="queries per sequence (0: every slot after the pairs)")
     # teacher
     p.add_argument("--n-embd", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--teacher-steps", type=int, default=6000, help="at most this many steps")
-    p.add_argument("--teacher-lr", type=float, default=2e-3)
+    p.add_argument("--n-layer", type=int, default=3)
+    p.add_argument("--n-head", type=int, default=1, help="one wide head forms the recall circuit soonest")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--curriculum", default="64:4",
+                   help="comma-separated easier stages N:P trained first, each until its held-out accuracy "
+                        "reaches --teacher-target ('' for none)")
+    p.add_argument("--curriculum-steps", type=int, default=3000, help="at most this many steps per stage")
+    p.add_argument("--teacher-steps", type=int, default=6000, help="at most this many steps on the task")
+    p.add_argument("--teacher-lr", type=float, default=1e-3)
     p.add_argument("--teacher-target", type=float, default=0.995, help="stop once held-out accuracy reaches it")
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-sequences", type=int, default=512)
     # students
     p.add_argument("--filter-order", type=int, default=64)
@@ -78,6 +84,7 @@ def parse_args(argv=None):
         args.seq_len, args.pairs, args.keys, args.values, args.queries = 64, 4, 16, 16, 0
         args.n_embd, args.n_layer, args.n_head = 32, 3, 2
         args.teacher_steps, args.eval_every, args.eval_sequences = 40, 20, 64
+        args.curriculum, args.curriculum_steps = "32:2", 20
         args.transfer_steps, args.task_steps = 4, 4
         args.out = args.out or Path(__file__).resolve().parents[1] / "runs" / "bench_smoke"
     if args.seq_len < 4 * args.pairs:
@@ -157,9 +164,46 @@ def eval_batches(args, seed: int) -> list[dict]:
     return [per.batch(gen) for _ in range(math.ceil(args.eval_sequences / 64))]
 
 
+def easier(args, spec: str):
+    """A copy of ``args`` for a curriculum stage ``"N:P"`` (N tokens, P pairs, every slot a query)."""
+    n, pairs = (int(x) for x in spec.split(":"))
+    if n > args.seq_len or pairs > args.pairs or n < 4 * pairs:
+        raise SystemExit(f"--curriculum stage {spec!r} must fit the task ({args.seq_len}:{args.pairs}) and hold "
+                         f"its pairs and their queries (N >= 4 x P)")
+    return argparse.Namespace(**{**vars(args), "seq_len": n, "pairs": pairs, "queries": (n - 2 * pairs) // 2})
+
+
+def fit(model, opt, data, held_out, args, steps: int, target: float, label: str) -> tuple[list[dict], int]:
+    """Train on fresh batches of ``data`` (warmup + cosine over ``steps``) until held-out accuracy reaches
+    ``target``; keep the best state in the model. Returns the evaluations and the steps taken."""
+    history, best, best_state, stream, warm = [], -1.0, None, iter(data), min(100, max(1, steps // 20))
+    clock = Clock()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = args.teacher_lr * cosine(step, steps, warm)
+        loss = model(**next(stream)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % args.eval_every == 0 or step + 1 == steps:
+            acc = accuracy(model, held_out)
+            history.append({"stage": label, "step": step + 1, "loss": loss.item(), "held_out_acc": acc,
+                            "seconds": clock.total})
+            log(f"teacher {label} step {step + 1}: loss {loss.item():.4f} held-out accuracy {acc:.4f} "
+                f"({clock.total / 60:.1f} min)")
+            if acc > best:
+                best, best_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
+            if acc >= target:
+                break
+    model.load_state_dict(best_state)
+    return history, step + 1
+
+
 def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
-    """Train (or load) the teacher; early stopping reads held-out batches drawn from another seed."""
-    # long: one training loop with its evaluation and bookkeeping, read top to bottom
+    """Train (or load) the teacher: first the ``--curriculum`` stages (shorter sequences, fewer pairs; each
+    until its own held-out accuracy reaches the target), then the task itself until its held-out accuracy
+    (batches from another seed) reaches ``--teacher-target``."""
     from transformers import GPT2Config, GPT2LMHeadModel
     info_file = folder / "teacher.json"
     if info_file.exists():
@@ -170,33 +214,20 @@ def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
     cfg = GPT2Config(vocab_size=data.vocab, n_positions=args.seq_len, n_embd=args.n_embd, n_layer=args.n_layer,
                      n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                      bos_token_id=FILLER, eos_token_id=FILLER, pad_token_id=FILLER)
-    model = GPT2LMHeadModel(cfg)
+    model = GPT2LMHeadModel(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.1, betas=(0.9, 0.98))
-    warm = max(1, args.teacher_steps // 20)
-    clock, history, best, best_state = Clock(), [], -1.0, None
-    stream = iter(data)
-    model.train()
-    for step in range(args.teacher_steps):
-        for g in opt.param_groups:
-            g["lr"] = args.teacher_lr * cosine(step, args.teacher_steps, warm)
-        loss = model(**next(stream)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.teacher_steps:
-            acc = accuracy(model, held_out)
-            history.append({"step": step + 1, "loss": loss.item(), "held_out_acc": acc, "seconds": clock.total})
-            log(f"teacher step {step + 1}: loss {loss.item():.4f} held-out accuracy {acc:.4f} "
-                f"({clock.total / 60:.1f} min)")
-            if acc > best:
-                best, best_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
-            if acc >= args.teacher_target:
-                break
-    model.load_state_dict(best_state)
+    clock, history, steps = Clock(), [], 0
+    for spec in filter(None, args.curriculum.split(",")):
+        stage = easier(args, spec)
+        h, n = fit(model, opt, MQAR(stage, seed=10 + steps), eval_batches(stage, seed=2), args,
+                   args.curriculum_steps, args.teacher_target, spec)
+        history, steps = history + h, steps + n
+    h, n = fit(model, opt, data, held_out, args, args.teacher_steps, args.teacher_target,
+               f"{args.seq_len}:{args.pairs}")
     model.eval()
-    info = {"held_out_acc": best, "steps": step + 1, "seconds": clock.total, "cpu_seconds": clock.cpu,
-            "sequences": (step + 1) * args.batch_size, "lr": args.teacher_lr, "history": history,
+    info = {"held_out_acc": max(e["held_out_acc"] for e in h), "steps": steps + n, "curriculum_steps": steps,
+            "seconds": clock.total, "cpu_seconds": clock.cpu, "sequences": (steps + n) * args.batch_size,
+            "lr": args.teacher_lr, "curriculum": args.curriculum, "history": history + h,
             "params": count_params(model), "config": cfg.to_dict()}
     model.save_pretrained(folder)
     info_file.write_text(json.dumps(info, indent=2))
@@ -261,7 +292,8 @@ def main(argv=None) -> dict:
     data = MQAR(args, seed=1)
     held_out, test = eval_batches(args, seed=2), eval_batches(args, seed=3)
     folder = cache_dir("recall_teacher_smoke" if args.smoke else
-                       f"recall_teacher_n{args.seq_len}_p{args.pairs}_q{args.queries}_e{args.n_embd}_l{args.n_layer}")
+                       f"recall_teacher_n{args.seq_len}_p{args.pairs}_q{args.queries}_k{args.keys}_v{args.values}"
+                       f"_e{args.n_embd}_l{args.n_layer}_h{args.n_head}_c{args.curriculum.replace(':', '-').replace(',', '_')}")
     teacher, tinfo = train_teacher(args, data, held_out, folder)
     teacher_acc = accuracy(teacher, test)
     log(f"teacher test accuracy {teacher_acc:.4f}, {count_params(teacher):,} params")

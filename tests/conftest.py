@@ -75,6 +75,21 @@ def tiny_inputs():
     return make
 
 
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Import a script of benchmarks/ by name (they are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
+
+
 @pytest.fixture
 def one_thread():
     """Run a test on one intra-op thread (batched SVDs crawl when two threads share two busy cores)."""

@@ -6,7 +6,6 @@ save/load, lowering, torch.export, the CLI flag and the benchmark scripts that r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from m2convert.layers.cost import B, N, evaluate, linear_flops
 from m2convert.layers.monarch import monarch_shape
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
 H = 32                                                     # the tiny BERT's hidden size (conftest._bert)
 
 
@@ -235,15 +233,8 @@ def test_cli_flag_reaches_the_plan_and_the_saved_model(bert, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("m2convert: error: projection_nblocks=-3 is out of range")
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_benchmark_scripts_read_and_pass_the_setting(bert):
-    throughput = _script("throughput")
+def test_benchmark_scripts_read_and_pass_the_setting(bert, benchmark_script):
+    throughput = benchmark_script("throughput")
     cfg, shown = throughput.config_of({"nblocks": 16, "projection_nblocks": 16, "filter_order": 16})
     assert cfg.projection_nblocks == 16 and shown["projection_nblocks"] == 16
     old, _ = throughput.config_of({"nblocks": 4, "filter_order": 16})     # a report from before the flag
@@ -251,7 +242,7 @@ def test_benchmark_scripts_read_and_pass_the_setting(bert):
     assert not hasattr(throughput, "monarch_projections")
     assert throughput.FASTEST["projection_nblocks"] == 16
 
-    sst2 = _script("sst2_recovery")
+    sst2 = benchmark_script("sst2_recovery")
     args = sst2.parse_args(["--projection-nblocks", "4", "--filter-order", "16"])
     student = sst2.convert(bert, args)
     assert all(isinstance(m.in_proj, MonarchLinear) and m.in_proj.nblocks == 4 for m in _mixers(student))
@@ -261,8 +252,8 @@ def test_benchmark_scripts_read_and_pass_the_setting(bert):
     assert "projections" not in sst2.conversion_text(legacy)
 
 
-def test_benchmark_hybrid_keeps_the_named_attention_layers(bert):
-    sst2 = _script("sst2_recovery")
+def test_benchmark_hybrid_keeps_the_named_attention_layers(bert, benchmark_script):
+    sst2 = benchmark_script("sst2_recovery")
     args = sst2.parse_args(["--keep-attention", "0", "--filter-order", "16"])
     student = sst2.convert(bert, args)
     mixers = [path for path, m in student.named_modules() if isinstance(m, m2.M2SequenceMixer)]

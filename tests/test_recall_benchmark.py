@@ -1,0 +1,65 @@
+"""The in-context recall benchmark's task, curriculum and hybrid conversion (benchmarks/recall.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import m2convert as m2
+
+
+@pytest.fixture(scope="module")
+def recall(benchmark_script):
+    return benchmark_script("recall")
+
+
+def test_mqar_answers_are_the_values_paired_with_the_query_keys(recall):
+    args = recall.parse_args(["--seq-len", "64", "--pairs", "8", "--keys", "12", "--values", "10"])
+    batch = recall.MQAR(args, seed=0, batch_size=16).batch(torch.Generator().manual_seed(3))
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape == (16, 64) and args.queries == (64 - 16) // 2
+    for seq, lab in zip(ids, labels):
+        keys, values = seq[0:16:2], seq[1:16:2]
+        assert len(set(keys.tolist())) == 8 and keys.min() >= 1 and keys.max() <= 12
+        assert values.min() >= 13 and values.max() <= 22
+        pairs = dict(zip(keys.tolist(), values.tolist()))
+        answers = (lab != -100).nonzero().flatten()
+        assert len(answers) == args.queries and (answers % 2 == 1).all() and (answers > 16).all()
+        for pos in answers.tolist():
+            assert lab[pos] == seq[pos] == pairs[seq[pos - 1].item()]
+
+
+def test_curriculum_stage_is_an_easier_task_and_bad_stages_are_refused(recall):
+    args = recall.parse_args([])
+    stage = recall.easier(args, "64:4")
+    assert (stage.seq_len, stage.pairs, stage.queries) == (64, 4, 28)
+    assert (args.seq_len, args.pairs) == (256, 16)                      # the task itself untouched
+    batch = recall.MQAR(stage, seed=1, batch_size=2).batch(torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape == (2, 64)
+    for bad in ("512:4", "64:32", "16:8"):
+        with pytest.raises(SystemExit, match="--curriculum stage"):
+            recall.easier(args, bad)
+
+
+def test_fit_stops_at_the_target_and_keeps_the_best_state(recall, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    args = recall.parse_args(["--smoke"])
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=1 + args.keys + args.values, n_positions=args.seq_len,
+                                       n_embd=16, n_layer=2, n_head=1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data, held = recall.MQAR(args, seed=1), recall.eval_batches(args, seed=2)
+    history, steps = recall.fit(model, opt, data, held, args, steps=60, target=0.0, label="t")
+    assert steps == args.eval_every and len(history) == 1            # target 0 is met at the first evaluation
+    history, steps = recall.fit(model, opt, data, held, args, steps=2 * args.eval_every, target=1.1, label="t")
+    assert steps == 2 * args.eval_every and len(history) == 2
+    assert recall.accuracy(model, held) == pytest.approx(max(h["held_out_acc"] for h in history))
+
+
+def test_hybrid_students_keep_the_named_attention_layers(recall):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    args = recall.parse_args(["--smoke"])
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=3, n_head=2)).eval()
+    student = recall.convert(teacher, args, keep=[1])
+    mixers = sorted(p for p, m in student.named_modules() if isinstance(m, m2.M2SequenceMixer))
+    assert [p.split(".")[2] for p in mixers] == ["0", "2"]
