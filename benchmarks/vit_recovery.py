@@ -238,30 +238,36 @@ def main(argv=None) -> dict:
               "stages": stages, "sites": {"converted": len(plan.converted), "skipped": len(plan.skipped)},
               "recovery": "layer-wise transfer and KD + labels' loss written out in this script with "
                           "m2convert.recover.stages objectives (m2.distill batches need input_ids)"}
-    table = markdown_table(
-        ["model", "test acc", "params", "steps", "seconds"],
-        [["teacher ViT (trained here)", teacher_acc, t_params, len(t_losses), teacher_s],
-         ["converted, no recovery", converted_acc, s_params, 0, convert_s],
-         ["after layer-wise transfer", transfer_acc, s_params, len(tr_losses), transfer_s],
-         ["after KD + labels (recovered)", recovered_acc, s_params, len(kd_losses), kd_s]])
-    notes = [f"data: scikit-learn load_digits, 8x8 upsampled to {args.image_size}x{args.image_size} (bilinear), "
-             f"{len(train_y)} train / {len(test_y)} test images, stratified split seed {args.seed}; "
-             f"1 point = {len(test_y) / 100:.1f} test images",
-             f"teacher: ViT hidden {args.hidden}, {args.layers} layers, {args.heads} heads, MLP {args.mlp}, "
-             f"patch {args.patch_size} ({(args.image_size // args.patch_size) ** 2} patches + CLS)",
-             f"student: {len(plan.converted)} sites converted (attention -> bidirectional M2 mixer, filter order "
-             f"{args.filter_order}; MLP linears -> MonarchLinear nblocks {args.nblocks}); "
-             f"parameters {t_params:,} -> {s_params:,} ({100 * (s_params / t_params - 1):+.1f}%)",
-             f"gap to the teacher: {gap:.2f} points (target: within 1 point) -> "
-             f"{'met' if gap <= 1.0 else 'not met'}; wall time {wall / 60:.1f} min in all (data, teacher "
-             "training, conversion, recovery, evaluations)",
-             "recovery: layer-wise transfer, then KD + labels' loss, written out in this script with the "
-             "objectives of m2convert.recover.stages (m2.distill reads text batches with input_ids); it trains "
-             "on the training split only, random 1-pixel shifts augmenting every batch"]
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    path = write_report(args.name, result, cfg, table, notes, args.out)
+    path = write_report(args.name, result, cfg, render, args.out)
     log(f"wrote {path}")
     return result
+
+
+def render(doc: dict) -> str:
+    """The markdown body of the report from its JSON document."""
+    c, (teach, transfer, kd) = doc["config"], doc["stages"]
+    t_params, s_params, gap = doc["teacher_params"], doc["student_params"], doc["gap_points"]
+    table = markdown_table(
+        ["model", "test acc", "params", "steps", "seconds"],
+        [["teacher ViT (trained here)", teach["test_acc"], t_params, teach["steps"], teach["seconds"]],
+         ["converted, no recovery", doc["converted_test_acc"], s_params, 0, doc["convert_seconds"]],
+         ["after layer-wise transfer", transfer["test_acc"], s_params, transfer["steps"], transfer["seconds"]],
+         ["after KD + labels (recovered)", kd["test_acc"], s_params, kd["steps"], kd["seconds"]]])
+    notes = [f"data: scikit-learn load_digits, 8x8 upsampled to {c['image_size']}x{c['image_size']} (bilinear), "
+             f"{doc['train_images']} train / {doc['test_images']} test images, stratified split seed {c['seed']}; "
+             f"1 point = {doc['test_images'] / 100:.1f} test images",
+             f"teacher: ViT hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads, MLP {c['mlp']}, "
+             f"patch {c['patch_size']} ({(c['image_size'] // c['patch_size']) ** 2} patches + CLS)",
+             f"student: {doc['sites']['converted']} sites converted (attention -> bidirectional M2 mixer, filter "
+             f"order {c['filter_order']}; MLP linears -> MonarchLinear nblocks {c['nblocks']}); "
+             f"parameters {t_params:,} -> {s_params:,} ({100 * (s_params / t_params - 1):+.1f}%)",
+             f"gap to the teacher: {gap:.2f} points (target: within 1 point) -> "
+             f"{'met' if doc['target_met'] else 'not met'}; wall time {doc['wall_seconds'] / 60:.1f} min in all "
+             "(data, teacher training, conversion, recovery, evaluations)",
+             f"recovery: {doc['recovery']}; it trains on the training split only, random 1-pixel shifts augmenting "
+             "every batch"]
+    return table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 if __name__ == "__main__":
