@@ -53,8 +53,8 @@ def parse_args(argv=None):
     # task
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--pairs", type=int, default=16)
-    p.add_argument("--keys", type=int, default=64, help="key tokens to draw each sequence's keys from")
-    p.add_argument("--values", type=int, default=64, help="value tokens")
+    p.add_argument("--keys", type=int, default=16, help="key tokens to draw each sequence's keys from")
+    p.add_argument("--values", type=int, default=16, help="value tokens")
     p.add_argument("--queries", type=int, default=0, help="queries per sequence (0: every slot after the pairs)")
     # teacher
     p.add_argument("--n-embd", type=int, default=64)
@@ -65,6 +65,9 @@ def parse_args(argv=None):
                    help="comma-separated easier stages N:P trained first, each until its held-out accuracy "
                         "reaches --teacher-target ('' for none)")
     p.add_argument("--curriculum-steps", type=int, default=3000, help="at most this many steps per stage")
+    p.add_argument("--curriculum-layers", type=int, default=2,
+                   help="layers during the curriculum; blocks are then appended as the identity up to --n-layer "
+                        "and all of them train on the task (a 2-layer model forms the recall circuit soonest)")
     p.add_argument("--teacher-steps", type=int, default=6000, help="at most this many steps on the task")
     p.add_argument("--teacher-lr", type=float, default=1e-3)
     p.add_argument("--teacher-target", type=float, default=0.995, help="stop once held-out accuracy reaches it")
@@ -200,6 +203,22 @@ def fit(model, opt, data, held_out, args, steps: int, target: float, label: str)
     return history, step + 1
 
 
+def grow(model, cfg):
+    """``model`` with blocks appended up to ``cfg.n_layer``, each starting as the identity (its attention's
+    and MLP's output projections zero), so the grown model computes what ``model`` did."""
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(1)
+    grown = GPT2LMHeadModel(cfg)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("transformer.h.") for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for block in grown.transformer.h[model.config.n_layer:]:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    return grown
+
+
 def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
     """Train (or load) the teacher: first the ``--curriculum`` stages (shorter sequences, fewer pairs; each
     until its own held-out accuracy reaches the target), then the task itself until its held-out accuracy
@@ -214,20 +233,26 @@ def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
     cfg = GPT2Config(vocab_size=data.vocab, n_positions=args.seq_len, n_embd=args.n_embd, n_layer=args.n_layer,
                      n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                      bos_token_id=FILLER, eos_token_id=FILLER, pad_token_id=FILLER)
-    model = GPT2LMHeadModel(cfg).train()
+    curriculum = [s for s in args.curriculum.split(",") if s]
+    model = GPT2LMHeadModel(cfg if not curriculum else GPT2Config(**{**cfg.to_dict(), "n_layer": args.curriculum_layers}))
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.1, betas=(0.9, 0.98))
     clock, history, steps = Clock(), [], 0
-    for spec in filter(None, args.curriculum.split(",")):
+    for spec in curriculum:
         stage = easier(args, spec)
         h, n = fit(model, opt, MQAR(stage, seed=10 + steps), eval_batches(stage, seed=2), args,
                    args.curriculum_steps, args.teacher_target, spec)
         history, steps = history + h, steps + n
+    if model.config.n_layer != args.n_layer:
+        model = grow(model, cfg).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.1, betas=(0.9, 0.98))
     h, n = fit(model, opt, data, held_out, args, args.teacher_steps, args.teacher_target,
                f"{args.seq_len}:{args.pairs}")
     model.eval()
     info = {"held_out_acc": max(e["held_out_acc"] for e in h), "steps": steps + n, "curriculum_steps": steps,
             "seconds": clock.total, "cpu_seconds": clock.cpu, "sequences": (steps + n) * args.batch_size,
-            "lr": args.teacher_lr, "curriculum": args.curriculum, "history": history + h,
+            "lr": args.teacher_lr, "curriculum": args.curriculum, "curriculum_layers": args.curriculum_layers,
+            "history": history + h,
             "params": count_params(model), "config": cfg.to_dict()}
     model.save_pretrained(folder)
     info_file.write_text(json.dumps(info, indent=2))
@@ -293,7 +318,7 @@ def main(argv=None) -> dict:
     held_out, test = eval_batches(args, seed=2), eval_batches(args, seed=3)
     folder = cache_dir("recall_teacher_smoke" if args.smoke else
                        f"recall_teacher_n{args.seq_len}_p{args.pairs}_q{args.queries}_k{args.keys}_v{args.values}"
-                       f"_e{args.n_embd}_l{args.n_layer}_h{args.n_head}_c{args.curriculum.replace(':', '-').replace(',', '_')}")
+                       f"_e{args.n_embd}_l{args.n_layer}_h{args.n_head}_g{args.curriculum_layers}_c{args.curriculum.replace(':', '-').replace(',', '_')}")
     teacher, tinfo = train_teacher(args, data, held_out, folder)
     teacher_acc = accuracy(teacher, test)
     log(f"teacher test accuracy {teacher_acc:.4f}, {count_params(teacher):,} params")

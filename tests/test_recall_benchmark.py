@@ -63,3 +63,15 @@ def test_hybrid_students_keep_the_named_attention_layers(recall):
     student = recall.convert(teacher, args, keep=[1])
     mixers = sorted(p for p, m in student.named_modules() if isinstance(m, m2.M2SequenceMixer))
     assert [p.split(".")[2] for p in mixers] == ["0", "2"]
+
+
+def test_grown_teacher_computes_what_the_smaller_one_did(recall):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=3, n_head=1)
+    small = GPT2LMHeadModel(GPT2Config(**{**cfg.to_dict(), "n_layer": 2})).eval()
+    grown = recall.grow(small, cfg).eval()
+    assert len(grown.transformer.h) == 3
+    ids = torch.randint(0, 40, (2, 20))
+    torch.testing.assert_close(grown(input_ids=ids).logits, small(input_ids=ids).logits, rtol=0, atol=1e-6)
+    assert any(p.abs().sum() > 0 for p in grown.transformer.h[2].attn.c_attn.parameters())   # not all zero
