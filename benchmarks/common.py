@@ -29,6 +29,17 @@ def cache_dir(name: str) -> Path:
     return path
 
 
+def cached_teacher(folder: Path, model_class, shown: str):
+    """``(model, info)`` of a teacher an earlier run saved in ``folder`` (``teacher.json`` beside its weights),
+    or None; ``shown`` formats ``info`` for the log line, e.g. ``"dev acc {dev_acc:.4f}"``."""
+    info_file = folder / "teacher.json"
+    if not info_file.exists():
+        return None
+    info = json.loads(info_file.read_text())
+    log(f"teacher from cache {folder}: {shown.format(**info)}")
+    return model_class.from_pretrained(folder).eval(), info
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Clock, cache_dir, cosine, count_params, log, markdown_table, progress_logger, write_markdown,  # noqa: E402
-                    write_report)
+from common import (cache_dir, cached_teacher, Clock, cosine, count_params, log, markdown_table,  # noqa: E402
+                    progress_logger, write_markdown, write_report)
 
 import m2convert as m2  # noqa: E402
 from m2convert.recover import DistillConfig, StageConfig, seed_filters_from_attention  # noqa: E402
@@ -224,11 +224,9 @@ def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
     until its own held-out accuracy reaches the target), then the task itself until its held-out accuracy
     (batches from another seed) reaches ``--teacher-target``."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    info_file = folder / "teacher.json"
-    if info_file.exists():
-        info = json.loads(info_file.read_text())
-        log(f"teacher from cache {folder}: held-out accuracy {info['held_out_acc']:.4f}")
-        return GPT2LMHeadModel.from_pretrained(folder).eval(), info
+    cached = cached_teacher(folder, GPT2LMHeadModel, "held-out accuracy {held_out_acc:.4f}")
+    if cached is not None:
+        return cached
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=data.vocab, n_positions=args.seq_len, n_embd=args.n_embd, n_layer=args.n_layer,
                      n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -255,7 +253,7 @@ def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
             "history": history + h,
             "params": count_params(model), "config": cfg.to_dict()}
     model.save_pretrained(folder)
-    info_file.write_text(json.dumps(info, indent=2))
+    (folder / "teacher.json").write_text(json.dumps(info, indent=2))
     return model, info
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Clock, cache_dir, count_params, log, markdown_table, progress_logger, stage_rows,  # noqa: E402
-                    write_markdown, write_report)
+from common import (cache_dir, cached_teacher, Clock, count_params, log, markdown_table, progress_logger,  # noqa: E402
+                    stage_rows, write_markdown, write_report)
 from throughput import config_of  # noqa: E402
 
 import m2convert as m2  # noqa: E402
@@ -132,11 +132,9 @@ def train_teacher(args, tokenizer, base_path, train_path, dev) -> tuple[torch.nn
     from transformers import BertForSequenceClassification
 
     folder = cache_dir("sst2_teacher_smoke" if args.smoke else "sst2_teacher_converged")
-    info_file = folder / "teacher.json"
-    if info_file.exists():
-        info = json.loads(info_file.read_text())
-        log(f"teacher from cache {folder}: dev acc {info['dev_acc']:.4f}")
-        return BertForSequenceClassification.from_pretrained(folder).eval(), info
+    cached = cached_teacher(folder, BertForSequenceClassification, "dev acc {dev_acc:.4f}")
+    if cached is not None:
+        return cached
     fit_path, holdout_path = split_train(train_path, 64 if args.smoke else args.teacher_holdout, folder)
     holdout = dev_batches(tokenizer, holdout_path)
     torch.manual_seed(0)
@@ -193,7 +191,7 @@ def train_teacher(args, tokenizer, base_path, train_path, dev) -> tuple[torch.nn
             "seconds": clock.total, "lr": args.teacher_lr, "batch_size": 32, "frozen": "nothing",
             "holdout_rows": len(holdout_path.read_text().splitlines()) - 1,
             "selection": "best held-out train accuracy (dev never used to choose)", "threads": args.threads}
-    info_file.write_text(json.dumps(info, indent=2))
+    (folder / "teacher.json").write_text(json.dumps(info, indent=2))
     resume.unlink(missing_ok=True)
     return model, info
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Clock, cache_dir, cosine, count_params, log, markdown_table, progress_logger, stage_rows,  # noqa: E402
-                    write_markdown, write_report)
+from common import (cache_dir, cached_teacher, Clock, cosine, count_params, log, markdown_table,  # noqa: E402
+                    progress_logger, stage_rows, write_markdown, write_report)
 
 import m2convert as m2  # noqa: E402
 from m2convert.data import default_data_dir, load_data, pack_text  # noqa: E402
@@ -150,11 +150,9 @@ def train_teacher(args, tokenizer, train_text: Path, held_blocks, test_blocks, f
     after ``--teacher-patience`` evaluations without a better held-out perplexity and keep the best."""
     # long: one training loop with its evaluation and bookkeeping, read top to bottom
     from transformers import GPT2Config, GPT2LMHeadModel
-    info_file = folder / "teacher.json"
-    if info_file.exists():
-        info = json.loads(info_file.read_text())
-        log(f"teacher from cache {folder}: test ppl {info['test_ppl']:.2f}")
-        return GPT2LMHeadModel.from_pretrained(folder).eval(), info
+    cached = cached_teacher(folder, GPT2LMHeadModel, "test ppl {test_ppl:.2f}")
+    if cached is not None:
+        return cached
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=max(256, args.block), n_embd=args.n_embd,
                      n_layer=args.n_layer, n_head=8 if args.n_embd % 8 == 0 else 4,
@@ -197,7 +195,7 @@ def train_teacher(args, tokenizer, train_text: Path, held_blocks, test_blocks, f
             "train_text_tokens": src.per_epoch * args.batch_size * args.block, "history": history,
             "held_out_ppl": best if held_blocks is not None else None, "config": cfg.to_dict()}
     model.save_pretrained(folder)
-    info_file.write_text(json.dumps(info, indent=2))
+    (folder / "teacher.json").write_text(json.dumps(info, indent=2))
     return model, info
 
 
