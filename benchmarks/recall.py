@@ -74,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-sequences", type=int, default=512)
     # students
+    p.add_argument("--student-batch-size", type=int, default=32, help="sequences per recovery step")
     p.add_argument("--filter-order", type=int, default=64)
     p.add_argument("--state-size", type=int, default=4, help="state size of the recurrent form scored")
     p.add_argument("--transfer-steps", type=int, default=300)
@@ -284,9 +285,9 @@ def recover(student, teacher, args, name: str) -> list[dict]:
                           warmup_steps=max(1, min(50, args.task_steps // 10)))]
     out = []
     for i, stage in enumerate(s for s in stages if s.steps):
-        cfg = DistillConfig(stages=[stage], batch_size=args.batch_size, seed=i + 1, progress=False,
+        cfg = DistillConfig(stages=[stage], batch_size=args.student_batch_size, seed=i + 1, progress=False,
                             checkpoint_dir=str(cache_dir(f"{args.name}_ckpt") / name / stage.name))
-        res = m2.distill(student, teacher, MQAR(args, seed=100 + i), cfg,
+        res = m2.distill(student, teacher, MQAR(args, seed=100 + i, batch_size=args.student_batch_size), cfg,
                          on_step=progress_logger(100)).to_dict()["stages"][0]
         out.append({k: res[k] for k in ("name", "steps", "tokens", "seconds", "first_loss", "final_loss")})
     return out
@@ -375,6 +376,7 @@ def render(doc: dict) -> str:
         f"answers of {doc['test_sequences']} test sequences from a seed neither training nor early stopping saw",
         _teacher_line(cfg, t),
         f"- students: causal M2 mixers, filter order {doc['filter_order']}, MLPs dense; recovery {steps} steps "
+        f"x {cfg.get('student_batch_size', cfg['batch_size'])} sequences "
         f"(layer-wise transfer, then KD + the answers' loss x {cfg['task_weight']:g}) on fresh sequences; the "
         f"recurrent form is m2.to_recurrent at state size {doc['state_size']} after recovery",
         f"- hybrids keep the layers whose average attention a convolution fits worst (offset-fit error after "
