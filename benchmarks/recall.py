@@ -19,6 +19,7 @@ values gives 1 / P, among all value tokens 1 / (number of value tokens).
        MQAR batches), and after recovery in the recurrent form at a stated state size
 
 Run:   python benchmarks/recall.py --threads 1          (the committed report)
+       python benchmarks/recall.py --threads 1 --keep 1 (then: one more hybrid row, layers chosen by hand)
        python benchmarks/recall.py --smoke              (a couple of minutes; writes to runs/bench_smoke/)
 """
 
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (cache_dir, cached_teacher, Clock, cosine, count_params, log, markdown_table,  # noqa: E402
+from common import (RESULTS, cache_dir, cached_teacher, Clock, cosine, count_params, log, markdown_table,  # noqa: E402
                     progress_logger, write_markdown, write_report)
 
 import m2convert as m2  # noqa: E402
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--name", default="recall")
     p.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSON report")
+    p.add_argument("--keep", default=None, metavar="LAYERS",
+                   help="comma-separated layers: add one hybrid student keeping their attention to the existing "
+                        "report (same teacher and settings) instead of running the standard three")
     # task
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--pairs", type=int, default=16)
@@ -323,6 +327,8 @@ def main(argv=None) -> dict:
     log(f"teacher test accuracy {teacher_acc:.4f}, {count_params(teacher):,} params")
     if args.teacher_only:
         return {"teacher_acc": teacher_acc}
+    if args.keep is not None:
+        return add_student(teacher, args, test, sorted(int(i) for i in args.keep.split(",")))
     ranking = rank_layers(teacher, args, data)
     log(f"layers by offset-fit error (worst first): {ranking['order']}")
     plans = [("full conversion", []), ("hybrid, 1 attention layer kept", sorted(ranking["order"][:1])),
@@ -336,6 +342,24 @@ def main(argv=None) -> dict:
     path = write_report(args.name, result, config, render, args.out)
     log(f"wrote {path}")
     return result
+
+
+def add_student(teacher, args, test, keep: list[int]) -> dict:
+    """Recover one more hybrid (attention kept in ``keep``) and add its row to the existing report."""
+    path = Path(args.out or RESULTS) / f"{args.name}.json"
+    doc = json.loads(path.read_text())
+    mine = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "keep"}
+    differ = [k for k, v in doc["config"].items() if k not in ("threads", "out") and mine.get(k) != v]
+    if differ:
+        raise SystemExit(f"--keep adds to {path}, whose run used other settings: {', '.join(differ)}")
+    name = f"hybrid, layer(s) {', '.join(map(str, keep))} kept (chosen by hand)"
+    row = {**student_row(teacher, args, test, name, keep),
+           "command": " ".join(["python", *map(str, sys.argv)])}
+    doc["students"] = [s for s in doc["students"] if s["name"] != name] + [row]
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    write_markdown(args.name, render, args.out)
+    log(f"added {name} to {path}")
+    return row
 
 
 def _teacher_line(cfg: dict, t: dict) -> str:

@@ -75,3 +75,12 @@ def test_grown_teacher_computes_what_the_smaller_one_did(recall):
     ids = torch.randint(0, 40, (2, 20))
     torch.testing.assert_close(grown(input_ids=ids).logits, small(input_ids=ids).logits, rtol=0, atol=1e-6)
     assert any(p.abs().sum() > 0 for p in grown.transformer.h[2].attn.c_attn.parameters())   # not all zero
+
+
+def test_added_student_must_share_the_report_settings(recall, tmp_path):
+    import json
+    args = recall.parse_args(["--smoke", "--out", str(tmp_path), "--keep", "1"])
+    config = {k: (str(v) if k == "out" else v) for k, v in vars(args).items() if k != "keep"}
+    (tmp_path / "recall.json").write_text(json.dumps({"config": {**config, "state_size": 2}, "students": []}))
+    with pytest.raises(SystemExit, match="other settings: state_size"):
+        recall.add_student(None, args, [], [1])
