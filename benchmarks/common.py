@@ -40,6 +40,11 @@ def cached_teacher(folder: Path, model_class, shown: str):
     return model_class.from_pretrained(folder).eval(), info
 
 
+def command_line() -> str:
+    """The command this process was started with, quoted for a shell."""
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -121,7 +126,7 @@ def write_report(name: str, result: dict, config: dict, render, out_dir: Path | 
     """
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {**result, "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+    doc = {**result, "command": command_line(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": machine(), "config": config}
     path = out_dir / f"{name}.json"

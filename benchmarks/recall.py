@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, cache_dir, cached_teacher, Clock, cosine, count_params, log, markdown_table,  # noqa: E402
-                    progress_logger, write_markdown, write_report)
+from common import (RESULTS, cache_dir, cached_teacher, Clock, command_line, cosine, count_params, log,  # noqa: E402
+                    markdown_table, progress_logger, write_markdown, write_report)
 
 import m2convert as m2  # noqa: E402
 from m2convert.recover import DistillConfig, StageConfig, seed_filters_from_attention  # noqa: E402
@@ -275,9 +275,9 @@ def rank_layers(teacher, args, data: MQAR) -> dict:
     gen = torch.Generator().manual_seed(7)
     batches = [{k: v for k, v in data.batch(gen).items() if k != "labels"} for _ in range(4)]
     report = seed_filters_from_attention(student, teacher, batches, progress=False)
-    errors = {int(path.split(".")[2]): v["fit_error_after"] for path, v in report["layers"].items()}
-    return {"fit_error_after": errors, "corr_after": {int(p.split(".")[2]): v["corr_after"]
-                                                       for p, v in report["layers"].items()},
+    layers = {int(path.split(".")[2]): v for path, v in report["layers"].items()}   # transformer.h.<i>....
+    errors = {i: v["fit_error_after"] for i, v in layers.items()}
+    return {"fit_error_after": errors, "corr_after": {i: v["corr_after"] for i, v in layers.items()},
             "order": sorted(errors, key=lambda i: -errors[i]), "seconds": report["seconds"]}
 
 
@@ -353,8 +353,7 @@ def add_student(teacher, args, test, keep: list[int]) -> dict:
     if differ:
         raise SystemExit(f"--keep adds to {path}, whose run used other settings: {', '.join(differ)}")
     name = f"hybrid, layer(s) {', '.join(map(str, keep))} kept (chosen by hand)"
-    row = {**student_row(teacher, args, test, name, keep),
-           "command": " ".join(["python", *map(str, sys.argv)])}
+    row = {**student_row(teacher, args, test, name, keep), "command": command_line()}
     doc["students"] = [s for s in doc["students"] if s["name"] != name] + [row]
     path.write_text(json.dumps(doc, indent=2) + "\n")
     write_markdown(args.name, render, args.out)
