@@ -75,7 +75,10 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
     if bias is not None and out < nb * s:
         bias = torch.nn.functional.pad(bias, (0, nb * s - out))
     if 0 < m <= FEW_ROWS:
-        rows = _few_rows(x.t() if x_t else x, w1, w2, bias)[:, :out]          # (m, out)
+        rows = _few_rows(x.t() if x_t else x, w1, w2, bias)                    # (m, nb * S), a fresh tensor
+        if activation is not None:
+            activation(rows)
+        rows = rows[:, :out]                                                   # (m, out)
         return (rows.t() if out_t else rows).contiguous()
     y = torch.empty((out, m) if out_t else (m, out), dtype=x.dtype, device=x.device)
     if m == 0:
