@@ -225,8 +225,28 @@ def test_filter_cache_limit_and_off_switch(monkeypatch):
         m.filter_cache_bytes = 2 * 40 * (conv_cpu.fft_size(30) // 2 + 1) * 16    # exactly the entry
         assert rel(m(x), expected) < 1e-12
         assert m._spectrum_cache is not None
-        m(torch.randn(1, 31, 40, dtype=torch.float64))                # larger than the limit: kept the old
-        assert m._spectrum_cache[0][0] == 30
+        m(torch.randn(1, 31, 40, dtype=torch.float64))                # larger than the limit: none kept
+        assert m._spectrum_cache is None
+
+
+def test_filter_cache_budget_is_shared_by_all_mixers(monkeypatch):
+    mixers = [mixer(seed=s) for s in range(3)]
+    x = torch.randn(1, 30, 40, dtype=torch.float64)
+    entry = 2 * 40 * (conv_cpu.fft_size(30) // 2 + 1) * 16                   # one mixer's spectra, bytes
+    with torch.no_grad():
+        expected = [m(x) for m in mixers]
+        for m in mixers:
+            m._spectrum_cache = None
+        held = sequence_layer._cached_bytes()                         # other live mixers' entries
+        monkeypatch.setattr(m2.M2SequenceMixer, "filter_cache_total_bytes", held + 2 * entry)
+        got = [m(x) for m in mixers]
+        assert [m._spectrum_cache is not None for m in mixers] == [True, True, False]
+        for a, b in zip(got, expected):
+            assert rel(a, b) < 1e-12
+        mixers[0](torch.randn(1, 50, 40, dtype=torch.float64))        # too large now: its old entry goes
+        assert mixers[0]._spectrum_cache is None
+        mixers[2](x)                                                  # and frees room for another mixer
+        assert mixers[2]._spectrum_cache is not None
 
 
 def test_filter_taps_by_block_equal_the_whole_filter():

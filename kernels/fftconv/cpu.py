@@ -5,11 +5,14 @@ that nothing large is allocated and data stays in cache:
 
 - FFT length: the smallest 2^a 3^b 5^c >= 2N. Any length >= 2N - 1 gives the same linear convolution
   (nothing wraps onto outputs 0..N-1), and 5-smooth lengths are the ones FFT libraries run fastest.
-- Filter spectra are computed once (:func:`conv_spectrum`) and can be cached by the caller.
+- Filter spectra (:func:`conv_spectrum`): one real FFT per filter, the anti-causal taps written
+  reversed at the end of the same zero-padded signal; cached by the caller or made per channel block.
 - :func:`mixer_core` runs short conv, gates, both long convolutions and the skips one block of channels
   at a time. Convolutions never mix channels, so a block of c channels needs only (B, c, L) buffers:
   a few MiB, recycled by the allocator, where whole-width intermediates of tens to hundreds of MiB each
   cost a page fault per 4 KiB on every call (the dominant cost at N >= 8192 on a busy machine).
+  Given the in-projection as a callable, it also makes the projection's rows group by group, so a
+  mixer's prefill holds no (B, 3H, N) tensor (150 MiB at H = 768, N = 16384), only its (B, H, N) output.
 
 Shapes: B batch, N tokens, H channels, L FFT length, F = L // 2 + 1 frequencies.
 
@@ -24,8 +27,17 @@ from functools import lru_cache
 
 import torch
 
-# Bytes of one block's complex spectrum (B, G, c, F): small enough for the allocator to recycle.
-BLOCK_BYTES = 4 << 20
+# Bytes of one block's complex spectrum (B, G, c, F): small enough for the allocator to recycle, and
+# small enough that the few (B, G, c, L) buffers of a block are a few MiB against the (B, 3H, N)
+# input (1 MiB measured as fast as 4 MiB at H = 768, N = 2048-8192, and 25 MiB less peak memory).
+BLOCK_BYTES = 1 << 20
+
+
+# A callable in-projection (see :func:`mixer_core`) is asked for rows of at least PROJECT_CHANNELS
+# channels (3x that many GEMM rows: narrower GEMMs reread the whole input too often), and of about
+# PROJECT_BYTES when more channels fit in that.
+PROJECT_CHANNELS = 64
+PROJECT_BYTES = 4 << 20
 
 
 @lru_cache(maxsize=256)
@@ -54,13 +66,40 @@ def conv_spectrum(k: torch.Tensor, k_rev: torch.Tensor | None, n_fft: int) -> to
 
     Returns:
         (..., n_fft // 2 + 1) complex: exactly the product operand of ``reference.fft_long_conv``.
+
+    Example:
+        >>> k, k_rev = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+        >>> two = torch.fft.rfft(k, n=10) + torch.fft.rfft(k_rev, n=10).conj() - k_rev[:, :1]
+        >>> torch.allclose(conv_spectrum(k, k_rev, 10), two)
+        True
     """
-    k_f = torch.fft.rfft(k, n=n_fft)
-    if k_rev is not None:
-        # Reversal modulo n_fft conjugates the spectrum; offset 0 is counted once, by k.
-        k_f += torch.fft.rfft(k_rev, n=n_fft).conj()
-        k_f -= k_rev[..., :1]
-    return k_f
+    buf = k.new_zeros(*k.shape[:-1], n_fft)
+    fill_taps(buf, k, k_rev)
+    return torch.fft.rfft(buf)
+
+
+def fill_taps(buf: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None) -> torch.Tensor:
+    """Write taps into a zero-padded (..., L) signal whose real FFT is their response (L >= 2N - 1).
+
+    k goes to offsets 0..N-1 and k_rev[1:] to offsets L-1 down to L-N+1 (reversal modulo L conjugates a
+    real signal's spectrum; offset 0 is counted once, by k), so a bidirectional filter costs one
+    transform instead of two. Only those ranges are written: the rest of ``buf`` must be (and stays) zero.
+
+    Args:
+        buf: (..., L) output.  k: (..., N).  k_rev: (..., N) or None.
+
+    Returns:
+        ``buf``.
+
+    Example:
+        >>> fill_taps(torch.zeros(7), torch.tensor([1., 2., 3.]), torch.tensor([9., 4., 5.]))
+        tensor([1., 2., 3., 0., 0., 5., 4.])
+    """
+    n, size = k.shape[-1], buf.shape[-1]
+    buf[..., :n] = k
+    if k_rev is not None and n > 1:
+        buf[..., size - n + 1:] = k_rev[..., 1:].flip(-1)
+    return buf
 
 
 def block_channels(batch: int, groups: int, n_fft: int, channels: int) -> int:
@@ -69,7 +108,7 @@ def block_channels(batch: int, groups: int, n_fft: int, channels: int) -> int:
     return max(1, min(channels, BLOCK_BYTES // per_channel))
 
 
-def mixer_core(zt: torch.Tensor, x: torch.Tensor | None, spectrum, D: torch.Tensor,
+def mixer_core(zt, x: torch.Tensor | None, spectrum, D: torch.Tensor,
                D_res: torch.Tensor | None, short_w: torch.Tensor, short_b: torch.Tensor | None,
                keep: torch.Tensor | None, n_fft: int, out: torch.Tensor | None = None,
                z_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,52 +120,71 @@ def mixer_core(zt: torch.Tensor, x: torch.Tensor | None, spectrum, D: torch.Tens
 
     Args:
         zt: (B, 3H, N) in-projection output, channels first (rows of N contiguous is fastest; any
-            strides work, e.g. ``z.transpose(1, 2)`` of a (B, N, 3H) tensor).
+            strides work, e.g. ``z.transpose(1, 2)`` of a (B, N, 3H) tensor); or a callable
+            (start, stop) -> (B, 3, stop - start, N) making the x1 | x2 | v rows of channels
+            [start, stop) (bias included) as the loop reaches them, so no (B, 3H, N) tensor exists:
+            it is asked for PROJECT_BYTES-sized groups of whole blocks (then ``out`` is required).
         x: (B, N, H) mixer input for the residual convolution, or None (no residual conv).
         spectrum: (G, H, F) complex filter responses from :func:`conv_spectrum`, G = 1 + (x is not None),
             or a callable (start, stop) -> (G, stop - start, F) making them one channel block at a time.
         D, D_res: (H,) skips.  short_w: (3H, K) causal depthwise taps (nn.Conv1d weight[:, 0]).
         short_b: (3H,) or None.  keep: (B, N) 0/1 in zt's dtype, or None.  n_fft: L >= 2N - 1.
         out: (B, H, N) tensor to write into (any strides), or None for a new contiguous one.
-        z_bias: (3H,) in-projection bias still to be added to ``zt`` (added block by block, which
-            spares a full pass over (B, 3H, N)), or None.
+        z_bias: (3H,) in-projection bias still to be added to a tensor ``zt`` (added block by block,
+            which spares a full pass over (B, 3H, N)), or None.
 
     Returns:
         (B, H, N): the input of the out-projection, channels first (``out`` when given).
     """
-    b, h3, n = zt.shape
-    h = h3 // 3
+    if callable(zt):
+        if out is None:
+            raise ValueError("mixer_core: a callable zt needs out= (B, H, N) to give the shapes")
+        project, (b, h, n), dtype = zt, out.shape, out.dtype
+    else:
+        b, h3, n = zt.shape
+        h, dtype = h3 // 3, zt.dtype
+        zg = zt.unflatten(1, (3, h))                                          # (B, x1|x2|v, H, N)
+        project = lambda start, stop: zg[:, :, start:stop]                    # noqa: E731
     groups = 1 if x is None else 2
     respond = spectrum if callable(spectrum) else lambda start, stop: spectrum[:, start:stop]
-    yt = torch.empty(b, h, n, dtype=zt.dtype, device=zt.device) if out is None else out
-    zg = zt.unflatten(1, (3, h))                                              # (B, x1|x2|v, H, N)
+    yt = torch.empty(b, h, n, dtype=dtype, device=D.device) if out is None else out
     w = short_w.view(3, h, short_w.shape[-1])                                 # (3, H, K)
     bias = None if short_b is None else short_b.view(3, h)
     zb = None if z_bias is None else z_bias.view(3, h)
-    mask = None if keep is None else keep[:, None, None, :]                   # (B, 1, 1, N)
     step = block_channels(b, groups, n_fft, h)
+    # Projected rows come in groups of whole blocks, wide enough for a GEMM to run at speed.
+    per_block = 3 * b * n * yt.element_size() * step                         # bytes of one block's rows
+    wide = min(h, step * max(PROJECT_BYTES // per_block, -(-PROJECT_CHANNELS // step), 1))
     # Zero-padded transform input, reused by every block: only [..., :N] is ever written.
-    pad = torch.zeros(b, groups, step, n_fft, dtype=zt.dtype, device=zt.device)
-    for c0 in range(0, h, step):
-        c1 = min(c0 + step, h)
-        zc = zg[:, :, c0:c1]                                                  # (B, 3, c, N)
-        if zb is not None:
-            zc = zc + zb[:, c0:c1, None]
-        if mask is not None:
-            zc = zc * mask
-        sc = _short_conv(zc, w[:, c0:c1], None if bias is None else bias[:, c0:c1])
-        x1, x2, v = sc.unbind(1)                                              # 3 x (B, c, N)
-        buf = pad[:, :, : c1 - c0]                                            # (B, G, c, L)
-        u, xr = _fill_conv_inputs(buf, v, x1, None if x is None else x[..., c0:c1], keep)
-        spec = torch.fft.rfft(buf, n=n_fft)                                   # (B, G, c, F)
-        spec.mul_(respond(c0, c1))
-        conv = torch.fft.irfft(spec, n=n_fft)[..., :n]                        # (B, G, c, N)
-        y = yt[:, c0:c1]                                                      # (B, c, N)
-        torch.addcmul(conv[:, 0], u, D[c0:c1, None], out=y)
-        y.mul_(x2)
-        if groups == 2:
-            y.add_(conv[:, 1]).addcmul_(xr, D_res[c0:c1, None])
+    pad = torch.zeros(b, groups, step, n_fft, dtype=dtype, device=D.device)
+    for p0 in range(0, h, wide):
+        zp = project(p0, min(p0 + wide, h))                                   # (B, 3, <= wide, N)
+        for c0 in range(p0, min(p0 + wide, h), step):
+            c1 = min(c0 + step, p0 + wide, h)
+            zc = zp[:, :, c0 - p0: c1 - p0]                                   # (B, 3, c, N)
+            if zb is not None:
+                zc = zc + zb[:, c0:c1, None]
+            if keep is not None:
+                zc = zc * keep[:, None, None, :]
+            sc = _short_conv(zc, w[:, c0:c1], None if bias is None else bias[:, c0:c1])
+            _conv_block(sc, pad[:, :, : c1 - c0], None if x is None else x[..., c0:c1], keep, respond(c0, c1),
+                        D[c0:c1], None if D_res is None else D_res[c0:c1], yt[:, c0:c1])
     return yt
+
+
+def _conv_block(sc, buf, xc, keep, response, D, D_res, y) -> None:
+    """Gates and long convolutions of one channel block: sc (B, 3, c, N) short-conv output, buf
+    (B, G, c, L) zeroed transform input, xc (B, N, c) or None, response (G, c, F); writes y (B, c, N)."""
+    n_fft, n = buf.shape[-1], sc.shape[-1]
+    x1, x2, v = sc.unbind(1)                                                  # 3 x (B, c, N)
+    u, xr = _fill_conv_inputs(buf, v, x1, xc, keep)
+    spec = torch.fft.rfft(buf, n=n_fft)                                       # (B, G, c, F)
+    spec.mul_(response)
+    conv = torch.fft.irfft(spec, n=n_fft)[..., :n]                            # (B, G, c, N)
+    torch.addcmul(conv[:, 0], u, D[:, None], out=y)
+    y.mul_(x2)
+    if xr is not None:
+        y.add_(conv[:, 1]).addcmul_(xr, D_res[:, None])
 
 
 def _short_conv(zc: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor | None) -> torch.Tensor:

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import torch
 
-# Elements (not bytes) of the largest per-chunk intermediate: 2 Mi fp32 = 8 MiB, well under glibc's largest
-# mmap threshold (32 MiB); 1-4 Mi measured within noise of each other at d = 768-4096, 8 Mi slower.
-CHUNK_ELEMENTS = 1 << 21
+# Elements (not bytes) of the largest per-chunk intermediate: 512 Ki fp32 = 2 MiB, well under glibc's largest
+# mmap threshold (32 MiB); 0.5-4 Mi measured within noise of each other at d = 768-4096, 8 Mi slower. The
+# three chunk buffers are what a call needs beyond its output, so the smallest of those sizes.
+CHUNK_ELEMENTS = 1 << 19
 # Fewer rows than this per chunk and the GEMMs get too short to run at full speed.
 MIN_CHUNK_ROWS = 256
 # Up to this many rows the products run rows-first (see the module notes): measured faster at 1-8 rows.
@@ -48,7 +49,8 @@ def chunk_rows(rows: int, width: int) -> int:
 
 
 def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None = None,
-                   out_features: int | None = None, *, x_t: bool = False, out_t: bool = False) -> torch.Tensor:
+                   out_features: int | None = None, *, x_t: bool = False, out_t: bool = False,
+                   activation=None) -> torch.Tensor:
     """y = Monarch(w1, w2) @ x (+ bias) along the feature dimension, without building an autograd graph.
 
     Args:
@@ -58,6 +60,9 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
         out_features: keep the first out_features <= nb * S outputs (default all).
         x_t, out_t: input / output channels first. Either way BLAS reads and writes the operands in
             place, so a channels-first neighbour (the long convolution) needs no transpose copy.
+        activation: in-place elementwise function (e.g. ``torch._C._nn.gelu_``) applied to each chunk's
+            block-major result before it is written out, while it is still in cache: the activation
+            costs no pass over, and no second copy of, the (M, out) output. None: no activation.
 
     Returns:
         (M, out_features), or (out_features, M) with ``out_t``; contiguous.
@@ -70,7 +75,10 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
     if bias is not None and out < nb * s:
         bias = torch.nn.functional.pad(bias, (0, nb * s - out))
     if 0 < m <= FEW_ROWS:
-        rows = _few_rows(x.t() if x_t else x, w1, w2, bias)[:, :out]          # (m, out)
+        rows = _few_rows(x.t() if x_t else x, w1, w2, bias)                    # (m, nb * S), a fresh tensor
+        if activation is not None:
+            activation(rows)
+        rows = rows[:, :out]                                                   # (m, out)
         return (rows.t() if out_t else rows).contiguous()
     y = torch.empty((out, m) if out_t else (m, out), dtype=x.dtype, device=x.device)
     if m == 0:
@@ -107,6 +115,8 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
             torch.bmm(a, c, out=ybc)
         else:
             torch.baddbmm(b, a, c, out=ybc)
+        if activation is not None:
+            activation(ybc)
         _place(ybc, y[:, start:stop] if out_t else y[start:stop], out_t)
     return y
 

@@ -17,12 +17,14 @@ pass rewrites), "causal-monarch" and other devices run the reference below.
 
 from __future__ import annotations
 
+import weakref
+
 import sympy
 import torch
 from torch import nn
 
 from ..errors import ShapeError, check_choice, check_int
-from ..kernels.fftconv.cpu import block_channels, conv_spectrum, fft_size, mixer_core
+from ..kernels.fftconv.cpu import block_channels, fft_size, fill_taps, mixer_core
 from ..kernels.fftconv.monarch_dft import monarch_long_conv
 from ..kernels.fftconv.reference import fft_long_conv
 from .base import M2Block
@@ -31,8 +33,13 @@ from .filters import ImplicitFilter
 from .monarch import MonarchLinear, eager_inference
 
 MODES = ("bidirectional", "causal", "causal-monarch")
-# Filter channels whose taps are made in one GEMM when responses are built block by block.
+# Mixers that have held a filter-spectrum cache entry (weakly: a dropped model leaves no trace here).
+_HOLDERS: "weakref.WeakSet[M2SequenceMixer]" = weakref.WeakSet()
+# Filter channels whose taps are made in one GEMM when responses are built block by block: at most
+# TAP_CHANNELS, fewer when one filter's (heads, c, N) taps would pass TAP_BYTES (their GEMM, bias and
+# decay temporaries otherwise outgrow the convolution's own buffers: 35 MiB at H = 768, N = 8192).
 TAP_CHANNELS = 64
+TAP_BYTES = 1 << 20
 
 
 class M2SequenceMixer(M2Block):
@@ -56,12 +63,16 @@ class M2SequenceMixer(M2Block):
     Filter cache: in eval mode, under ``torch.no_grad()`` / ``torch.inference_mode()``, the filters'
     spectra for the last sequence length are kept: one (G, H, L/2 + 1) complex tensor, G = 2 with the
     residual conv, about 16 * H * N bytes in fp32 (twice one attention layer's fp32 K/V cache; 48 MiB
-    at H = 768, N = 4096), unless larger than ``filter_cache_bytes`` (default 256 MiB, so N up to
-    ~21k at H = 768). Past that, filters are regenerated per call, a channel block at a time (at
-    H = 384, N = 32768 about a quarter more time than a cached call). The entry is rebuilt when any
-    filter parameter or buffer changes (tensor identity, storage or in-place version), the dtype or
-    device changes, and dropped on ``train()``/``eval()`` and ``.to()``. Set ``filter_cache_bytes``
-    (class or instance) to trade memory for time; 0 turns the cache off.
+    at H = 768, N = 4096), when it fits both ``filter_cache_bytes`` (this mixer; default 256 MiB) and
+    what ``filter_cache_total_bytes`` (all mixers of the process together; default 16 MiB) leaves after
+    the other mixers' entries. A 12-layer H = 768 encoder keeps every layer's spectra up to N ~ 100 and
+    a few layers' up to N ~ 1000, so its memory stays that of its activations at any N. The others make
+    their filters per call, a channel block at a time inside the convolution (one real FFT per filter
+    and block; at H = 768 within timing noise of a cached call at N = 2048, 28% more mixer time at
+    N = 8192, about 15% of a BERT-base forward there). The entry is rebuilt when any filter parameter
+    or buffer changes (tensor identity, storage or in-place version), the dtype or device changes, and
+    dropped on ``train()``/``eval()``, ``.to()`` and when a call at another length does not fit. Set
+    either limit (class or instance) to trade memory for time; 0 turns the cache off.
 
     Example:
         >>> mixer = M2SequenceMixer(96, mode="causal")
@@ -70,6 +81,7 @@ class M2SequenceMixer(M2Block):
     """
 
     filter_cache_bytes = 256 << 20
+    filter_cache_total_bytes = 16 << 20
 
     def __init__(self, d_model: int, mode: str = "bidirectional", filter_order: int = 128,
                  filter_emb_dim: int = 5, filter_scale: float = 512.0, short_kernel: int = 3,
@@ -155,23 +167,30 @@ class M2SequenceMixer(M2Block):
         """``block(start, stop) -> (G, stop - start, n_fft // 2 + 1)`` complex filter responses.
 
         For increasing, adjacent blocks (as the convolution asks for them). The filter MLP trunks run
-        once, here; taps are made for TAP_CHANNELS channels at a time (a GEMM wide enough to run at
-        speed, a few MiB) and transformed block by block, so no (heads, H, N) tensor is ever built.
+        once, here; taps are made for up to TAP_CHANNELS channels at a time (a GEMM wide enough to run
+        at speed, about TAP_BYTES) and transformed block by block, so no (heads, H, N) tensor is built.
         """
         trunks = [(f, f.trunk(n).to(dtype)) for f in self._filters()]         # (n, order) each
         bidirectional = self.mode == "bidirectional"
-        held = {"range": (0, 0), "taps": None}
+        heads = 2 if bidirectional else 1
+        width = max(1, min(TAP_CHANNELS, TAP_BYTES // (heads * n * torch.finfo(dtype).bits // 8)))
+        held = {"range": (0, 0), "taps": None, "pad": None}
 
         def block(start: int, stop: int) -> torch.Tensor:
             lo, hi = held["range"]
             if not (lo <= start and stop <= hi):
-                lo, hi = start, min(max(stop, start + TAP_CHANNELS), self.d_model)
+                lo, hi = start, min(max(stop, start + width), self.d_model)
                 held["range"], held["taps"] = (lo, hi), [f.taps(t, lo, hi) for f, t in trunks]
-            specs = []
-            for taps in held["taps"]:                                         # (heads, hi - lo, n)
+            pad = held["pad"]
+            if pad is None or pad.shape[1] != stop - start:
+                # Zero-padded signals, reused while blocks keep their width: fill_taps rewrites the
+                # same ranges each time, so the zeros stay zeros.
+                pad = held["pad"] = torch.zeros(len(trunks), stop - start, n_fft, dtype=dtype,
+                                                device=self.D.device)            # (G, c, L)
+            for g, taps in enumerate(held["taps"]):                           # (heads, hi - lo, n)
                 k = taps[:, start - lo: stop - lo]
-                specs.append(conv_spectrum(k[0], k[1] if bidirectional else None, n_fft))
-            return torch.stack(specs)                                         # (G, c, F)
+                fill_taps(pad[g], k[0], k[1] if bidirectional else None)
+            return torch.fft.rfft(pad)                                        # (G, c, F)
         return block
 
     def filter_spectrum(self, n: int, n_fft: int, dtype: torch.dtype):
@@ -185,12 +204,15 @@ class M2SequenceMixer(M2Block):
         cplx = torch.complex128 if dtype == torch.float64 else torch.complex64
         nbytes = g * self.d_model * f * cplx.itemsize
         key = None
-        if not self.training and not torch.is_grad_enabled() and nbytes <= self.filter_cache_bytes:
+        if not self.training and not torch.is_grad_enabled():
             state = self._filter_state()
             key = None if state is None else (n, n_fft, self.mode, dtype, self.D.device, state)
             cached = getattr(self, "_spectrum_cache", None)
             if key is not None and cached is not None and cached[0] == key:
                 return cached[1]
+            self._spectrum_cache = None                  # stale: its bytes go back to the shared budget
+            if nbytes > min(self.filter_cache_bytes, self.filter_cache_total_bytes - _cached_bytes()):
+                key = None
         block = self.spectrum_blocks(n, n_fft, dtype)
         if key is None:
             return block
@@ -200,6 +222,7 @@ class M2SequenceMixer(M2Block):
             stop = min(start + step, self.d_model)
             spectrum[:, start:stop] = block(start, stop)
         self._spectrum_cache = (key, spectrum)
+        _HOLDERS.add(self)
         return spectrum
 
     def _forward_fast(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -209,10 +232,8 @@ class M2SequenceMixer(M2Block):
         # Both projections hand the long convolution channels-first data without a transpose copy.
         z_bias = None
         if type(proj_in) is nn.Linear:
-            # W @ x^T as one batched GEMM: torch.matmul would compute (x W^T)^T and copy it over.
-            w = proj_in.weight.expand(b, -1, -1)                              # (B, 3H, H)
-            zt = torch.bmm(w, x.transpose(1, 2))                              # (B, 3H, N), bias added later
-            z_bias = proj_in.bias
+            # W @ x^T a group of channels at a time, inside the core: no (B, 3H, N) tensor is made.
+            zt = _rows_of(proj_in, x)
         elif isinstance(proj_in, MonarchLinear):
             zt = proj_in.matmul(x.reshape(b * n, h), out_channels_first=True)   # (3H, B*N)
             zt = zt.view(-1, b, n).transpose(0, 1)                            # (B, 3H, N)
@@ -221,7 +242,10 @@ class M2SequenceMixer(M2Block):
         spectrum = self.filter_spectrum(n, n_fft, x.dtype)                    # (G, H, F) or blocks
         residual = self.residual_filter is not None
         monarch_out = isinstance(proj_out, MonarchLinear)
-        yt = torch.empty(h, b, n, dtype=x.dtype, device=x.device).transpose(0, 1) if monarch_out else None
+        if monarch_out:
+            yt = torch.empty(h, b, n, dtype=x.dtype, device=x.device).transpose(0, 1)
+        else:
+            yt = torch.empty(b, h, n, dtype=x.dtype, device=x.device)
         yt = mixer_core(zt, x if residual else None, spectrum, self.D, self.D_res if residual else None,
                         self.short_conv.weight[:, 0], self.short_conv.bias, keep, n_fft, out=yt,
                         z_bias=z_bias)                                        # (B, H, N)
@@ -286,6 +310,34 @@ class M2SequenceMixer(M2Block):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, mode={self.mode!r}, residual_conv={self.residual_filter is not None}"
+
+
+def _rows_of(proj: nn.Linear, x: torch.Tensor):
+    """``(start, stop) -> (B, 3, stop - start, N)``: the x1 | x2 | v rows of channels [start, stop) of
+    ``proj(x)``, channels first, bias included, for x (B, N, H) (see ``mixer_core``)."""
+    b, n, h = x.shape
+    w3 = proj.weight.view(3, -1, h)                                           # (3, H, H)
+    b3 = None if proj.bias is None else proj.bias.view(3, -1)
+    xt = x.transpose(1, 2)                                                    # (B, H, N), read in place
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        w = w3[:, start:stop].reshape(-1, h).expand(b, -1, -1)                # (B, 3c, H)
+        if b3 is None:
+            z = torch.bmm(w, xt)
+        else:
+            z = torch.baddbmm(b3[:, start:stop].reshape(1, -1, 1).expand(b, -1, n), w, xt)   # (B, 3c, N)
+        return z.view(b, 3, stop - start, n)
+    return rows
+
+
+def _cached_bytes() -> int:
+    """Bytes of filter spectra that live mixers hold in their caches right now."""
+    total = 0
+    for mixer in list(_HOLDERS):
+        cached = getattr(mixer, "_spectrum_cache", None)
+        if cached is not None:
+            total += cached[1].numel() * cached[1].element_size()
+    return total
 
 
 def _projection(in_features: int, out_features: int, nblocks: int, rank: int, factory: dict) -> nn.Module:
