@@ -2,12 +2,17 @@
 
     m2::monarch_matmul(Tensor x, Tensor w1, Tensor w2) -> Tensor
     m2::monarch_matmul_backward(Tensor dy, Tensor x, Tensor w1, Tensor w2) -> (Tensor, Tensor, Tensor)
+    m2::monarch_linear(Tensor x, Tensor w1, Tensor w2, Tensor? bias, int out_features, str activation) -> Tensor
     m2::gated_long_conv(Tensor v, Tensor x1, Tensor x2, Tensor k, Tensor? k_rev, Tensor? D) -> Tensor
     m2::gated_long_conv_backward(Tensor dy, Tensor v, Tensor x1, Tensor x2, Tensor k, Tensor? k_rev,
                                  Tensor? D) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)
 
 On GPUs each op launches the Triton kernels through ``wrap_triton`` (inductor can see and schedule
-them); on the CPU it runs the PyTorch reference, also when torch.compile decomposes the op. Backward
+them); on the CPU the forward ops run the CPU kernels, which compute what the references compute in
+bounded memory: ``m2::monarch_linear`` (a Monarch projection with its bias and activation, what an MLP's
+projections lower to) the chunked product of ``kernels.monarch.cpu`` with the activation applied as each
+chunk is written, ``m2::gated_long_conv`` the channel-blocked ``fftconv.cpu.gated_conv``; the others, and
+the backward ops, run the PyTorch references. Backward
 ops are ops too, so a compiled or exported training graph holds them instead of opaque Python. The
 conv backward returns zero-size tensors in place of the gradients of an absent k_rev or D.
 
@@ -19,7 +24,10 @@ from typing import Optional
 import torch
 from torch.library import triton_op, wrap_triton
 
+from .activations import activation as _activation
+from .fftconv.cpu import gated_conv
 from .fftconv.reference import fft_long_conv, gated_long_conv
+from .monarch.cpu import monarch_linear as _monarch_linear_cpu
 from .monarch.reference import monarch_matmul
 
 Tensor = torch.Tensor
@@ -27,6 +35,15 @@ Tensor = torch.Tensor
 
 def _on_cpu(t: Tensor) -> bool:
     return t.device.type == "cpu"
+
+
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """Plain tensors outside a compiler: the blocked CPU kernels run; traced calls (fake or functional
+    tensors, symbolic sizes) take the references, whose shapes a graph can carry."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and all(isinstance(d, int) for d in t.shape))
+               for t in tensors)
 
 
 def _check_conv(v: Tensor, k: Tensor, k_rev: Optional[Tensor], D: Optional[Tensor]) -> None:
@@ -41,6 +58,15 @@ def _check_conv(v: Tensor, k: Tensor, k_rev: Optional[Tensor], D: Optional[Tenso
 
 def _conv_reference(v, x1, x2, k, k_rev, D):
     _check_conv(v, k, k_rev, D)
+    return gated_long_conv(v, x1, x2, k, k_rev, D)
+
+
+def _conv_cpu(v, x1, x2, k, k_rev, D):
+    """The CPU kernel: channel-blocked (``fftconv.cpu.gated_conv``) in float32 / float64, else the reference."""
+    _check_conv(v, k, k_rev, D)
+    tensors = [t for t in (v, x1, x2, k, k_rev, D) if t is not None]
+    if v.dtype in (torch.float32, torch.float64) and all(t.dtype == v.dtype for t in tensors) and _eager(*tensors):
+        return gated_conv(v, x1, x2, k, k_rev, D)
     return gated_long_conv(v, x1, x2, k, k_rev, D)
 
 
@@ -102,7 +128,7 @@ def _monarch_matmul_backward(dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor) -> t
 def _gated_long_conv(v: Tensor, x1: Tensor, x2: Tensor, k: Tensor, k_rev: Optional[Tensor],
                      D: Optional[Tensor]) -> Tensor:
     if _on_cpu(v):
-        return _conv_reference(v, x1, x2, k, k_rev, D)
+        return _conv_cpu(v, x1, x2, k, k_rev, D)
     from .fftconv.triton_fftconv import gated_conv_forward
     return gated_conv_forward(v, x1, x2, k, k_rev, D, wrap=wrap_triton)
 
@@ -118,10 +144,57 @@ def _gated_long_conv_backward(dy: Tensor, v: Tensor, x1: Tensor, x2: Tensor, k: 
     return tuple(v.new_empty(0) if g is None else g for g in grads)
 
 
+@torch.library.custom_op("m2::monarch_linear", mutates_args=())
+def _monarch_linear(x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], out_features: int,
+                    activation: str) -> Tensor:
+    if _on_cpu(x) and _eager(x, w1, w2, bias):
+        act = _activation(activation).inplace if activation else None
+        rows = x.reshape(-1, x.shape[-1]).contiguous()                            # (M, nb * P)
+        y = _monarch_linear_cpu(rows, w1, w2, bias, out_features, activation=act)  # (M, out)
+        return y.view(*x.shape[:-1], out_features)
+    return _monarch_linear_reference(x, w1, w2, bias, out_features, activation)
+
+
+def _monarch_linear_reference(x, w1, w2, bias, out_features: int, activation: str):
+    y = torch.ops.m2.monarch_matmul(x, w1, w2)[..., :out_features]                # (..., out)
+    if bias is not None:
+        y = y + bias
+    return _activation(activation).apply(y) if activation else y
+
+
+@_monarch_linear.register_fake
+def _(x, w1, w2, bias, out_features, activation):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, w1, w2, bias, out_features, activation = inputs
+    ctx.out_features, ctx.activation, ctx.has_bias = out_features, activation, bias is not None
+    ctx.save_for_backward(x, w1, w2, bias)
+
+
+def _linear_grad(ctx, dy):
+    x, w1, w2, bias = ctx.saved_tensors
+    if ctx.activation:
+        pre = torch.ops.m2.monarch_matmul(x, w1, w2)[..., : ctx.out_features]     # recomputed, not stored
+        if bias is not None:
+            pre = pre + bias
+        dy = _activation(ctx.activation).backward(dy, pre)
+    full = w2.shape[0] * w2.shape[1]
+    if full != ctx.out_features:
+        dy = torch.nn.functional.pad(dy, (0, full - ctx.out_features))            # the cropped outputs
+    dx, dw1, dw2 = torch.ops.m2.monarch_matmul_backward(dy.contiguous(), x, w1, w2)
+    db = dy[..., : ctx.out_features].reshape(-1, ctx.out_features).sum(0) if ctx.has_bias else None
+    return dx, dw1, dw2, db, None, None
+
+
+_monarch_linear.register_autograd(_linear_grad, setup_context=_linear_setup)
+
+
 # CPU kernels: the references (the GPU branch above is never taken for CPU tensors).
 _monarch_matmul.register_kernel("cpu")(monarch_matmul)
 _monarch_matmul_backward.register_kernel("cpu")(_monarch_backward_reference)
-_gated_long_conv.register_kernel("cpu")(_conv_reference)
+_gated_long_conv.register_kernel("cpu")(_conv_cpu)
 _gated_long_conv_backward.register_kernel("cpu")(_conv_backward_reference)
 
 
@@ -185,6 +258,26 @@ def monarch_matmul_op(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
         torch.Size([2, 20])
     """
     return torch.ops.m2.monarch_matmul(x, w1, w2)
+
+
+def monarch_linear_op(x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor] = None,
+                      out_features: Optional[int] = None, activation: str = "") -> Tensor:
+    """``torch.ops.m2.monarch_linear``: y = act(Monarch(w1, w2) @ x [..., :out_features] + bias), differentiable.
+
+    Args:
+        x: (..., nb * P).  w1: (nb, nb * rho, P).  w2: (nb, S, nb * rho).  bias: (out_features,) or None.
+        out_features: outputs kept (default nb * S).  activation: a name in ``kernels.activations``, or "".
+
+    Returns:
+        (..., out_features).
+
+    Example:
+        >>> monarch_linear_op(torch.randn(2, 12), torch.randn(4, 8, 3), torch.randn(4, 5, 8), torch.zeros(18),
+        ...                   18, "gelu").shape
+        torch.Size([2, 18])
+    """
+    out = w2.shape[0] * w2.shape[1] if out_features is None else out_features
+    return torch.ops.m2.monarch_linear(x, w1, w2, bias, out, activation)
 
 
 def gated_long_conv_op(v: Tensor, x1: Tensor, x2: Tensor, k: Tensor, k_rev: Optional[Tensor] = None,

@@ -44,7 +44,7 @@ LOAD_IGNORED = frozenset({"cache_dir", "force_download", "local_files_only", "pr
 # device_map values that mean "wherever fits": one device here, the first accelerator if there is one.
 AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # The plan's keys that hold module paths (site paths, replaced modules, role and norm paths).
-PATH_KEYS = ("fqn", "path", "replaces")
+PATH_KEYS = ("fqn", "path", "replaces", "fold_module")
 
 
 def _dtype(value, where: str) -> torch.dtype | None:

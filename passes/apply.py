@@ -97,6 +97,8 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
 
 def _mlp_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[str, nn.Module]:
     nblocks, rank = site.settings["nblocks"], site.settings["rank"]
+    layout = site.layout
+    folded = site.roles[layout.fold_role].path if layout.fold is not None else None
     out = {}
     for path in dict.fromkeys(r.path for r in site.roles.values()):     # a fused gate_up linear once
         original = model.get_submodule(path)
@@ -108,8 +110,12 @@ def _mlp_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[s
             in_f, out_f = projection_dims(original)
             new = MonarchLinear(in_f, out_f, nblocks=nblocks, bias=bias is not None, rank=rank,
                                 device=device or weight.device, dtype=weight.dtype)
+        if path == folded:
+            new.activation = layout.fold                 # applied as the output is written (MLPLayout.fold)
         new.train(original.training)
         out[path] = new
+    if folded is not None:
+        out[layout.fold_module] = nn.Identity()
     return out
 
 

@@ -73,6 +73,6 @@ def estimate_costs(ctx) -> int:
                 site.skip(f"cannot build {site.replacement}: {exc}")
             continue
         site.params_after = sum(p.numel() for m in new.values() for p in m.parameters())
-        site.flops_after = sum((m.flops() for m in new.values()), sympy.Integer(0))
+        site.flops_after = sum((m.flops() for m in new.values() if hasattr(m, "flops")), sympy.Integer(0))   # not Identity
         priced += 1
     return priced

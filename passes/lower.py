@@ -1,6 +1,7 @@
 """Lowering: rewrite the reference subgraphs of a captured converted model into the fused ``m2::`` ops.
 
     Monarch multiply   reshape/transpose/bmm/permute/bmm chain   -> m2::monarch_matmul(x, w1, w2)
+                       ... then [..., :out], + bias, GELU/ReLU/SiLU -> m2::monarch_linear(x, w1, w2, bias, out, act)
     long convolution   rfft * mul * irfft (or the Monarch-DFT    -> m2::gated_long_conv(v, x1, x2, k, k_rev, D)
                        GEMMs) with the gates and skip around it
 
@@ -73,7 +74,7 @@ class LowerResult(PassResult):
         >>> converted = m2.convert(transformers.BertModel(config))
         >>> inputs = {"input_ids": torch.ones(2, 16, dtype=torch.long)}                  # (B, N)
         >>> result = lower_program(torch.export.export(converted, (), inputs, strict=False))
-        >>> result.count("m2::monarch_matmul"), [u.reason for u in result.unfused]      # two per MLP
+        >>> result.count("m2::monarch_linear"), [u.reason for u in result.unfused]      # two per MLP
         (2, [])
     """
 
@@ -249,7 +250,7 @@ class LoweredModule(nn.Module):
         >>> ids = torch.ones(2, 16, dtype=torch.long)                                     # (B, N)
         >>> ep = torch.export.export(lowered, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         >>> sorted({str(n.target) for n in ep.graph.nodes if "m2" in str(n.target)})
-        ['m2.gated_long_conv.default', 'm2.monarch_matmul.default']
+        ['m2.gated_long_conv.default', 'm2.monarch_linear.default']
         >>> lowered(input_ids=ids).last_hidden_state.shape     # no mask: lowered again for this set, once
         torch.Size([2, 16, 32])
     """
@@ -367,7 +368,7 @@ def lower(model, example_inputs=None, dynamic: bool = True) -> LoweredModule:
         >>> config = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
         ...                                  intermediate_size=64)
         >>> lowered = m2.lower(m2.convert(transformers.BertModel(config)))
-        >>> lowered.result.count("m2::monarch_matmul")          # two MonarchLinear per MLP
+        >>> lowered.result.count("m2::monarch_linear")          # two MonarchLinear per MLP, with bias (fc1: + GELU)
         4
         >>> ids = torch.ones(2, 16, dtype=torch.long)
         >>> lowered(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape     # (B, N, H)

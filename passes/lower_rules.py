@@ -13,6 +13,8 @@ pre-transposed weights, another FFT length, masks or no masks) still matches.
     rule               anchor                algebra
     monarch-bmm        bmm / matmul          x.view(M, nb, P).mT @ w1.mT -> .view(nb, M, nb, rho).permute(2, 1, 0, 3)
                                              -> .view(nb, M, nb * rho) @ w2.mT -> .mT.view(..., nb * S)
+                                             [-> [..., :out] -> + bias -> gelu / relu / silu: m2::monarch_linear,
+                                             the projection's epilogue run as each chunk is written]
     fft-conv           fft_irfft             x2 * (irfft(rfft(v * x1, L) * K, L)[..., :N] + D * v * x1),
                                              K = rfft(k, L) [+ conj(rfft(k_rev, L)) - k_rev[:, :1]]
     monarch-dft-conv   real                  x2 * (idft(dft(pad(v * x1)) * dft(pad(k))).real[..., :N] + D * v * x1),
@@ -247,7 +249,49 @@ def match_monarch(rule: str, gemm2: fx.Node, g):
                                        "dims around the two GEMMs")
     roots = (_weight_root(w1op, g), _weight_root(w2op, g))
     detail = f"nb={nb} P={p} S={s} rho={q // nb}"
-    return [Candidate(rule, site, gemm2, out, torch.ops.m2.monarch_matmul.default, (x, w1, w2), (x, *roots), detail)]
+    plain = Candidate(rule, site, gemm2, out, torch.ops.m2.monarch_matmul.default, (x, w1, w2), (x, *roots), detail)
+    tail = _monarch_epilogue(out, nb * s, g)
+    if tail is None:
+        return [plain]
+    end, bias, width, act = tail
+    what = ", ".join(part for part in (f"out={width}" if width != nb * s else "", "bias" if bias else "", act) if part)
+    return [Candidate(rule, site, gemm2, end, torch.ops.m2.monarch_linear.default, (x, w1, w2, bias, width, act),
+                      (x, *roots), f"{detail} + {what}"), plain]
+
+
+# Elementwise ops a Monarch projection applies itself (m2::monarch_linear), by name in kernels/activations.py.
+EPILOGUE_ACTIVATIONS = {"aten.relu": "relu", "aten.silu": "silu"}
+
+
+def _sole_user(node: fx.Node):
+    found = users(node)
+    return found[0] if len(found) == 1 else None
+
+
+def _monarch_epilogue(out: fx.Node, full: int, g):
+    """(last node, bias, kept outputs, activation name or "") of what follows a Monarch product and
+    m2::monarch_linear does itself: ``[..., :out]`` cropping, a bias add, an activation; None if none follows."""
+    end, bias, width, act = out, None, full, ""
+    nxt = _sole_user(end)
+    if (op_name(nxt) == "aten.slice" and len(nxt.args) >= 4 and int(nxt.args[1]) % len(shape(end)) == len(shape(end)) - 1
+            and nxt.args[2] in (0, None) and isinstance(nxt.args[3], int) and nxt.args[3] < full
+            and (len(nxt.args) < 5 or nxt.args[4] == 1)):
+        end, width = nxt, nxt.args[3]
+        nxt = _sole_user(end)
+    if op_name(nxt) == "aten.add" and len(nxt.args) == 2 and not nxt.kwargs:
+        other = nxt.args[1] if nxt.args[0] is end else nxt.args[0]
+        if isinstance(other, fx.Node) and g.is_const(other) and tuple(shape(other)) == (width,):
+            end, bias = nxt, other
+            nxt = _sole_user(end)
+    name = op_name(nxt) if nxt is not None else ""
+    if name == "aten.gelu" and nxt.args[0] is end:
+        approximate = nxt.kwargs.get("approximate", nxt.args[1] if len(nxt.args) > 1 else "none")
+        act = "gelu_tanh" if approximate == "tanh" else "gelu"
+    elif name in EPILOGUE_ACTIVATIONS and nxt.args[0] is end and len(nxt.args) == 1:
+        act = EPILOGUE_ACTIVATIONS[name]
+    if act:
+        end = nxt
+    return None if end is out else (end, bias, width, act)
 
 
 def _spectral_section(anchor: fx.Node):

@@ -19,10 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import fx
 
+from m2convert.layers.monarch import ACTIVATIONS as FOLDABLE
+
 from m2convert.passes.experts import expert_sites
-from m2convert.passes.graph import (ACTIVATIONS, ELEMENTWISE, GraphIndex, common_prefix, feature_ranges,
+from m2convert.passes.graph import (ACTIVATIONS, ELEMENTWISE, GraphIndex, common_prefix, feature_ranges, within,
                                    module_entry, op_name, projection_dims, users)
 from m2convert.passes.site import DIMENSION, MLPLayout, Role, Site
 
@@ -35,6 +38,8 @@ class MLPMatch:
     activation: str | None
     pattern: str
     rows: dict = field(default_factory=dict)
+    act_nodes: tuple = ()                    # the activation's nodes, between ``act_role``'s output and down
+    act_role: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,9 @@ def match_act_mlp(index: GraphIndex, down, region, sources) -> MLPMatch | None:
     if len(sources) != 1:
         return None
     act = activation_name(index, region)
-    return None if act is None else MLPMatch({"fc1": sources[0], "fc2": down}, act, f"{act}-mlp")
+    if act is None:
+        return None
+    return MLPMatch({"fc1": sources[0], "fc2": down}, act, f"{act}-mlp", act_nodes=tuple(region), act_role="fc1")
 
 
 @register_mlp_pattern("gated-mlp")
@@ -151,7 +158,8 @@ def match_gated_mlp(index: GraphIndex, down, region, sources) -> MLPMatch | None
     if sum(a is not None for a in acts) != 1 or not any(op_name(n) == "aten.mul" for n in reach[0] & reach[1]):
         return None
     gate = 0 if acts[0] else 1
-    return MLPMatch({"gate": sources[gate], "up": sources[1 - gate], "down": down}, acts[gate], "gated-mlp")
+    return MLPMatch({"gate": sources[gate], "up": sources[1 - gate], "down": down}, acts[gate], "gated-mlp",
+                    act_nodes=tuple(reach[gate] - reach[1 - gate]), act_role="gate")
 
 
 def mlp_site(index: GraphIndex, down) -> Site | None:
@@ -181,7 +189,51 @@ def mlp_site(index: GraphIndex, down) -> Site | None:
             where = sorted({(module_entry(u) or ("the model output",))[0] or "the model" for u in outside})
             return site.skip(f"the intermediate value '{node.name}' ({op_name(node)}) is also used outside the "
                              f"MLP by {where}; converting would change what they read")
+    fold = foldable_activation(index, found)
+    if fold is not None:
+        site.layout.fold_module, site.layout.fold = fold
+        site.layout.fold_role = found.act_role
     return site
+
+
+def foldable_activation(index: GraphIndex, found: MLPMatch) -> tuple[str, str] | None:
+    """(module path, ``MonarchLinear.activation``) when the MLP's activation can run inside its projection.
+
+    It can when every node of the activation runs in one parameter-free module of its own (not the MLP's
+    parent, not shared with another path, called once) whose values equal one of MonarchLinear's
+    activations within 1e-6 on [-8, 8]: then the projection applies it to its output as it writes it
+    (no second (..., I) tensor, no extra pass) and the module becomes the identity.
+    """
+    if found.act_role is None or not found.act_nodes:
+        return None
+    entries = {module_entry(n) for n in found.act_nodes}
+    if len(entries) != 1 or None in entries:
+        return None
+    fqn, _, call = entries.pop()
+    cap = index.captured
+    module = cap.modules.get(fqn)
+    if (module is None or call or cap.calls.get(fqn, 1) != 1 or len(cap.shared.get(fqn, (fqn,))) > 1
+            or any(True for _ in module.parameters()) or any(within(p.fqn, fqn) for p in found.roles.values())):
+        return None
+    name = matching_activation(module, found.activation)
+    return None if name is None else (fqn, name)
+
+
+def matching_activation(module, hint: str | None) -> str | None:
+    """The MonarchLinear activation whose values ``module`` reproduces within 1e-6 on [-8, 8] (the one named
+    like ``hint`` tried first), or None."""
+    t = torch.linspace(-8, 8, 4001)
+    try:
+        with torch.no_grad():
+            want = module(t.clone())
+    except Exception:                              # an activation module that does not take a plain tensor
+        return None
+    if not isinstance(want, torch.Tensor) or want.shape != t.shape:
+        return None
+    for name in sorted(FOLDABLE, key=lambda k: not (hint and k.startswith(hint))):
+        if torch.allclose(FOLDABLE[name].apply(t), want, rtol=0, atol=1e-6):
+            return name
+    return None
 
 
 def find_mlps(ctx):

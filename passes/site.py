@@ -159,12 +159,24 @@ class AttentionLayout(SiteLayout):
 
 @dataclass
 class MLPLayout(SiteLayout):
-    """Layout of an MLP site: its activation ("gelu", "silu", ...; None when unknown)."""
+    """Layout of an MLP site.
+
+    Attributes:
+        activation: its activation ("gelu", "silu", ...; None when unknown).
+        fold: the ``MonarchLinear.activation`` ("gelu", "gelu_tanh", "relu", "silu") that the ``fold_role``
+            projection applies itself, as it writes its output, in place of the model's separate activation
+            module at ``fold_module`` (which becomes ``nn.Identity``); None when the activation stays a module
+            of its own (a function call in the model's code, a module that also does other work, or one
+            whose values differ from every MonarchLinear activation by more than 1e-6).
+    """
 
     type: ClassVar[str] = "mlp"
     kind: ClassVar[str] = DIMENSION
 
     activation: str | None = None
+    fold: str | None = None
+    fold_module: str | None = None
+    fold_role: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "MLPLayout":

@@ -15,6 +15,9 @@ from m2convert.passes.lower import LowerResult, lower, lower_program
 from m2convert.passes.pipeline import PassResult
 
 MONARCH, CONV = "m2::monarch_matmul", "m2::gated_long_conv"
+# A Monarch product followed by its bias (and activation) lowers to one m2::monarch_linear.
+LINEAR = "m2::monarch_linear"
+MONARCH_OPS = (MONARCH, LINEAR)
 # What must not survive lowering: the Monarch GEMMs and every FFT / complex op of the convolutions.
 REFERENCE_OPS = ("aten.bmm", "aten.matmul", "aten.fft_rfft", "aten.fft_irfft", "aten.real", "aten._conj")
 
@@ -36,11 +39,12 @@ def _assert_fully_lowered(converted: nn.Module, lowered) -> None:
     monarch, convs = _expected_sites(converted)
     assert monarch and convs                       # the fixture really is converted
     # A layer change that stops a chain from matching shows here as a missing site.
-    assert {f.site for f in result.fused if f.op == MONARCH} == monarch
-    assert result.count(MONARCH) == len(monarch) and result.count(CONV) == convs
+    assert {f.site for f in result.fused if f.op in MONARCH_OPS} == monarch
+    assert result.count(MONARCH) + result.count(LINEAR) == len(monarch) and result.count(CONV) == convs
     assert result.unfused == [] and result.matched == len(monarch) + convs
     ops = _ops(lowered.exported.graph_module)
-    assert ops.count("m2.monarch_matmul") == len(monarch) and ops.count("m2.gated_long_conv") == convs
+    monarch_ops = ops.count("m2.monarch_matmul") + ops.count("m2.monarch_linear")
+    assert monarch_ops == len(monarch) and ops.count("m2.gated_long_conv") == convs
     assert not [op for op in ops if op in REFERENCE_OPS]
     complex_nodes = [n.name for n in lowered.exported.graph.nodes
                      if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_complex()]
@@ -98,7 +102,7 @@ def test_exporting_the_lowered_module_keeps_m2_ops(bert):
     seq = torch.export.Dim("seq", min=2, max=64)
     ep = torch.export.export(lowered, (), inputs, dynamic_shapes={k: {1: seq} for k in inputs}, strict=False)
     ops = _ops(ep.graph_module)
-    assert "m2.monarch_matmul" in ops and "m2.gated_long_conv" in ops
+    assert "m2.monarch_linear" in ops and "m2.gated_long_conv" in ops
     assert not [op for op in ops if op in REFERENCE_OPS]
     with torch.no_grad():
         assert_close(ep.module()(**inputs).last_hidden_state, converted(**inputs).last_hidden_state, 1e-5)
@@ -166,7 +170,7 @@ def test_mask_free_mixer_and_padded_monarch_lower_with_gradients(mode):
     want.square().sum().backward()
     lowered = lower(model, example_inputs=(x.detach(),))
     result = lowered.result
-    assert result.count(MONARCH) == 1 and result.count(CONV) == 2 and result.unfused == []
+    assert result.count(LINEAR) == 1 and result.count(CONV) == 2 and result.unfused == []   # cropped, with bias
     # A model export cannot capture with dynamic shapes falls back to static ones and says so.
     assert all(note.startswith("captured with static shapes") for note in result.notes)
     gated = next(f.detail for f in result.fused if "taps from filter" in f.detail)
@@ -206,7 +210,7 @@ def test_look_alike_chains_are_left_alone_and_reported(capfd, monkeypatch):
     model, x = _LookAlikes().eval(), torch.randn(2, 5, 12)
     lowered = lower(model, example_inputs=(x,))
     result = lowered.result
-    assert [f.site for f in result.fused] == ["monarch"] and result.count(MONARCH) == 1
+    assert [f.site for f in result.fused] == ["monarch"] and result.count(LINEAR) == 1      # with its bias
     reasons = sorted(u.reason for u in result.unfused)
     assert len(reasons) == 2 and all(u.rule == "monarch-bmm" and u.site == "" for u in result.unfused)
     assert "do not chain" in reasons[0] and "(2, 4, 6) and (1, 5, 4)" in reasons[0]

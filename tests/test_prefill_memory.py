@@ -115,7 +115,7 @@ def test_fused_activation_equals_activation_after_the_layer(monkeypatch, one_thr
     plain = m2.MonarchLinear(*shape, nblocks=nblocks).to(dtype)
     fused = m2.MonarchLinear(*shape, nblocks=nblocks, activation=activation).to(dtype)
     fused.load_state_dict(plain.state_dict())
-    act = monarch_layer.ACTIVATIONS[activation][1]
+    act = monarch_layer.ACTIVATIONS[activation].apply
     x = torch.randn(2, 45, shape[0], dtype=dtype)                      # 90 rows: chunks of 8, last short
     monkeypatch.setattr(monarch_cpu, "CHUNK_ELEMENTS", 8 * nblocks * 2 * max(fused.w1.shape[1], fused.w2.shape[1]))
     monkeypatch.setattr(monarch_cpu, "MIN_CHUNK_ROWS", 8)

@@ -172,6 +172,50 @@ def mixer_core(zt, x: torch.Tensor | None, spectrum, D: torch.Tensor,
     return yt
 
 
+def gated_conv(v: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None,
+               D: torch.Tensor | None) -> torch.Tensor:
+    """y = x2 * (conv(v * x1, k, k_rev) + D * v * x1), one block of channels at a time.
+
+    What ``reference.gated_long_conv`` computes (and the CPU kernel of ``m2::gated_long_conv``, so an
+    exported, lowered model runs it), with a 5-smooth FFT length and only (B + 1, c, L) transform buffers
+    per block of c channels: the whole-width (B, H, L / 2 + 1) complex spectra never exist.
+
+    Args:
+        v, x1, x2: (B, H, N) float32 / float64.  k, k_rev: (H, N) taps (k_rev None: causal).  D: (H,) or None.
+
+    Returns:
+        (B, H, N), contiguous.
+
+    Example:
+        >>> from m2convert.kernels.fftconv.reference import gated_long_conv
+        >>> v, x1, x2 = torch.randn(3, 2, 4, 9, dtype=torch.float64).unbind(0)
+        >>> k, k_rev, D = torch.randn(4, 9, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+        >>> torch.allclose(gated_conv(v, x1, x2, k, k_rev, D), gated_long_conv(v, x1, x2, k, k_rev, D))
+        True
+    """
+    b, h, n = v.shape
+    n_fft = fft_size(n)
+    y = torch.empty(b, h, n, dtype=v.dtype, device=v.device)
+    step = block_channels(b + 1, 1, n_fft, h)                                 # signals and the filter
+    # Zero-padded transform inputs, reused by every block: only their tap / signal ranges are written.
+    pad = torch.zeros(b, step, n_fft, dtype=v.dtype, device=v.device)       # (B, c, L)
+    kpad = torch.zeros(step, n_fft, dtype=v.dtype, device=v.device)         # (c, L)
+    for c0 in range(0, h, step):
+        c1 = min(c0 + step, h)
+        u = pad[:, : c1 - c0, :n]                                              # (B, c, N)
+        torch.mul(v[:, c0:c1], x1[:, c0:c1], out=u)
+        response = torch.fft.rfft(fill_taps(kpad[: c1 - c0], k[c0:c1], None if k_rev is None else k_rev[c0:c1]))
+        spec = torch.fft.rfft(pad[:, : c1 - c0]).mul_(response)                # (B, c, F)
+        conv = torch.fft.irfft(spec, n=n_fft)[..., :n]                         # (B, c, N)
+        out = y[:, c0:c1]
+        if D is None:
+            out.copy_(conv)
+        else:
+            torch.addcmul(conv, u, D[c0:c1, None], out=out)
+        out.mul_(x2[:, c0:c1])
+    return y
+
+
 def _conv_block(sc, buf, xc, keep, response, D, D_res, y) -> None:
     """Gates and long convolutions of one channel block: sc (B, 3, c, N) short-conv output, buf
     (B, G, c, L) zeroed transform input, xc (B, N, c) or None, response (G, c, F); writes y (B, c, N)."""

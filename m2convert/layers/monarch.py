@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..errors import ConfigError, ConversionError, ShapeError, check_choice, check_int
+from ..kernels.activations import ACTIVATIONS
 from ..kernels.monarch.cpu import monarch_linear
 from ..kernels.monarch.reference import monarch_matmul, monarch_to_dense
 from .base import M2Block, traced
@@ -31,15 +32,8 @@ from .cost import B, N, substitute
 # (M2SequenceMixer's smooth-FFT, channel-blocked core with its filter-spectrum cache, kernels/fftconv/cpu.py).
 FAST_PATHS = ("monarch", "mixer")
 _disabled: set[str] = set()
-# Activations a MonarchLinear can apply to its own output: name -> (in-place for the CPU fast path, which
-# applies it chunk by chunk as results are written; out-of-place for the reference path).
-ACTIVATIONS = {
-    "gelu": (torch._C._nn.gelu_, nn.functional.gelu),
-    "gelu_tanh": (lambda t: torch._C._nn.gelu_(t, approximate="tanh"),
-                  lambda t: nn.functional.gelu(t, approximate="tanh")),
-    "relu": (torch.relu_, torch.relu),
-    "silu": (lambda t: nn.functional.silu(t, inplace=True), nn.functional.silu),
-}
+# ACTIVATIONS (kernels/activations.py): what a MonarchLinear can apply to its own output, by name; in place
+# on the CPU fast path, chunk by chunk as results are written, out of place on the reference path.
 
 
 @contextmanager
@@ -297,7 +291,8 @@ class MonarchLinear(M2Block, nn.Linear):
             return None
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"MonarchLinear.activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
-        return ACTIVATIONS[self.activation][which]
+        act = ACTIVATIONS[self.activation]
+        return act.apply if which else act.inplace
 
     def matmul(self, x: torch.Tensor, *, x_channels_first: bool = False,
                out_channels_first: bool = False) -> torch.Tensor:
