@@ -112,6 +112,9 @@ def _mlp_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[s
                                 device=device or weight.device, dtype=weight.dtype)
         if path == folded:
             new.activation = layout.fold                 # applied as the output is written (MLPLayout.fold)
+            # fc1 -> act -> fc2 and nothing else reads fc1: fc2 runs both a group of tokens at a time
+            # (m2convert.layers.chained), so the (N, I) intermediate is never made whole.
+            new.chain_output = layout.fold_role == "fc1" and "fc2" in site.roles
         new.train(original.training)
         out[path] = new
     if folded is not None:

@@ -50,7 +50,7 @@ def chunk_rows(rows: int, width: int) -> int:
 
 def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None = None,
                    out_features: int | None = None, *, x_t: bool = False, out_t: bool = False,
-                   activation=None) -> torch.Tensor:
+                   activation=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = Monarch(w1, w2) @ x (+ bias) along the feature dimension, without building an autograd graph.
 
     Args:
@@ -63,14 +63,16 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
         activation: in-place elementwise function (e.g. ``torch._C._nn.gelu_``) applied to each chunk's
             block-major result before it is written out, while it is still in cache: the activation
             costs no pass over, and no second copy of, the (M, out) output. None: no activation.
+        out: a (M, out_features) tensor (rows contiguous; not with ``out_t``) to write into, or None.
 
     Returns:
-        (M, out_features), or (out_features, M) with ``out_t``; contiguous.
+        (M, out_features), or (out_features, M) with ``out_t``; ``out`` when given, else a new contiguous tensor.
     """
     nb, mid, p = w1.shape
     s = w2.shape[1]
     rho = mid // nb
     m = x.shape[1] if x_t else x.shape[0]
+    dest = out
     out = nb * s if out_features is None else out_features
     if bias is not None and out < nb * s:
         bias = torch.nn.functional.pad(bias, (0, nb * s - out))
@@ -79,8 +81,10 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
         if activation is not None:
             activation(rows)
         rows = rows[:, :out]                                                   # (m, out)
+        if dest is not None:
+            return dest.copy_(rows)
         return (rows.t() if out_t else rows).contiguous()
-    y = torch.empty((out, m) if out_t else (m, out), dtype=x.dtype, device=x.device)
+    y = torch.empty((out, m) if out_t else (m, out), dtype=x.dtype, device=x.device) if dest is None else dest
     if m == 0:
         return y
     rows = chunk_rows(m, nb * max(mid, s))

@@ -25,6 +25,7 @@ from ..kernels.activations import ACTIVATIONS
 from ..kernels.monarch.cpu import monarch_linear
 from ..kernels.monarch.reference import monarch_matmul, monarch_to_dense
 from .base import M2Block, traced
+from .chained import DeferredOutput, chain_rows, run_chained
 from .cost import B, N, substitute
 
 
@@ -210,6 +211,10 @@ class MonarchLinear(M2Block, nn.Linear):
         torch.Size([2, 7, 1536])
     """
 
+    # Eager inference hands its output to the next MonarchLinear unmade (layers/chained.py); set on an MLP's
+    # first projection when nothing but that projection reads it (the plan's MLPLayout.fold).
+    chain_output = False
+
     def __init__(self, in_features: int, out_features: int, nblocks: int = 4, bias: bool = True,
                  rank: int = 1, device=None, dtype=None, activation: str | None = None):
         nn.Module.__init__(self)                    # not nn.Linear's: there is no dense weight parameter
@@ -270,20 +275,36 @@ class MonarchLinear(M2Block, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"MonarchLinear expects last dim {self.in_features}, got input of shape {tuple(x.shape)}")
+        if isinstance(x, DeferredOutput):
+            if eager_inference(self.w1, self.w2, self.bias):
+                return run_chained(x, self)                             # token groups through both projections
+            x = x.value()
+        if eager_inference(x, self.w1, self.w2, self.bias):
+            if self.chain_output and x.numel() // x.shape[-1] > chain_rows(self.out_features, x.element_size()):
+                return DeferredOutput(self, x)                          # made by the next projection
+            return self.materialize(x)
         p, s, _ = self.block_sizes
         pad = self.nblocks * p - self.in_features
         if pad:
             x = nn.functional.pad(x, (0, pad))                        # (..., nb * P)
-        if eager_inference(x, self.w1, self.w2, self.bias):
-            rows = x.reshape(-1, x.shape[-1]).contiguous()             # (M, nb * P)
-            y = monarch_linear(rows, self.w1, self.w2, self.bias, self.out_features,
-                               activation=self._act(0))                 # (M, out)
-            return y.view(*x.shape[:-1], self.out_features)
         y = monarch_matmul(x, self.w1, self.w2)                         # (..., nb * S)
         if self.nblocks * s != self.out_features:
             y = y[..., : self.out_features]                             # (..., out)
         y = y if self.bias is None else y + self.bias
         return y if self.activation is None else self._act(1)(y)
+
+    def materialize(self, x: torch.Tensor) -> torch.Tensor:
+        """Eager inference product (..., in) -> (..., out), activation included, as one tensor."""
+        y = self.eager_rows(x.reshape(-1, x.shape[-1]))                          # (M, out)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def eager_rows(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, in) rows -> (M, out) with the CPU kernel (no autograd graph), into ``out`` when given."""
+        pad = self.nblocks * self.block_sizes[0] - self.in_features
+        if pad:
+            rows = nn.functional.pad(rows, (0, pad))                             # (M, nb * P)
+        return monarch_linear(rows.contiguous(), self.w1, self.w2, self.bias, self.out_features,
+                              activation=self._act(0), out=out)
 
     def _act(self, which: int):
         """The activation's in-place (0) or out-of-place (1) function, or None without one."""
