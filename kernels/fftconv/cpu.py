@@ -34,9 +34,9 @@ BLOCK_BYTES = 1 << 20
 
 
 # A callable in-projection (see :func:`mixer_core`) is asked for rows of at least PROJECT_CHANNELS
-# channels (3x that many GEMM rows: narrower GEMMs reread the whole input too often), and of about
-# PROJECT_BYTES when more channels fit in that.
-PROJECT_CHANNELS = 64
+# channels (3x that many GEMM rows: at H = 768 a 192-row GEMM ran 20-50% below a 768-row one, which reads
+# the whole input once per group as well), and of about PROJECT_BYTES when more channels fit in that.
+PROJECT_CHANNELS = 256
 PROJECT_BYTES = 4 << 20
 
 
