@@ -297,9 +297,25 @@ def _run(original, converted, attn, seq_lens, batch, dtype, opts, say) -> dict:
             last.setdefault(key, []).append((n, statistics.median(ts)))
         say(f"N={n}: {rounds} rounds, " + ", ".join(f"{_label(k)} {statistics.median(t) * 1e3:.1f} ms"
                                                    for k, t in times.items()))
-        for name in converted:
+        for name, model in converted.items():
             rows[name].append(row_from_times(n, batch, rounds, times, status, peaks, ("converted", name)))
+            rows[name][-1].original_predicted_mb, rows[name][-1].converted_predicted_mb = predicted_mb(
+                model, n, batch, dtype)
     return rows
+
+
+def predicted_mb(converted: nn.Module, n: int, batch: int, dtype: torch.dtype) -> tuple:
+    """(original, converted) prefill peak MiB that the model's plan predicts (``RewritePlan.memory``), or
+    Nones for a model without a plan."""
+    from .passes.plan import RewritePlan
+
+    saved = getattr(converted, "m2convert_plan", None)
+    if not saved:
+        return None, None
+    memory = RewritePlan.from_dict(saved).memory(n, batch, torch.finfo(dtype).bits // 8)
+    if memory["before"] is None:
+        return None, None
+    return round(memory["before"] / 2**20, 1), round(memory["after"] / 2**20, 1)
 
 
 def _label(key) -> str:

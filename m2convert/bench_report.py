@@ -32,22 +32,25 @@ def _cell(value, status: str, fmt: str) -> str:
 def rows_table(rows: list[BenchRow]) -> str:
     """Markdown: tokens/ms, ratios, peak MiB and latency per N; a status where a variant did not run."""
     head = ["N", "original (SDPA) tok/ms", "eager tok/ms", "converted tok/ms", "ratio vs SDPA", "ratio vs eager",
-            "peak MiB original / eager / converted", "latency ms original / converted", "rounds"]
+            "peak MiB original / eager / converted", "predicted MiB original / converted",
+            "latency ms original / converted", "rounds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         peaks = " / ".join(_cell(v, "-", ".0f") for v in (r.original_peak_mb, r.eager_peak_mb, r.converted_peak_mb))
         lat = " / ".join(_cell(v, "-", ".1f") for v in (r.original_latency_ms, r.converted_latency_ms))
+        predicted = " / ".join(_cell(v, "-", ".0f") for v in (r.original_predicted_mb, r.converted_predicted_mb))
         cells = [str(r.seq_len), _cell(r.original_tokens_per_ms, r.original_status, ".3f"),
                  _cell(r.eager_tokens_per_ms, r.eager_status, ".3f"),
                  _cell(r.converted_tokens_per_ms, r.converted_status, ".3f"),
                  _cell(r.ratio, "-", ".2f") + ("x" if r.ratio else ""),
-                 _cell(r.eager_ratio, "-", ".2f") + ("x" if r.eager_ratio else ""), peaks, lat, str(r.repeats)]
+                 _cell(r.eager_ratio, "-", ".2f") + ("x" if r.eager_ratio else ""), peaks, predicted, lat,
+                 str(r.repeats)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 ROW_KEYS = ("seq_len", "original_tokens_per_ms", "converted_tokens_per_ms", "ratio", "original_peak_mb",
-            "converted_peak_mb")
+            "converted_peak_mb", "original_predicted_mb", "converted_predicted_mb")
 
 
 def write_report(results: dict, out_dir, stem: str = "throughput", *, extra: dict | None = None,

@@ -21,6 +21,8 @@ class BenchRow:
     ratio: float | None = None                 # converted / original (the model's own attention, SDPA)
     original_peak_mb: float | None = None
     converted_peak_mb: float | None = None
+    original_predicted_mb: float | None = None     # the plan's prediction (RewritePlan.memory) of the peaks
+    converted_predicted_mb: float | None = None
     eager_tokens_per_ms: float | None = None
     eager_ratio: float | None = None           # converted / original with eager attention
     eager_peak_mb: float | None = None

@@ -1,7 +1,8 @@
 """The pass that prices each rewrite.
 
 ``estimate_costs``: parameters and forward FLOPs (sympy, in N and B) of each site before and after, the
-"after" side read from replacements built on the meta device, so nothing is allocated or projected.
+"after" side read from replacements built on the meta device, so nothing is allocated or projected; and
+the activation elements per token alive at each site's peak, before and after (``passes/memory.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from m2convert.errors import M2Error
 from m2convert.layers.cost import attention_flops, linear_flops
 from m2convert.passes.apply import build_replacements
 from m2convert.passes.graph import projection_dims
-from m2convert.passes.site import CONVERT, SEQUENCE, SKIP, AttentionLayout, ExpertsLayout, Site
+from m2convert.passes.memory import site_elements
+from m2convert.passes.site import CONVERT, SEQUENCE, SKIP, AttentionLayout, ExpertsLayout, MLPLayout, Site
 
 
 def flops_before(site: Site, model) -> sympy.Expr:
@@ -30,6 +32,29 @@ def flops_before(site: Site, model) -> sympy.Expr:
         hidden = site.layout.hidden if isinstance(site.layout, AttentionLayout) else None
         total += attention_flops(hidden or projection_dims(model.get_submodule(site.roles["q"].path))[0])
     return total
+
+
+def activation_elements(site: Site, model) -> tuple[int, int]:
+    """(before, after) elements per token alive at the site's peak, residual stream included; (0, 0)
+    where the layout is unknown."""
+    layout = site.layout
+    if isinstance(layout, AttentionLayout):
+        return (site_elements("attention", layout.hidden),
+                site_elements("attention", layout.hidden, converted=True))
+    if isinstance(layout, ExpertsLayout):
+        same = site_elements("mlp", layout.hidden, layout.intermediate, gated=True)
+        return same, same
+    if not isinstance(layout, MLPLayout) or not site.roles:
+        return 0, 0
+    first = model.get_submodule(next(iter(site.roles.values())).path)
+    hidden, inner = projection_dims(first)
+    gated = "gate" in site.roles
+    if gated and site.roles["gate"].path == site.roles["up"].path:
+        inner //= 2                                          # one fused gate_up projection
+    before = site_elements("mlp", hidden, inner, gated=gated)
+    chained = layout.fold is not None and layout.fold_role == "fc1" and "fc2" in site.roles
+    after = site_elements("mlp", hidden, inner, gated=gated, chained=chained, folded=layout.fold is not None)
+    return before, after
 
 
 def describe(site: Site) -> str:
@@ -59,6 +84,7 @@ def estimate_costs(ctx) -> int:
         params = {id(p): p for path in site.replaces for p in model.get_submodule(path).parameters()}
         site.params_before = sum(p.numel() for p in params.values())
         site.flops_before = flops_before(site, model)
+        site.act_before, site.act_after = activation_elements(site, model)
         if site.status == SKIP:
             continue
         site.replacement = describe(site)

@@ -31,6 +31,8 @@ import torch
 from torch import fx
 
 from m2convert.passes.graph import RESHAPES, module_path, op_name, users
+from m2convert.passes.lower_epilogue import monarch_epilogue
+from m2convert.passes.lower_values import is_data, is_tensor, shape, show, val  # noqa: F401  (read by lower_check)
 
 aten = torch.ops.aten
 
@@ -83,31 +85,6 @@ class Rule:
     anchors: frozenset
     match: Callable
     algebra: str
-
-
-def val(node):
-    """The fake value export recorded for ``node`` (None for constants and unannotated nodes)."""
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def is_tensor(node) -> bool:
-    return isinstance(val(node), torch.Tensor)
-
-
-def is_data(node) -> bool:
-    """True for nodes holding tensors (or a list of them, as split does); False for sizes and scalars."""
-    v = val(node)
-    return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(isinstance(t, torch.Tensor)
-                                                                                for t in v))
-
-
-def shape(node) -> tuple:
-    """The shape of a tensor node as sympy expressions (symbolic sizes compare by expression)."""
-    return tuple(d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(int(d)) for d in val(node).shape)
-
-
-def show(dims: tuple) -> str:
-    return "(" + ", ".join(str(d) for d in dims) + ")"
 
 
 class GraphView:
@@ -250,48 +227,13 @@ def match_monarch(rule: str, gemm2: fx.Node, g):
     roots = (_weight_root(w1op, g), _weight_root(w2op, g))
     detail = f"nb={nb} P={p} S={s} rho={q // nb}"
     plain = Candidate(rule, site, gemm2, out, torch.ops.m2.monarch_matmul.default, (x, w1, w2), (x, *roots), detail)
-    tail = _monarch_epilogue(out, nb * s, g)
+    tail = monarch_epilogue(out, nb * s, g)
     if tail is None:
         return [plain]
     end, bias, width, act = tail
     what = ", ".join(part for part in (f"out={width}" if width != nb * s else "", "bias" if bias else "", act) if part)
     return [Candidate(rule, site, gemm2, end, torch.ops.m2.monarch_linear.default, (x, w1, w2, bias, width, act),
                       (x, *roots), f"{detail} + {what}"), plain]
-
-
-# Elementwise ops a Monarch projection applies itself (m2::monarch_linear), by name in kernels/activations.py.
-EPILOGUE_ACTIVATIONS = {"aten.relu": "relu", "aten.silu": "silu"}
-
-
-def _sole_user(node: fx.Node):
-    found = users(node)
-    return found[0] if len(found) == 1 else None
-
-
-def _monarch_epilogue(out: fx.Node, full: int, g):
-    """(last node, bias, kept outputs, activation name or "") of what follows a Monarch product and
-    m2::monarch_linear does itself: ``[..., :out]`` cropping, a bias add, an activation; None if none follows."""
-    end, bias, width, act = out, None, full, ""
-    nxt = _sole_user(end)
-    if (op_name(nxt) == "aten.slice" and len(nxt.args) >= 4 and int(nxt.args[1]) % len(shape(end)) == len(shape(end)) - 1
-            and nxt.args[2] in (0, None) and isinstance(nxt.args[3], int) and nxt.args[3] < full
-            and (len(nxt.args) < 5 or nxt.args[4] == 1)):
-        end, width = nxt, nxt.args[3]
-        nxt = _sole_user(end)
-    if op_name(nxt) == "aten.add" and len(nxt.args) == 2 and not nxt.kwargs:
-        other = nxt.args[1] if nxt.args[0] is end else nxt.args[0]
-        if isinstance(other, fx.Node) and g.is_const(other) and tuple(shape(other)) == (width,):
-            end, bias = nxt, other
-            nxt = _sole_user(end)
-    name = op_name(nxt) if nxt is not None else ""
-    if name == "aten.gelu" and nxt.args[0] is end:
-        approximate = nxt.kwargs.get("approximate", nxt.args[1] if len(nxt.args) > 1 else "none")
-        act = "gelu_tanh" if approximate == "tanh" else "gelu"
-    elif name in EPILOGUE_ACTIVATIONS and nxt.args[0] is end and len(nxt.args) == 1:
-        act = EPILOGUE_ACTIVATIONS[name]
-    if act:
-        end = nxt
-    return None if end is out else (end, bias, width, act)
 
 
 def _spectral_section(anchor: fx.Node):

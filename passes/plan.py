@@ -24,6 +24,7 @@ from m2convert.layers.recurrent import RECURRENT_MODEL_HOOKS, recurrent_fits
 from m2convert.passes.formatting import change, growth, human
 from m2convert.passes.diff import recurrent_text
 from m2convert.passes.graph import within
+from m2convert.passes.memory import predicted_peak
 from m2convert.passes.site import CONVERT, EXCLUDE, PLAN_VERSION, SKIP, Site
 
 
@@ -83,6 +84,31 @@ class RewritePlan:
                 "site_flops_before": fb, "site_flops_after": fa, "seq_len": self.seq_len,
                 "convert": len(conv), "skip": len(self.skipped), "exclude": len(self.excluded)}
 
+    def memory(self, seq_len: int | None = None, batch: int = 1, itemsize: int = 4) -> dict:
+        """Predicted prefill memory at N (default ``seq_len``): the largest per-token activation count of any
+        site (converted sites after, the others as they are), and the resident-set growth it predicts
+        (``passes/memory.py``), before and after conversion; None where no site has a layout.
+
+        Example:
+            >>> plan = m2.plan(transformers.BertModel(transformers.BertConfig(hidden_size=64, num_hidden_layers=2,
+            ...     num_attention_heads=2, intermediate_size=256)))
+            >>> m = plan.memory(4096)
+            >>> m["elements_before"] // 64, m["elements_after"] // 64             # per token, in units of H
+            (11, 6)
+        """
+        n = seq_len or self.seq_len
+        sites = [s for s in self.sites if s.act_before]
+        if not sites:
+            return {"seq_len": n, "elements_before": None, "elements_after": None, "before": None, "after": None}
+        before = max(s.act_before for s in sites)
+        after = max(s.act_after if s.status == CONVERT else s.act_before for s in sites)
+        widths = [w for s in sites if (w := getattr(s.layout, "hidden", None))]
+        config = getattr(self.model, "config", None)
+        hidden = max(widths) if widths else getattr(config, "hidden_size", 0) or 0
+        return {"seq_len": n, "elements_before": before, "elements_after": after,
+                "before": predicted_peak(before, hidden, n, batch, itemsize, converted=False),
+                "after": predicted_peak(after, hidden, n, batch, itemsize, converted=bool(self.converted))}
+
     def rows(self) -> list[dict]:
         """One display row per site (strings), shared by the text table and the HTML page."""
         out = []
@@ -98,6 +124,8 @@ class RewritePlan:
                           else human(fb) if fb else "-"),
                 "growth": (f"{growth(s.flops_before)} -> {growth(s.flops_after)}" if s.status == CONVERT
                            else growth(s.flops_before)),
+                "memory": (f"{4 * s.act_before / 1024:.1f} -> {4 * s.act_after / 1024:.1f}" if s.status == CONVERT
+                           and s.act_before else f"{4 * s.act_before / 1024:.1f}" if s.act_before else "-"),
                 "reason": s.reason or "",
                 "recurrent": recurrent_text(s.settings.get("recurrent")),
             })
@@ -106,9 +134,10 @@ class RewritePlan:
     def table(self) -> str:
         """The sites as an aligned text table (FLOPs at N = seq_len, B = 1); a recurrent model's plan
         (see :func:`record_recurrent`) adds the state size and fit error of each site's filters."""
-        cols = ["#", "module", "kind", "pattern", "mask", "replacement", "params", "flops", "growth"]
+        cols = ["#", "module", "kind", "pattern", "mask", "replacement", "params", "flops", "growth", "memory"]
         cols += ["recurrent"] if any(s.settings.get("recurrent") for s in self.converted) else []
-        heads = {"flops": f"FLOPs @N={self.seq_len}", "params": "params before -> after"}
+        heads = {"flops": f"FLOPs @N={self.seq_len}", "params": "params before -> after",
+                 "memory": "fp32 KiB/token at peak"}
         rows = [r for r in self.rows() if r["status"] == CONVERT]
         if not rows:
             return "(no sites to convert)"
@@ -130,6 +159,10 @@ class RewritePlan:
         if t["convert"]:
             lines.append(f"converted-site FLOPs at N={self.seq_len}: {human(t['site_flops_before'])} -> "
                          f"{human(t['site_flops_after'])} ({change(t['site_flops_before'], t['site_flops_after'])})")
+        mem = self.memory()
+        if mem["before"] is not None:
+            lines.append(f"predicted prefill memory at N={self.seq_len} (B=1, fp32): {mem['before'] / 2**20:.0f} MiB -> "
+                         f"{mem['after'] / 2**20:.0f} MiB ({change(mem['before'], mem['after'])})")
         for title, group in (("skipped (cannot convert)", self.skipped), ("excluded (by config)", self.excluded)):
             if group:
                 lines += ["", f"{title}:"]
@@ -151,7 +184,7 @@ class RewritePlan:
             sites.append(d)
         return {"format": "m2convert-plan", "version": PLAN_VERSION, "model_class": self.model_class,
                 "model_params": self.model_params, "config": self.config.to_dict(), "sites": sites,
-                "totals": self.totals(), "notes": self.notes}
+                "totals": self.totals(), "memory": self.memory(), "notes": self.notes}
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

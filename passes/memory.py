@@ -1,0 +1,72 @@
+"""Predicted prefill memory: activation elements per token at each site's peak, and the model's peak at N.
+
+An encoder's (or a decoder's prefill) forward runs one layer at a time, so its activation memory is the
+residual stream the callers hold plus the largest set of tensors one site keeps alive at once. Per token,
+with H the width and I the MLP width (elements, B = 1):
+
+    residual stream        2H    the embedding output (held by the model's forward) and the layer's input
+    attention (SDPA)       4H    Q, K, V and the attention output during the core (before conversion)
+    M2 mixer               max(H + 3 min(G, H), 3H)    its (B, H, N) output plus one in-projection group of
+                                 G = PROJECT_CHANNELS channels; then output, residual sum and norm
+    MLP fc1 -> act -> fc2  max(H + 2I, 4H + I)   input, fc1 output and activation; then fc2, sum, norm with
+                                 the intermediate still referenced (separate activation module)
+    folded activation      max(H + I, 4H + I)    one (N, I) tensor (MLPLayout.fold)
+    chained MLP            4H    input, fc2 output, sum, norm: the intermediate exists a token group at a time
+    gated MLP              H + 3I   input, act(gate), up and their product
+
+Converted models add the CPU kernels' fixed buffers (Monarch chunks, FFT channel blocks, one chained
+token group). A prediction of the resident set (what ``m2convert bench`` measures) also counts glibc's
+heap: blocks under its 32 MiB mmap threshold are reused rather than unmapped, and freed memory under its
+trim threshold (twice the largest such block) stays resident, so up to 2 (N, H) tensors when one is
+under 32 MiB. The filter-spectrum cache (at most ``M2SequenceMixer.filter_cache_total_bytes``) is left
+out: it is full only at short N.
+
+Example:
+    >>> site_elements("mlp", hidden=768, inner=3072, chained=True) // 768      # 2H stream + 4H
+    6
+"""
+
+from __future__ import annotations
+
+from m2convert.kernels.fftconv.cpu import BLOCK_BYTES, PROJECT_CHANNELS
+from m2convert.kernels.monarch.cpu import CHUNK_ELEMENTS
+from m2convert.layers.chained import CHAIN_BYTES
+
+STREAM = 2                            # (N, H) tensors the callers hold through every layer
+MMAP_THRESHOLD_MAX = 32 << 20         # glibc's largest dynamic mmap threshold (64-bit)
+KERNEL_BUFFERS = 3 * CHUNK_ELEMENTS * 4 + CHAIN_BYTES + 4 * BLOCK_BYTES      # bytes, fp32
+
+
+def site_elements(kind: str, hidden: int, inner: int = 0, *, converted: bool = False, chained: bool = False,
+                  folded: bool = False, gated: bool = False) -> int:
+    """Elements per token alive at a site's peak, residual stream included (see the module notes).
+
+    Args:
+        kind: "attention" or "mlp".  hidden: H.  inner: I (MLP sites).
+        converted: the M2 form (attention sites).  chained / folded / gated: the MLP's form.
+    """
+    h, i = hidden, inner
+    if kind == "attention":
+        own = max(h + 3 * min(PROJECT_CHANNELS, h), 3 * h) if converted else 4 * h
+    elif gated:
+        own = h + 3 * i
+    elif chained:
+        own = 4 * h
+    else:
+        own = max(h + (1 if folded else 2) * i, 4 * h + i)
+    return STREAM * h + own
+
+
+def allocator_slack(hidden: int, n: int, batch: int = 1, itemsize: int = 4) -> int:
+    """Bytes glibc's heap keeps resident beyond the live tensors: two (B, N, H) blocks when one fits under
+    the mmap threshold (they are served from, and trimmed back to, the heap), else none."""
+    block = batch * n * hidden * itemsize
+    return 2 * block if block <= MMAP_THRESHOLD_MAX else 0
+
+
+def predicted_peak(elements_per_token: int, hidden: int, n: int, batch: int = 1, itemsize: int = 4,
+                   converted: bool = True) -> int:
+    """Predicted growth of the resident set (bytes) during one prefill at length n: the largest site's
+    live elements, the converted kernels' buffers, and the allocator's slack."""
+    live = batch * n * elements_per_token * itemsize
+    return live + (KERNEL_BUFFERS if converted else 0) + allocator_slack(hidden, n, batch, itemsize)
