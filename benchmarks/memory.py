@@ -10,59 +10,13 @@ Example (a smoke run): python benchmarks/throughput.py --smoke
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from m2convert.bench import measure_peak_mb
+from m2convert.bench_memory import live_peak_mb
 from m2convert.kernels.fftconv import cpu as conv_cpu
 from m2convert.layers import chained, sequence
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
-def _libc():
-    path = ctypes.util.find_library("c")
-    lib = ctypes.CDLL(path) if path else None
-    if lib is None or not hasattr(lib, "mallinfo2"):
-        return None
-    lib.mallinfo2.restype = _MallInfo2
-    return lib
-
-
-class _LivePeak(TorchDispatchMode):
-    """Largest malloc'd-and-in-use byte count seen after any op (glibc ``mallinfo2``: heap + mapped)."""
-
-    def __init__(self, libc):
-        super().__init__()
-        self.libc, self.peak = libc, 0
-        self.base = self.now()
-
-    def now(self) -> int:
-        info = self.libc.mallinfo2()
-        return info.uordblks + info.hblkhd
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, self.now() - self.base)
-        return out
-
-
-def live_peak_mb(fn) -> float | None:
-    """MiB of tensors (and other malloc'd memory) alive at once during ``fn()``; None without glibc."""
-    libc = _libc()
-    if libc is None:
-        return None
-    libc.malloc_trim(0)
-    with _LivePeak(libc) as mode:
-        fn()
-    return mode.peak / 2**20
+from m2convert.passes.plan import RewritePlan
 
 
 def fft_buffer_mb(n: int, hidden: int, groups: int = 2, batch: int = 1) -> float:
@@ -90,9 +44,12 @@ def breakdown(converted, n: int, vocab: int = 1000) -> dict:
         mlp_mb, _ = measure_peak_mb(lambda: layer.output(layer.intermediate(a), a))
     fc1 = layer.intermediate.dense
     is_chained = getattr(fc1, "chain_output", False)
-    group = chained.chain_rows(inner, 4) if is_chained else n
+    group = chained.chain_rows(inner, 4)
+    is_chained = is_chained and n > group                        # shorter inputs make the intermediate whole
+    group = group if is_chained else n
     channels = min(h, max(conv_cpu.PROJECT_CHANNELS, 1))
-    return {"N": n, "live_tensors_mb": live, "spectra_kept_mb": spectra,
+    predicted = RewritePlan.from_dict(converted.m2convert_plan).memory(n)["after"] / 2**20
+    return {"N": n, "live_tensors_mb": live, "predicted_mb": predicted, "spectra_kept_mb": spectra,
             "fft_buffers_mb": fft_buffer_mb(n, h), "in_projection_group_mb": 3 * channels * n * 4 / 2**20,
             "mlp_intermediate_mb": min(group, n) * inner * 4 / 2**20, "mlp_chained": is_chained,
             "layer_mixer_mb": mixer_mb, "layer_mlp_mb": mlp_mb}
@@ -100,12 +57,13 @@ def breakdown(converted, n: int, vocab: int = 1000) -> dict:
 
 def breakdown_table(rows: list[dict]) -> str:
     """Markdown table of :func:`breakdown` rows (MiB)."""
-    lines = ["| N | tensors live at the peak | filter spectra kept | FFT block buffers | in-projection group | "
-             "MLP intermediate | one layer: mixer / MLP (measured alone) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| N | tensors live at the peak: measured / predicted (plan) | filter spectra kept | FFT block buffers | "
+             "in-projection group | MLP intermediate | one layer: mixer / MLP (measured alone) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         live = "-" if r["live_tensors_mb"] is None else f"{r['live_tensors_mb']:.0f}"
         what = "one token group" if r["mlp_chained"] else "whole"
-        lines.append(f"| {r['N']} | {live} | {r['spectra_kept_mb']:.0f} | {r['fft_buffers_mb']:.1f} | "
+        lines.append(f"| {r['N']} | {live} / {r['predicted_mb']:.0f} | {r['spectra_kept_mb']:.0f} | {r['fft_buffers_mb']:.1f} | "
                      f"{r['in_projection_group_mb']:.1f} | {r['mlp_intermediate_mb']:.1f} ({what}) | "
                      f"{r['layer_mixer_mb']:.0f} / {r['layer_mlp_mb']:.0f} |")
     return "\n".join(lines)

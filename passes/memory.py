@@ -15,11 +15,12 @@ with H the width and I the MLP width (elements, B = 1):
     gated MLP              H + 3I   input, act(gate), up and their product
 
 Converted models add the CPU kernels' fixed buffers (Monarch chunks, FFT channel blocks, one chained
-token group). A prediction of the resident set (what ``m2convert bench`` measures) also counts glibc's
-heap: blocks under its 32 MiB mmap threshold are reused rather than unmapped, and freed memory under its
-trim threshold (twice the largest such block) stays resident, so up to 2 (N, H) tensors when one is
-under 32 MiB. The filter-spectrum cache (at most ``M2SequenceMixer.filter_cache_total_bytes``) is left
-out: it is full only at short N.
+token group). The prediction is of the tensors alive at once (``m2convert.bench_memory.live_peak_mb``
+measures that). The resident set (what ``m2convert bench`` reports as peak) also holds what glibc keeps
+of freed blocks: blocks under its 32 MiB mmap threshold come from the heap, which is only trimmed at its
+top, so while the (N, H) tensors are under 32 MiB the resident peak runs tens of MiB above the live one
+(benchmarks/results/throughput.md shows both). The filter-spectrum cache (at most
+``M2SequenceMixer.filter_cache_total_bytes``) is left out: it is full only at short N.
 
 Example:
     >>> site_elements("mlp", hidden=768, inner=3072, chained=True) // 768      # 2H stream + 4H
@@ -33,7 +34,6 @@ from m2convert.kernels.monarch.cpu import CHUNK_ELEMENTS
 from m2convert.layers.chained import CHAIN_BYTES
 
 STREAM = 2                            # (N, H) tensors the callers hold through every layer
-MMAP_THRESHOLD_MAX = 32 << 20         # glibc's largest dynamic mmap threshold (64-bit)
 KERNEL_BUFFERS = 3 * CHUNK_ELEMENTS * 4 + CHAIN_BYTES + 4 * BLOCK_BYTES      # bytes, fp32
 
 
@@ -57,16 +57,8 @@ def site_elements(kind: str, hidden: int, inner: int = 0, *, converted: bool = F
     return STREAM * h + own
 
 
-def allocator_slack(hidden: int, n: int, batch: int = 1, itemsize: int = 4) -> int:
-    """Bytes glibc's heap keeps resident beyond the live tensors: two (B, N, H) blocks when one fits under
-    the mmap threshold (they are served from, and trimmed back to, the heap), else none."""
-    block = batch * n * hidden * itemsize
-    return 2 * block if block <= MMAP_THRESHOLD_MAX else 0
-
-
-def predicted_peak(elements_per_token: int, hidden: int, n: int, batch: int = 1, itemsize: int = 4,
+def predicted_peak(elements_per_token: int, n: int, batch: int = 1, itemsize: int = 4,
                    converted: bool = True) -> int:
-    """Predicted growth of the resident set (bytes) during one prefill at length n: the largest site's
-    live elements, the converted kernels' buffers, and the allocator's slack."""
-    live = batch * n * elements_per_token * itemsize
-    return live + (KERNEL_BUFFERS if converted else 0) + allocator_slack(hidden, n, batch, itemsize)
+    """Predicted bytes of tensors alive at once during one prefill at length n: the largest site's live
+    elements per token, plus the converted kernels' buffers."""
+    return batch * n * elements_per_token * itemsize + (KERNEL_BUFFERS if converted else 0)

@@ -86,8 +86,8 @@ class RewritePlan:
 
     def memory(self, seq_len: int | None = None, batch: int = 1, itemsize: int = 4) -> dict:
         """Predicted prefill memory at N (default ``seq_len``): the largest per-token activation count of any
-        site (converted sites after, the others as they are), and the resident-set growth it predicts
-        (``passes/memory.py``), before and after conversion; None where no site has a layout.
+        site (converted sites after, the others as they are), and the bytes of tensors alive at once it
+        predicts (``passes/memory.py``), before and after conversion; None where no site has a layout.
 
         Example:
             >>> plan = m2.plan(transformers.BertModel(transformers.BertConfig(hidden_size=64, num_hidden_layers=2,
@@ -102,12 +102,9 @@ class RewritePlan:
             return {"seq_len": n, "elements_before": None, "elements_after": None, "before": None, "after": None}
         before = max(s.act_before for s in sites)
         after = max(s.act_after if s.status == CONVERT else s.act_before for s in sites)
-        widths = [w for s in sites if (w := getattr(s.layout, "hidden", None))]
-        config = getattr(self.model, "config", None)
-        hidden = max(widths) if widths else getattr(config, "hidden_size", 0) or 0
         return {"seq_len": n, "elements_before": before, "elements_after": after,
-                "before": predicted_peak(before, hidden, n, batch, itemsize, converted=False),
-                "after": predicted_peak(after, hidden, n, batch, itemsize, converted=bool(self.converted))}
+                "before": predicted_peak(before, n, batch, itemsize, converted=False),
+                "after": predicted_peak(after, n, batch, itemsize, converted=bool(self.converted))}
 
     def rows(self) -> list[dict]:
         """One display row per site (strings), shared by the text table and the HTML page."""

@@ -33,6 +33,8 @@ def test_rows_have_the_report_keys_and_positive_numbers(result):
         for key in ("original_peak_mb", "converted_peak_mb"):
             assert getattr(row, key) is None or getattr(row, key) >= 0
         assert 1 <= row.repeats <= 2
+        # The plan's predicted peaks: the converted model's buffers alone are over 10 MiB.
+        assert row.converted_predicted_mb > 10 and 0 <= row.original_predicted_mb < row.converted_predicted_mb
         latency = row.converted_latency_ms
         assert row.converted_tokens_per_ms == pytest.approx(row.seq_len / latency, rel=1e-2)
 
