@@ -11,19 +11,22 @@ import torch
 from safetensors.torch import load_file
 
 import m2convert as m2
+from m2convert.kernels.testing import assert_close
 from m2convert.passes.plan import RewritePlan
 
 SAVES = Path(__file__).parent / "data" / "plan_v1"
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
-def test_version_1_save_loads_bit_equal(name):
+def test_version_1_save_loads_the_same_model(name):
     expected = load_file(SAVES / "expected.safetensors")
     model = m2.from_pretrained(SAVES / name).eval()
     with torch.no_grad():
         out = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"])
     got = out.last_hidden_state if name == "bert" else out.logits
-    assert torch.equal(got, expected[name])
+    # The same model: equal up to float32 rounding (the CPU kernels' GEMM and FFT groupings may change
+    # between versions, and with them the order of the additions).
+    assert_close(got, expected[name], 1e-5, name)
 
 
 def test_version_1_plan_reads_into_typed_sites():
