@@ -29,21 +29,13 @@ from .fftconv.cpu import gated_conv
 from .fftconv.reference import fft_long_conv, gated_long_conv
 from .monarch.cpu import monarch_linear as _monarch_linear_cpu
 from .monarch.reference import monarch_matmul
+from .tracing import traced
 
 Tensor = torch.Tensor
 
 
 def _on_cpu(t: Tensor) -> bool:
     return t.device.type == "cpu"
-
-
-def _eager(*tensors: Optional[Tensor]) -> bool:
-    """Plain tensors outside a compiler: the blocked CPU kernels run; traced calls (fake or functional
-    tensors, symbolic sizes) take the references, whose shapes a graph can carry."""
-    if torch.compiler.is_compiling():
-        return False
-    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and all(isinstance(d, int) for d in t.shape))
-               for t in tensors)
 
 
 def _check_conv(v: Tensor, k: Tensor, k_rev: Optional[Tensor], D: Optional[Tensor]) -> None:
@@ -65,7 +57,8 @@ def _conv_cpu(v, x1, x2, k, k_rev, D):
     """The CPU kernel: channel-blocked (``fftconv.cpu.gated_conv``) in float32 / float64, else the reference."""
     _check_conv(v, k, k_rev, D)
     tensors = [t for t in (v, x1, x2, k, k_rev, D) if t is not None]
-    if v.dtype in (torch.float32, torch.float64) and all(t.dtype == v.dtype for t in tensors) and _eager(*tensors):
+    plain = not any(traced(t) for t in tensors)                  # traced calls keep the reference's graph
+    if plain and v.dtype in (torch.float32, torch.float64) and all(t.dtype == v.dtype for t in tensors):
         return gated_conv(v, x1, x2, k, k_rev, D)
     return gated_long_conv(v, x1, x2, k, k_rev, D)
 
@@ -147,7 +140,7 @@ def _gated_long_conv_backward(dy: Tensor, v: Tensor, x1: Tensor, x2: Tensor, k: 
 @torch.library.custom_op("m2::monarch_linear", mutates_args=())
 def _monarch_linear(x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], out_features: int,
                     activation: str) -> Tensor:
-    if _on_cpu(x) and _eager(x, w1, w2, bias):
+    if _on_cpu(x) and not any(traced(t) for t in (x, w1, w2, bias) if t is not None):
         act = _activation(activation).inplace if activation else None
         rows = x.reshape(-1, x.shape[-1]).contiguous()                            # (M, nb * P)
         y = _monarch_linear_cpu(rows, w1, w2, bias, out_features, activation=act)  # (M, out)

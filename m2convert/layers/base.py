@@ -6,11 +6,7 @@ import sympy
 import torch
 from torch import nn
 
-
-def traced(t: torch.Tensor) -> bool:
-    """True under torch.compile / torch.export: a compiling frame, or a fake / functional tensor (those are
-    subclasses, so ``type(t)`` is not a plain Tensor or Parameter). Eager-only fast paths check this."""
-    return torch.compiler.is_compiling() or type(t) not in (torch.Tensor, nn.Parameter)
+from ..kernels.tracing import traced  # noqa: F401  (the layers' eager-only paths read it from here)
 
 
 class M2Block(nn.Module):
