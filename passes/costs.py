@@ -13,7 +13,7 @@ from m2convert.errors import M2Error
 from m2convert.layers.cost import attention_flops, linear_flops
 from m2convert.passes.apply import build_replacements
 from m2convert.passes.graph import projection_dims
-from m2convert.passes.memory import site_elements
+from m2convert.passes.memory import kernel_elements, site_elements
 from m2convert.passes.site import CONVERT, SEQUENCE, SKIP, AttentionLayout, ExpertsLayout, MLPLayout, Site
 
 
@@ -34,18 +34,18 @@ def flops_before(site: Site, model) -> sympy.Expr:
     return total
 
 
-def activation_elements(site: Site, model) -> tuple[int, int]:
-    """(before, after) elements per token alive at the site's peak, residual stream included; (0, 0)
-    where the layout is unknown."""
+def activation_elements(site: Site, model) -> tuple[int, int, int]:
+    """(before, after, after while the kernels run) elements per token alive at the site's peak, residual
+    stream included (``passes/memory.py``); (0, 0, 0) where the layout is unknown."""
     layout = site.layout
     if isinstance(layout, AttentionLayout):
-        return (site_elements("attention", layout.hidden),
-                site_elements("attention", layout.hidden, converted=True))
+        return (site_elements("attention", layout.hidden), site_elements("attention", layout.hidden, converted=True),
+                kernel_elements("attention", layout.hidden, converted=True))
     if isinstance(layout, ExpertsLayout):
         same = site_elements("mlp", layout.hidden, layout.intermediate, gated=True)
-        return same, same
+        return same, same, same
     if not isinstance(layout, MLPLayout) or not site.roles:
-        return 0, 0
+        return 0, 0, 0
     first = model.get_submodule(next(iter(site.roles.values())).path)
     hidden, inner = projection_dims(first)
     gated = "gate" in site.roles
@@ -53,8 +53,8 @@ def activation_elements(site: Site, model) -> tuple[int, int]:
         inner //= 2                                          # one fused gate_up projection
     before = site_elements("mlp", hidden, inner, gated=gated)
     chained = layout.fold is not None and layout.fold_role == "fc1" and "fc2" in site.roles
-    after = site_elements("mlp", hidden, inner, gated=gated, chained=chained, folded=layout.fold is not None)
-    return before, after
+    form = {"gated": gated, "chained": chained, "folded": layout.fold is not None}
+    return before, site_elements("mlp", hidden, inner, **form), kernel_elements("mlp", hidden, inner, **form)
 
 
 def describe(site: Site) -> str:
@@ -84,7 +84,7 @@ def estimate_costs(ctx) -> int:
         params = {id(p): p for path in site.replaces for p in model.get_submodule(path).parameters()}
         site.params_before = sum(p.numel() for p in params.values())
         site.flops_before = flops_before(site, model)
-        site.act_before, site.act_after = activation_elements(site, model)
+        site.act_before, site.act_after, site.act_kernels = activation_elements(site, model)
         if site.status == SKIP:
             continue
         site.replacement = describe(site)

@@ -15,7 +15,10 @@ with H the width and I the MLP width (elements, B = 1):
     gated MLP              H + 3I   input, act(gate), up and their product
 
 Converted models add the CPU kernels' fixed buffers (Monarch chunks, FFT channel blocks, one chained
-token group). The prediction is of the tensors alive at once (``m2convert.bench_memory.live_peak_mb``
+token group), alive only while a kernel runs: a site's kernel phase holds fewer (N, H) tensors than its
+peak when the peak comes after the kernels (a chained MLP: 4H while its token groups run, then 6H with
+fc2's output, the sum and the norm), so the prediction is the larger of the two phases, largest site first.
+The prediction is of the tensors alive at once (``m2convert.bench_memory.live_peak_mb``
 measures that). The resident set (what ``m2convert bench`` reports as peak) also holds what glibc keeps
 of freed blocks: blocks under its 32 MiB mmap threshold come from the heap, which is only trimmed at its
 top, so while the (N, H) tensors are under 32 MiB the resident peak runs tens of MiB above the live one
@@ -57,8 +60,31 @@ def site_elements(kind: str, hidden: int, inner: int = 0, *, converted: bool = F
     return STREAM * h + own
 
 
+def kernel_elements(kind: str, hidden: int, inner: int = 0, **form) -> int:
+    """Elements per token alive while a converted site's CPU kernels (and their buffers) run: the
+    residual stream plus, for an M2 mixer, its output and one in-projection group (its residual sum and
+    norm come after the core); for a chained MLP, its input and fc2 output (its sum and norm come after
+    its token groups); otherwise the site's whole peak (:func:`site_elements`; ``form`` as there)."""
+    if kind == "attention" and form.get("converted"):
+        return STREAM * hidden + hidden + 3 * min(PROJECT_CHANNELS, hidden)
+    if kind == "mlp" and form.get("chained") and not form.get("gated"):
+        return STREAM * hidden + 2 * hidden
+    return site_elements(kind, hidden, inner, **form)
+
+
 def predicted_peak(elements_per_token: int, n: int, batch: int = 1, itemsize: int = 4,
-                   converted: bool = True) -> int:
-    """Predicted bytes of tensors alive at once during one prefill at length n: the largest site's live
-    elements per token, plus the converted kernels' buffers."""
-    return batch * n * elements_per_token * itemsize + (KERNEL_BUFFERS if converted else 0)
+                   converted: bool = True, kernel_elements_per_token: int | None = None) -> int:
+    """Predicted bytes of tensors alive at once during one prefill at length n: the larger of the
+    largest site's live elements and, for a converted model, the kernel phase's elements
+    (``kernel_elements_per_token``, default the same) plus the kernels' buffers.
+
+    Example:
+        >>> predicted_peak(6 * 768, 2048, kernel_elements_per_token=4 * 768) == 6 * 768 * 2048 * 4
+        True
+    """
+    tokens = batch * n * itemsize
+    peak = tokens * elements_per_token
+    if not converted:
+        return peak
+    during = elements_per_token if kernel_elements_per_token is None else kernel_elements_per_token
+    return max(peak, tokens * during + KERNEL_BUFFERS)

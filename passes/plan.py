@@ -102,9 +102,11 @@ class RewritePlan:
             return {"seq_len": n, "elements_before": None, "elements_after": None, "before": None, "after": None}
         before = max(s.act_before for s in sites)
         after = max(s.act_after if s.status == CONVERT else s.act_before for s in sites)
+        during = max((s.act_kernels or s.act_after) if s.status == CONVERT else s.act_before for s in sites)
         return {"seq_len": n, "elements_before": before, "elements_after": after,
                 "before": predicted_peak(before, n, batch, itemsize, converted=False),
-                "after": predicted_peak(after, n, batch, itemsize, converted=bool(self.converted))}
+                "after": predicted_peak(after, n, batch, itemsize, converted=bool(self.converted),
+                                        kernel_elements_per_token=during)}
 
     def rows(self) -> list[dict]:
         """One display row per site (strings), shared by the text table and the HTML page."""

@@ -275,6 +275,8 @@ class Site:
         flops_before, flops_after: forward FLOPs as sympy expressions in N (tokens) and B (batch).
         act_before, act_after: activation elements per token alive at the site's peak, the residual stream
             included (``passes/memory.py``); times N and the dtype's size, the prefill memory it predicts.
+        act_kernels: the converted site's elements per token while its CPU kernels' buffers are alive
+            (0: plans saved before it was kept; then ``act_after`` stands in).
 
     Example:
         >>> site = Site("mlp", DIMENSION, "gelu-mlp", roles={"fc1": Role("mlp.fc1"), "fc2": Role("mlp.fc2")},
@@ -300,6 +302,7 @@ class Site:
     flops_after: sympy.Expr | None = None
     act_before: int = 0
     act_after: int = 0
+    act_kernels: int = 0
 
     def skip(self, reason: str, root_cause: bool = False) -> "Site":
         """Mark as not convertible, keeping the first reason.
@@ -342,7 +345,7 @@ class Site:
         out["roles"] = {name: asdict(role) for name, role in self.roles.items()}
         out["layout"] = None if self.layout is None else self.layout.to_dict()
         out.update({k: getattr(self, k) for k in ("status", "reason", "replacement", "settings", "params_before",
-                                                   "params_after", "act_before", "act_after")})
+                                                   "params_after", "act_before", "act_after", "act_kernels")})
         out["flops_before"] = None if self.flops_before is None else str(self.flops_before)
         out["flops_after"] = None if self.flops_after is None else str(self.flops_after)
         return out

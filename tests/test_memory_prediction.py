@@ -7,7 +7,7 @@ import transformers
 
 import m2convert as m2
 from m2convert.bench_memory import live_peak_mb
-from m2convert.passes.memory import KERNEL_BUFFERS, predicted_peak, site_elements
+from m2convert.passes.memory import KERNEL_BUFFERS, kernel_elements, predicted_peak, site_elements
 from m2convert.passes.plan import RewritePlan
 
 
@@ -40,6 +40,23 @@ def test_plan_reports_per_site_counts_and_the_predicted_peak():
     assert "fp32 KiB/token at peak" in text and "predicted prefill memory at N=4096" in text
     again = RewritePlan.from_dict(plan.to_dict())
     assert again.memory() == memory and plan.to_dict()["memory"] == memory
+
+
+def test_kernel_buffers_count_only_while_the_kernels_run():
+    h, i = 768, 3072
+    assert kernel_elements("mlp", h, i, chained=True) == 4 * h               # stream, input, fc2 output
+    assert kernel_elements("attention", h, converted=True) == 4 * h          # stream, output, a 256-channel group
+    assert kernel_elements("mlp", h, i, folded=True) == site_elements("mlp", h, i, folded=True)
+    plan = m2.plan(_bert(h=h, inter=i, layers=1))
+    mlp = next(s for s in plan.converted if s.kind == "dimension")
+    assert (mlp.act_after, mlp.act_kernels) == (6 * h, 4 * h)
+    n = 2048                                  # the buffers outweigh the 2H the MLP adds after its groups
+    assert plan.memory(n)["after"] == 4 * h * n * 4 + KERNEL_BUFFERS > 6 * h * n * 4
+    assert RewritePlan.from_dict(plan.to_dict()).memory(n) == plan.memory(n)
+    old = plan.to_dict()
+    for site in old["sites"]:
+        site.pop("act_kernels")                                             # a plan saved before the field
+    assert RewritePlan.from_dict(old).memory(n)["after"] == 6 * h * n * 4 + KERNEL_BUFFERS
 
 
 def test_unconverted_sites_count_as_they_are():
