@@ -79,7 +79,7 @@ def predicted_peak(elements_per_token: int, n: int, batch: int = 1, itemsize: in
     (``kernel_elements_per_token``, default the same) plus the kernels' buffers.
 
     Example:
-        >>> predicted_peak(6 * 768, 2048, kernel_elements_per_token=4 * 768) == 6 * 768 * 2048 * 4
+        >>> predicted_peak(6 * 768, 8192, kernel_elements_per_token=4 * 768) == 6 * 768 * 8192 * 4
         True
     """
     tokens = batch * n * itemsize

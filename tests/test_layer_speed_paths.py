@@ -129,6 +129,48 @@ def test_mixer_fast_path_equals_reference(monkeypatch, mode, residual, dtype, n)
         calls.clear()
 
 
+@pytest.mark.parametrize("mode", ["bidirectional", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cached", [False, True])
+def test_mixer_fast_path_stops_the_filters_at_their_support(monkeypatch, mode, dtype, cached):
+    torch.manual_seed(3)
+    m = m2.M2SequenceMixer(24, mode=mode, filter_scale=8.0).to(dtype).eval()   # support ~60 / ~110 taps
+    m.filter_cache_bytes = m.filter_cache_bytes if cached else 0
+    n = 700
+    each = m.channel_taps(n, dtype)
+    taps = max(each)
+    assert taps == m.filter.support(sequence_layer.TAIL_TOL[dtype]) < n // 4 and min(each) < taps / 3
+    monkeypatch.setattr(conv_cpu, "BLOCK_BYTES", 2 * 2 * (conv_cpu.fft_size(n, taps) // 2 + 1) * 8 * 5)
+    sizes, trunks = [], spy(monkeypatch, ImplicitFilter, "trunk")
+    real = conv_cpu._conv_block
+    monkeypatch.setattr(conv_cpu, "_conv_block", lambda sc, buf, *a: sizes.append(buf.shape[-1]) or real(sc, buf, *a))
+    x = torch.randn(2, n, 24, dtype=dtype)
+    expected = m(x)                                                   # grad enabled: every tap
+    with torch.no_grad():
+        fast = m(x)
+    # Five channels a block, each made at the length its own taps need (the cached spectrum: the longest).
+    if cached:
+        assert m._spectrum_cache is not None and sizes == [conv_cpu.fft_size(n, taps)] * 5
+    else:
+        assert sizes == [conv_cpu.fft_size(n, max(each[c:c + 5])) for c in range(0, 24, 5)]
+    assert max(sizes) == conv_cpu.fft_size(n, taps) < conv_cpu.fft_size(n) and (cached or min(sizes) < max(sizes))
+    assert rel(fast, expected) < TOL[dtype]
+    assert len(trunks) == 2 + 2                                       # reference, then the fast path's two filters
+
+
+def test_filter_support_is_none_without_a_bound():
+    f = ImplicitFilter(8, scale=8.0)
+    assert f.support() is not None and f.support(1e-18) > f.support(1e-9)
+    f.decay_rates[0] = 0.0                                            # a channel that never decays
+    assert f.support() is None
+    g = ImplicitFilter(8)
+    g.mlp[-2] = torch.nn.Identity()                                  # the trunk no longer ends bounded
+    assert g.support() is None
+    m = m2.M2SequenceMixer(8)
+    m.filter.decay_rates.fill_(-1.0)
+    assert m.channel_taps(10_000) == [10_000] * 8
+
+
 @pytest.mark.parametrize("nblocks", [4, 3])
 def test_mixer_fast_path_with_monarch_projections(nblocks):
     m = mixer(h=48)
@@ -266,7 +308,7 @@ def test_block_built_responses_equal_the_cached_spectrum():
     with torch.no_grad():
         n, n_fft = 70, conv_cpu.fft_size(70)
         full = m.filter_spectrum(n, n_fft, torch.float64)
-        block = m.spectrum_blocks(n, n_fft, torch.float64)
+        block = m.spectrum_blocks(n, torch.float64)
         parts = torch.cat([block(0, 9), block(9, 30), block(30, 40)], dim=1)
     torch.testing.assert_close(parts, full, rtol=1e-12, atol=1e-12)
 

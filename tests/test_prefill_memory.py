@@ -79,7 +79,7 @@ def test_tap_buffer_stays_within_its_byte_bound(monkeypatch):
 
     monkeypatch.setattr(ImplicitFilter, "taps", taps)
     monkeypatch.setattr(sequence_layer, "TAP_BYTES", 2 * 300 * 8 * 12)        # 12 channels of 2 heads, N = 300
-    block = m.spectrum_blocks(300, conv_cpu.fft_size(300), torch.float64)
+    block = m.spectrum_blocks(300, torch.float64)
     with torch.no_grad():
         for start in range(0, 40, 4):
             block(start, min(start + 4, 40))

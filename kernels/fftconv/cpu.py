@@ -3,8 +3,10 @@
 Same arithmetic as the references (``reference.fft_long_conv`` and the mixer's short conv), arranged so
 that nothing large is allocated and data stays in cache:
 
-- FFT length: the smallest 2^a 3^b 5^c >= 2N. Any length >= 2N - 1 gives the same linear convolution
-  (nothing wraps onto outputs 0..N-1), and 5-smooth lengths are the ones FFT libraries run fastest.
+- FFT length: the smallest 2^a 3^b 5^c >= N + K - 1 for K taps each way (K <= N; the mixer passes the
+  filters' support, ``ImplicitFilter.support``, when it is shorter than N). Any such length gives the
+  same linear convolution (nothing wraps onto outputs 0..N-1), and 5-smooth lengths are the ones FFT
+  libraries run fastest.
 - Filter spectra (:func:`conv_spectrum`): one real FFT per filter, the anti-causal taps written
   reversed at the end of the same zero-padded signal; cached by the caller or made per channel block.
 - :func:`mixer_core` runs short conv, gates, both long convolutions and the skips one block of channels
@@ -41,9 +43,15 @@ PROJECT_BYTES = 4 << 20
 
 
 @lru_cache(maxsize=256)
-def fft_size(n: int) -> int:
-    """The smallest even 5-smooth length >= 2n (a linear, not circular, convolution of length-n inputs)."""
-    target = max(2 * n, 2)
+def fft_size(n: int, taps: int | None = None) -> int:
+    """The smallest even 5-smooth length >= n + taps - 1: a linear, not circular, convolution of a
+    length-n input with ``taps`` causal (and as many anti-causal) taps (default n: >= 2n).
+
+    Example:
+        >>> fft_size(8192), fft_size(8192, taps=4300)
+        (16384, 12500)
+    """
+    target = max(n + (n if taps is None else taps) - 1, 2)
     best = 1 << (target - 1).bit_length()
     p5 = 1
     while p5 < best:
@@ -122,21 +130,24 @@ def mixer_core(zt, x: torch.Tensor | None, spectrum, D: torch.Tensor,
         zt: (B, 3H, N) in-projection output, channels first (rows of N contiguous is fastest; any
             strides work, e.g. ``z.transpose(1, 2)`` of a (B, N, 3H) tensor); or a callable
             (start, stop) -> (B, 3, stop - start, N) making the x1 | x2 | v rows of channels
-            [start, stop) (bias included) as the loop reaches them, so no (B, 3H, N) tensor exists:
+            [start, stop) (bias included unless given as z_bias) as the loop reaches them, so no (B, 3H, N) tensor exists:
             it is asked for PROJECT_BYTES-sized groups of whole blocks (then ``out`` is required).
         x: (B, N, H) mixer input for the residual convolution, or None (no residual conv).
         spectrum: (G, H, F) complex filter responses from :func:`conv_spectrum`, G = 1 + (x is not None),
-            or a callable (start, stop) -> (G, stop - start, F) making them one channel block at a time.
+            or a callable (start, stop) -> (G, stop - start, F_b) making them one channel block at a time,
+            each block at its own FFT length 2 (F_b - 1) <= n_fft (one long enough for its taps).
         D, D_res: (H,) skips.  short_w: (3H, K) causal depthwise taps (nn.Conv1d weight[:, 0]).
-        short_b: (3H,) or None.  keep: (B, N) 0/1 in zt's dtype, or None.  n_fft: L >= 2N - 1.
+        short_b: (3H,) or None.  keep: (B, N) 0/1 in zt's dtype, or None.  n_fft: L >= N + K - 1, the
+            longest block's FFT length (K taps each way).
         out: (B, H, N) tensor to write into (any strides), or None for a new contiguous one.
-        z_bias: (3H,) in-projection bias still to be added to a tensor ``zt`` (added block by block,
-            which spares a full pass over (B, 3H, N)), or None.
+        z_bias: (3H,) in-projection bias still to be added to ``zt`` or to the callable's rows (added block
+            by block, which spares a full pass over (B, 3H, N)), or None.
 
     Returns:
         (B, H, N): the input of the out-projection, channels first (``out`` when given).
     """
-    if callable(zt):
+    made = callable(zt)
+    if made:
         if out is None:
             raise ValueError("mixer_core: a callable zt needs out= (B, H, N) to give the shapes")
         project, (b, h, n), dtype = zt, out.shape, out.dtype
@@ -163,11 +174,14 @@ def mixer_core(zt, x: torch.Tensor | None, spectrum, D: torch.Tensor,
             c1 = min(c0 + step, p0 + wide, h)
             zc = zp[:, :, c0 - p0: c1 - p0]                                   # (B, 3, c, N)
             if zb is not None:
-                zc = zc + zb[:, c0:c1, None]
+                # Rows made here are this loop's own: add in place (a caller's tensor is left as it is).
+                zc = zc.add_(zb[:, c0:c1, None]) if made else zc + zb[:, c0:c1, None]
             if keep is not None:
                 zc = zc * keep[:, None, None, :]
             sc = _short_conv(zc, w[:, c0:c1], None if bias is None else bias[:, c0:c1])
-            _conv_block(sc, pad[:, :, : c1 - c0], None if x is None else x[..., c0:c1], keep, respond(c0, c1),
+            response = respond(c0, c1)                                        # (G, c, L_b // 2 + 1)
+            size = 2 * (response.shape[-1] - 1)                               # this block's FFT length
+            _conv_block(sc, pad[:, :, : c1 - c0, :size], None if x is None else x[..., c0:c1], keep, response,
                         D[c0:c1], None if D_res is None else D_res[c0:c1], yt[:, c0:c1])
     return yt
 

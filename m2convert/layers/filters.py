@@ -14,6 +14,10 @@ from torch import nn
 from ..errors import ShapeError, check_int
 from .base import traced
 
+# Relative tail past which the eager CPU path stops a filter's taps (ImplicitFilter.support), by dtype:
+# at most this fraction of each channel's amplitude bound is left out, far under the dtype's resolution.
+TAIL_TOL = {torch.float32: 1e-9, torch.float64: 1e-18}
+
 
 class Sin(nn.Module):
     """sin(w * x) with a learned frequency per feature."""
@@ -159,6 +163,38 @@ class ImplicitFilter(nn.Module):
 
     def forward(self, n: int) -> torch.Tensor:
         return self.taps(self.trunk(n))                                                 # (heads, H, n)
+
+    def support(self, tol: float = TAIL_TOL[torch.float32]) -> int | None:
+        """Taps that hold all but ``tol`` of each channel's bound, for any N; None when no bound holds.
+
+        The trunk ends in a sine, so a channel's tap k is at most A_c = sum_j |W_cj| + |b_c| times its
+        decay exp(-r_c k) (r_c = rate_c / scale), and the taps from K on sum to at most
+        A_c exp(-r_c K) / (1 - exp(-r_c)). That is <= tol * A_c once
+        K >= (ln(1 / tol) - ln(1 - exp(-r_c))) / r_c: the amplitudes cancel, so the bound holds for any
+        trained weights. A convolution with the first K taps then differs from the whole filter's by at
+        most tol * A_c * max|u| per output. This is the longest channel's K (:meth:`channel_support`).
+
+        Example:
+            >>> f = ImplicitFilter(4, scale=16.0)
+            >>> k = f.support()
+            >>> taps = f(4 * k)                                             # (1, 4, 4K)
+            >>> bound = f.mlp[-1].weight.abs().sum(-1)                      # A_c
+            >>> bool((taps[0, :, k:].abs().sum(-1) <= 1e-9 * bound).all())
+            True
+        """
+        each = self.channel_support(tol)
+        return None if each is None else max(each)
+
+    def channel_support(self, tol: float = TAIL_TOL[torch.float32]) -> list[int] | None:
+        """Each channel's K of :meth:`support` (its own decay rate), or None when no bound holds: the
+        MLP does not end in :class:`Sin` then a linear layer, or a rate is not positive and finite."""
+        if len(self.mlp) < 2 or not isinstance(self.mlp[-2], Sin) or not isinstance(self.mlp[-1], FilterLinear):
+            return None
+        rate = self.decay_rates.double() / self.scale                                   # (channels,)
+        if not bool((torch.isfinite(rate) & (rate > 0)).all()):
+            return None
+        k = (math.log(1 / tol) - torch.log(-torch.expm1(-rate))) / rate
+        return k.ceil().long().tolist()
 
     def fit_taps(self, target: torch.Tensor, weight: torch.Tensor | None = None, steps: int = 100,
                  lr: float = 1e-2) -> dict:

@@ -10,8 +10,11 @@ zero-padded FFT of size 2N) and "causal-monarch" (the same causal convolution ev
 with a Monarch-factorised DFT of length 2N; the same parameters as "causal").
 
 Eager CPU inference in the FFT modes (nothing needs a gradient, not tracing) runs the same arithmetic
-through ``kernels.fftconv.cpu``: a 5-smooth FFT length >= 2N, channels in blocks that stay in cache,
-and, in eval mode, the filters' spectra cached per length. Training, tracing (whose graph the lowering
+through ``kernels.fftconv.cpu``: a 5-smooth FFT length >= N + K - 1, channels in blocks that stay in
+cache, and, in eval mode, the filters' spectra cached per length. K is N, or the filters' support
+where that is shorter (their decay is fixed, so past K = 4310 taps at the default filter_scale every
+tap together holds under 1e-9 of its channel's bound; at N = 8192 the transforms are 12800 points, not
+16384, and the filters are made for 4310 offsets, not 8192). Training, tracing (whose graph the lowering
 pass rewrites), "causal-monarch" and other devices run the reference below.
 """
 
@@ -29,7 +32,7 @@ from ..kernels.fftconv.monarch_dft import monarch_long_conv
 from ..kernels.fftconv.reference import fft_long_conv
 from .base import M2Block
 from .cost import B, N, substitute, fft_conv_flops, linear_flops, monarch_conv_flops
-from .filters import ImplicitFilter
+from .filters import TAIL_TOL, ImplicitFilter
 from .monarch import MonarchLinear, eager_inference
 
 MODES = ("bidirectional", "causal", "causal-monarch")
@@ -163,38 +166,59 @@ class M2SequenceMixer(M2Block):
     def _filters(self) -> list[ImplicitFilter]:
         return [self.filter] + ([self.residual_filter] if self.residual_filter is not None else [])
 
-    def spectrum_blocks(self, n: int, n_fft: int, dtype: torch.dtype):
-        """``block(start, stop) -> (G, stop - start, n_fft // 2 + 1)`` complex filter responses.
+    def channel_taps(self, n: int, dtype: torch.dtype = torch.float32) -> list[int]:
+        """Taps per direction the eager CPU path convolves each channel with at length n: n, or the
+        filters' support for it (:meth:`ImplicitFilter.channel_support`, the longer filter's) when that
+        is shorter: the taps past it add at most TAIL_TOL of the channel's amplitude bound (1e-9 in
+        float32, 1e-18 in float64), and a block of channels with K taps needs a transform of only
+        n + K - 1 points.
+
+        Example:
+            >>> mixer = M2SequenceMixer(8, filter_scale=16.0)
+            >>> max(mixer.channel_taps(100)), max(mixer.channel_taps(10_000)) == mixer.filter.support()
+            (100, True)
+        """
+        each = [f.channel_support(TAIL_TOL[dtype]) for f in self._filters()]
+        if None in each:
+            return [n] * self.d_model
+        return [min(n, max(ks)) for ks in zip(*each)]
+
+    def spectrum_blocks(self, n: int, dtype: torch.dtype, taps: list[int] | None = None):
+        """``block(start, stop, size=None) -> (G, stop - start, L // 2 + 1)`` complex responses for a
+        length-n input of channels [start, stop), each cut to its ``taps`` (default n; see
+        :meth:`channel_taps`), at FFT length L = ``size`` or else the block's own fft_size(n, K), K the
+        block's longest taps (the convolution reads L back from the response's length).
 
         For increasing, adjacent blocks (as the convolution asks for them). The filter MLP trunks run
         once, here; taps are made for up to TAP_CHANNELS channels at a time (a GEMM wide enough to run
         at speed, about TAP_BYTES) and transformed block by block, so no (heads, H, N) tensor is built.
         """
-        trunks = [(f, f.trunk(n).to(dtype)) for f in self._filters()]         # (n, order) each
+        taps = [n] * self.d_model if taps is None else taps
+        longest = max(taps)
+        trunks = [(f, f.trunk(longest).to(dtype)) for f in self._filters()]   # (K, order) each
         bidirectional = self.mode == "bidirectional"
         heads = 2 if bidirectional else 1
-        width = max(1, min(TAP_CHANNELS, TAP_BYTES // (heads * n * torch.finfo(dtype).bits // 8)))
-        held = {"range": (0, 0), "taps": None, "pad": None}
+        width = max(1, min(TAP_CHANNELS, TAP_BYTES // (heads * longest * torch.finfo(dtype).bits // 8)))
+        held = {"range": (0, 0), "taps": None}
 
-        def block(start: int, stop: int) -> torch.Tensor:
+        def block(start: int, stop: int, size: int | None = None) -> torch.Tensor:
             lo, hi = held["range"]
             if not (lo <= start and stop <= hi):
                 lo, hi = start, min(max(stop, start + width), self.d_model)
-                held["range"], held["taps"] = (lo, hi), [f.taps(t, lo, hi) for f, t in trunks]
-            pad = held["pad"]
-            if pad is None or pad.shape[1] != stop - start:
-                # Zero-padded signals, reused while blocks keep their width: fill_taps rewrites the
-                # same ranges each time, so the zeros stay zeros.
-                pad = held["pad"] = torch.zeros(len(trunks), stop - start, n_fft, dtype=dtype,
-                                                device=self.D.device)            # (G, c, L)
-            for g, taps in enumerate(held["taps"]):                           # (heads, hi - lo, n)
-                k = taps[:, start - lo: stop - lo]
-                fill_taps(pad[g], k[0], k[1] if bidirectional else None)
+                k = max(taps[lo:hi])
+                held["range"], held["taps"] = (lo, hi), [f.taps(t[:k], lo, hi) for f, t in trunks]
+            k = max(taps[start:stop])
+            pad = torch.zeros(len(trunks), stop - start, size or fft_size(n, k), dtype=dtype,
+                              device=self.D.device)                           # (G, c, L)
+            for g, made in enumerate(held["taps"]):                           # (heads, hi - lo, >= k)
+                kb = made[:, start - lo: stop - lo, :k]
+                fill_taps(pad[g], kb[0], kb[1] if bidirectional else None)
             return torch.fft.rfft(pad)                                        # (G, c, F)
         return block
 
-    def filter_spectrum(self, n: int, n_fft: int, dtype: torch.dtype):
-        """(G, H, n_fft // 2 + 1) complex responses of the gated (and residual) filters at length n.
+    def filter_spectrum(self, n: int, n_fft: int, dtype: torch.dtype, taps: list[int] | None = None):
+        """(G, H, n_fft // 2 + 1) complex responses of the gated (and residual) filters for a length-n
+        input, each channel cut to its ``taps`` (default n; n_fft >= n + max(taps) - 1).
 
         Cached for the last (n, n_fft, dtype) in eval mode when gradients are off (see the class notes);
         when the entry would exceed ``filter_cache_bytes`` this returns :meth:`spectrum_blocks`'s
@@ -213,33 +237,34 @@ class M2SequenceMixer(M2Block):
             self._spectrum_cache = None                  # stale: its bytes go back to the shared budget
             if nbytes > min(self.filter_cache_bytes, self.filter_cache_total_bytes - _cached_bytes()):
                 key = None
-        block = self.spectrum_blocks(n, n_fft, dtype)
+        block = self.spectrum_blocks(n, dtype, taps)
         if key is None:
             return block
         spectrum = torch.empty(g, self.d_model, f, dtype=cplx, device=self.D.device)
         step = block_channels(1, g, n_fft, self.d_model)
         for start in range(0, self.d_model, step):
             stop = min(start + step, self.d_model)
-            spectrum[:, start:stop] = block(start, stop)
+            spectrum[:, start:stop] = block(start, stop, n_fft)
         self._spectrum_cache = (key, spectrum)
         _HOLDERS.add(self)
         return spectrum
 
     def _forward_fast(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         b, n, h = x.shape
-        n_fft = fft_size(n)
+        taps = self.channel_taps(n, x.dtype)
+        n_fft = fft_size(n, max(taps))
         proj_in, proj_out = self.in_proj, self.out_proj
         # Both projections hand the long convolution channels-first data without a transpose copy.
         z_bias = None
         if type(proj_in) is nn.Linear:
             # W @ x^T a group of channels at a time, inside the core: no (B, 3H, N) tensor is made.
-            zt = _rows_of(proj_in, x)
+            zt, z_bias = _rows_of(proj_in, x), proj_in.bias
         elif isinstance(proj_in, MonarchLinear):
             zt = proj_in.matmul(x.reshape(b * n, h), out_channels_first=True)   # (3H, B*N)
             zt = zt.view(-1, b, n).transpose(0, 1)                            # (B, 3H, N)
         else:
             zt = proj_in(x).transpose(1, 2)                                   # (B, 3H, N)
-        spectrum = self.filter_spectrum(n, n_fft, x.dtype)                    # (G, H, F) or blocks
+        spectrum = self.filter_spectrum(n, n_fft, x.dtype, taps)              # (G, H, F) or blocks
         residual = self.residual_filter is not None
         monarch_out = isinstance(proj_out, MonarchLinear)
         if monarch_out:
@@ -314,19 +339,15 @@ class M2SequenceMixer(M2Block):
 
 def _rows_of(proj: nn.Linear, x: torch.Tensor):
     """``(start, stop) -> (B, 3, stop - start, N)``: the x1 | x2 | v rows of channels [start, stop) of
-    ``proj(x)``, channels first, bias included, for x (B, N, H) (see ``mixer_core``)."""
+    ``x W^T`` for x (B, N, H), channels first, without the bias (``mixer_core`` adds it a block at a
+    time: a GEMM started from the broadcast bias first copies it over the whole group)."""
     b, n, h = x.shape
     w3 = proj.weight.view(3, -1, h)                                           # (3, H, H)
-    b3 = None if proj.bias is None else proj.bias.view(3, -1)
     xt = x.transpose(1, 2)                                                    # (B, H, N), read in place
 
     def rows(start: int, stop: int) -> torch.Tensor:
         w = w3[:, start:stop].reshape(-1, h).expand(b, -1, -1)                # (B, 3c, H)
-        if b3 is None:
-            z = torch.bmm(w, xt)
-        else:
-            z = torch.baddbmm(b3[:, start:stop].reshape(1, -1, 1).expand(b, -1, n), w, xt)   # (B, 3c, N)
-        return z.view(b, 3, stop - start, n)
+        return torch.bmm(w, xt).view(b, 3, stop - start, n)                   # (B, 3c, N)
     return rows
 
 
