@@ -19,10 +19,11 @@ from m2convert.layers import chained, sequence
 from m2convert.passes.plan import RewritePlan
 
 
-def fft_buffer_mb(n: int, hidden: int, groups: int = 2, batch: int = 1) -> float:
+def fft_buffer_mb(n: int, hidden: int, groups: int = 2, batch: int = 1, taps: int | None = None) -> float:
     """MiB of one mixer call's transform buffers: the zero-padded (B, G, c, L) input, its (B, G, c, F)
-    spectrum and inverse, and one block's (G, c, F) filter responses, c channels per block."""
-    n_fft = conv_cpu.fft_size(n)
+    spectrum and inverse, and one block's (G, c, F) filter responses, c channels per block, at the
+    longest block's FFT length L (filters of ``taps`` taps each way, default n)."""
+    n_fft = conv_cpu.fft_size(n, taps)
     step = conv_cpu.block_channels(batch, groups, n_fft, hidden)
     f = n_fft // 2 + 1
     real = batch * groups * step * n_fft * 4 * 2                    # padded input + inverse output
@@ -42,6 +43,7 @@ def breakdown(converted, n: int, vocab: int = 1000) -> dict:
         spectra = sequence._cached_bytes() / 2**20
         mixer_mb, a = measure_peak_mb(lambda: layer.attention(x)[0])
         mlp_mb, _ = measure_peak_mb(lambda: layer.output(layer.intermediate(a), a))
+    mixer = next(m for m in layer.modules() if isinstance(m, sequence.M2SequenceMixer))
     fc1 = layer.intermediate.dense
     is_chained = getattr(fc1, "chain_output", False)
     group = chained.chain_rows(inner, 4)
@@ -50,7 +52,7 @@ def breakdown(converted, n: int, vocab: int = 1000) -> dict:
     channels = min(h, max(conv_cpu.PROJECT_CHANNELS, 1))
     predicted = RewritePlan.from_dict(converted.m2convert_plan).memory(n)["after"] / 2**20
     return {"N": n, "live_tensors_mb": live, "predicted_mb": predicted, "spectra_kept_mb": spectra,
-            "fft_buffers_mb": fft_buffer_mb(n, h), "in_projection_group_mb": 3 * channels * n * 4 / 2**20,
+            "fft_buffers_mb": fft_buffer_mb(n, h, taps=max(mixer.channel_taps(n))), "in_projection_group_mb": 3 * channels * n * 4 / 2**20,
             "mlp_intermediate_mb": min(group, n) * inner * 4 / 2**20, "mlp_chained": is_chained,
             "layer_mixer_mb": mixer_mb, "layer_mlp_mb": mlp_mb}
 

@@ -178,7 +178,9 @@ class M2SequenceMixer(M2Block):
             >>> max(mixer.channel_taps(100)), max(mixer.channel_taps(10_000)) == mixer.filter.support()
             (100, True)
         """
-        each = [f.channel_support(TAIL_TOL[dtype]) for f in self._filters()]
+        # Filters without a bound (a RecurrentFilter's modes need not decay) keep every tap.
+        each = [f.channel_support(TAIL_TOL[dtype]) if isinstance(f, ImplicitFilter) else None
+                for f in self._filters()]
         if None in each:
             return [n] * self.d_model
         return [min(n, max(ks)) for ks in zip(*each)]
