@@ -130,8 +130,9 @@ def mixer_core(zt, x: torch.Tensor | None, spectrum, D: torch.Tensor,
         zt: (B, 3H, N) in-projection output, channels first (rows of N contiguous is fastest; any
             strides work, e.g. ``z.transpose(1, 2)`` of a (B, N, 3H) tensor); or a callable
             (start, stop) -> (B, 3, stop - start, N) making the x1 | x2 | v rows of channels
-            [start, stop) (bias included unless given as z_bias) as the loop reaches them, so no (B, 3H, N) tensor exists:
-            it is asked for PROJECT_BYTES-sized groups of whole blocks (then ``out`` is required).
+            [start, stop) (bias included unless given as ``z_bias``) as the loop reaches them, so no
+            (B, 3H, N) tensor exists: it is asked for PROJECT_BYTES-sized groups of whole blocks (then
+            ``out`` is required).
         x: (B, N, H) mixer input for the residual convolution, or None (no residual conv).
         spectrum: (G, H, F) complex filter responses from :func:`conv_spectrum`, G = 1 + (x is not None),
             or a callable (start, stop) -> (G, stop - start, F_b) making them one channel block at a time,
