@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from m2convert.bench import measure_peak_mb
+from m2convert.bench import measure_peak_mb, predicted_mb
 from m2convert.bench_memory import live_peak_mb
 from m2convert.kernels.fftconv import cpu as conv_cpu
 from m2convert.layers import chained, sequence
-from m2convert.passes.plan import RewritePlan
 
 
 def fft_buffer_mb(n: int, hidden: int, groups: int = 2, batch: int = 1, taps: int | None = None) -> float:
@@ -50,9 +49,10 @@ def breakdown(converted, n: int, vocab: int = 1000) -> dict:
     is_chained = is_chained and n > group                        # shorter inputs make the intermediate whole
     group = group if is_chained else n
     channels = min(h, max(conv_cpu.PROJECT_CHANNELS, 1))
-    predicted = RewritePlan.from_dict(converted.m2convert_plan).memory(n)["after"] / 2**20
+    predicted = predicted_mb(converted, n, 1, torch.float32)[1]
     return {"N": n, "live_tensors_mb": live, "predicted_mb": predicted, "spectra_kept_mb": spectra,
-            "fft_buffers_mb": fft_buffer_mb(n, h, taps=max(mixer.channel_taps(n))), "in_projection_group_mb": 3 * channels * n * 4 / 2**20,
+            "fft_buffers_mb": fft_buffer_mb(n, h, taps=max(mixer.channel_taps(n))),
+            "in_projection_group_mb": 3 * channels * n * 4 / 2**20,
             "mlp_intermediate_mb": min(group, n) * inner * 4 / 2**20, "mlp_chained": is_chained,
             "layer_mixer_mb": mixer_mb, "layer_mlp_mb": mlp_mb}
 

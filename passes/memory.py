@@ -40,6 +40,11 @@ STREAM = 2                            # (N, H) tensors the callers hold through 
 KERNEL_BUFFERS = 3 * CHUNK_ELEMENTS * 4 + CHAIN_BYTES + 4 * BLOCK_BYTES      # bytes, fp32
 
 
+def _mixer_core(hidden: int) -> int:
+    """Elements per token an M2 mixer holds during its core: its (N, H) output and one in-projection group."""
+    return hidden + 3 * min(PROJECT_CHANNELS, hidden)
+
+
 def site_elements(kind: str, hidden: int, inner: int = 0, *, converted: bool = False, chained: bool = False,
                   folded: bool = False, gated: bool = False) -> int:
     """Elements per token alive at a site's peak, residual stream included (see the module notes).
@@ -50,7 +55,7 @@ def site_elements(kind: str, hidden: int, inner: int = 0, *, converted: bool = F
     """
     h, i = hidden, inner
     if kind == "attention":
-        own = max(h + 3 * min(PROJECT_CHANNELS, h), 3 * h) if converted else 4 * h
+        own = max(_mixer_core(h), 3 * h) if converted else 4 * h
     elif gated:
         own = h + 3 * i
     elif chained:
@@ -66,7 +71,7 @@ def kernel_elements(kind: str, hidden: int, inner: int = 0, **form) -> int:
     norm come after the core); for a chained MLP, its input and fc2 output (its sum and norm come after
     its token groups); otherwise the site's whole peak (:func:`site_elements`; ``form`` as there)."""
     if kind == "attention" and form.get("converted"):
-        return STREAM * hidden + hidden + 3 * min(PROJECT_CHANNELS, hidden)
+        return STREAM * hidden + _mixer_core(hidden)
     if kind == "mlp" and form.get("chained") and not form.get("gated"):
         return STREAM * hidden + 2 * hidden
     return site_elements(kind, hidden, inner, **form)
