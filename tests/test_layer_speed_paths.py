@@ -195,17 +195,23 @@ def test_mixer_monarch_mode_and_training_use_the_reference(monkeypatch):
     assert not calls
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 63, 64, 97, 509, 1000])
-def test_fft_size_is_the_smallest_even_smooth_length(n):
-    def smooth(k):
+@pytest.mark.parametrize("n,taps", [(1, None), (2, None), (3, None), (7, None), (63, None), (64, None),
+                                    (97, None), (509, None), (1000, None), (2048, 1703), (8192, 4300)])
+def test_fft_size_is_the_smallest_smooth_multiple_of_eight(n, taps):
+    def fits(k):
+        if k < 8:
+            return k & (k - 1) == 0                     # below 8: powers of two
+        if k % 8:
+            return False
         for p in (2, 3, 5):
             while k % p == 0:
                 k //= p
         return k == 1
 
-    size = conv_cpu.fft_size(n)
-    assert size >= 2 * n and size % 2 == 0 and smooth(size)
-    assert not any(smooth(k) for k in range(2 * n, size, 2))
+    target = n + (n if taps is None else taps) - 1
+    size = conv_cpu.fft_size(n, taps)
+    assert size >= max(target, 2) and fits(size)
+    assert not any(fits(k) for k in range(max(target, 2), size))
 
 
 def test_filter_cache_reuses_and_invalidates(monkeypatch):
@@ -267,7 +273,8 @@ def test_filter_cache_limit_and_off_switch(monkeypatch):
         m.filter_cache_bytes = 2 * 40 * (conv_cpu.fft_size(30) // 2 + 1) * 16    # exactly the entry
         assert rel(m(x), expected) < 1e-12
         assert m._spectrum_cache is not None
-        m(torch.randn(1, 31, 40, dtype=torch.float64))                # larger than the limit: none kept
+        assert conv_cpu.fft_size(40) > conv_cpu.fft_size(30)
+        m(torch.randn(1, 40, 40, dtype=torch.float64))                # larger than the limit: none kept
         assert m._spectrum_cache is None
 
 
