@@ -146,8 +146,9 @@ def mixer_core(zt, x: torch.Tensor | None, spectrum, D: torch.Tensor,
         short_b: (3H,) or None.  keep: (B, N) 0/1 in zt's dtype, or None.  n_fft: L >= N + K - 1, the
             longest block's FFT length (K taps each way).
         out: (B, H, N) tensor to write into (any strides), or None for a new contiguous one.
-        z_bias: (3H,) in-projection bias still to be added to ``zt`` or to the callable's rows (added block
-            by block, which spares a full pass over (B, 3H, N)), or None.
+        z_bias: (3H,) in-projection bias still to be added to ``zt`` or to the callable's rows, or None.
+            Without ``keep`` it is folded into the short conv's bias (no pass over the rows at all);
+            with ``keep`` it is added to each block's rows before the mask.
 
     Returns:
         (B, H, N): the input of the out-projection, channels first (``out`` when given).
@@ -179,12 +180,11 @@ def mixer_core(zt, x: torch.Tensor | None, spectrum, D: torch.Tensor,
         for c0 in range(p0, min(p0 + wide, h), step):
             c1 = min(c0 + step, p0 + wide, h)
             zc = zp[:, :, c0 - p0: c1 - p0]                                   # (B, 3, c, N)
-            if zb is not None:
-                # Rows made here are this loop's own: add in place (a caller's tensor is left as it is).
-                zc = zc.add_(zb[:, c0:c1, None]) if made else zc + zb[:, c0:c1, None]
+            zbc = None if zb is None else zb[:, c0:c1]
             if keep is not None:
-                zc = zc * keep[:, None, None, :]
-            sc = _short_conv(zc, w[:, c0:c1], None if bias is None else bias[:, c0:c1])
+                zc = zc * keep[:, None, None, :] if zbc is None else (zc + zbc[..., None]) * keep[:, None, None, :]
+                zbc = None
+            sc = _short_conv(zc, w[:, c0:c1], None if bias is None else bias[:, c0:c1], zbc)
             response = respond(c0, c1)                                        # (G, c, L_b // 2 + 1)
             size = 2 * (response.shape[-1] - 1)                               # this block's FFT length
             _conv_block(sc, pad[:, :, : c1 - c0, :size], None if x is None else x[..., c0:c1], keep, response,
@@ -251,17 +251,30 @@ def _conv_block(sc, buf, xc, keep, response, D, D_res, y) -> None:
         y.add_(conv[:, 1]).addcmul_(xr, D_res[:, None])
 
 
-def _short_conv(zc: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor | None) -> torch.Tensor:
-    """Causal depthwise conv of one channel block: zc (B, 3, c, N) by taps wc (3, c, K), plus bias bc (3, c)."""
+def _short_conv(zc: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor | None,
+                zb: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal depthwise conv of one channel block: zc (B, 3, c, N) by taps wc (3, c, K), plus bias bc (3, c).
+
+    zb: (3, c) bias of the input not yet added to zc, or None. It rides in the conv's own bias instead of
+    a pass over zc: conv(z + zb) = conv(z) + zb * (the sum of the taps that reach inside the sequence),
+    all K taps from step K - 1 on, fewer before.
+    """
     n, kernel = zc.shape[-1], wc.shape[-1]
+    if zb is not None:
+        folded = zb * wc.sum(-1)                                              # (3, c)
+        bc = folded if bc is None else bc + folded
     # Tap i reads the input K - 1 - i steps back; the last tap reads the current step.
-    sc = zc * wc[..., kernel - 1, None]                                       # (B, 3, c, N)
-    if bc is not None:
-        sc += bc[..., None]
+    if bc is None:
+        sc = zc * wc[..., kernel - 1, None]                                   # (B, 3, c, N)
+    else:
+        sc = torch.addcmul(bc[..., None], zc, wc[..., kernel - 1, None])      # one pass: bias + last tap
     for i in range(kernel - 1):
         shift = kernel - 1 - i
         if shift < n:
             sc[..., shift:].addcmul_(zc[..., : n - shift], wc[..., i, None])
+        if zb is not None:
+            # Steps before ``shift``: this tap reads the zero padding, not zb.
+            sc[..., : min(shift, n)] -= (zb * wc[..., i])[..., None]
     return sc
 
 
