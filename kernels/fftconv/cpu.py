@@ -153,8 +153,7 @@ def mixer_core(zt, x: torch.Tensor | None, spectrum, D: torch.Tensor,
     Returns:
         (B, H, N): the input of the out-projection, channels first (``out`` when given).
     """
-    made = callable(zt)
-    if made:
+    if callable(zt):
         if out is None:
             raise ValueError("mixer_core: a callable zt needs out= (B, H, N) to give the shapes")
         project, (b, h, n), dtype = zt, out.shape, out.dtype
