@@ -217,37 +217,46 @@ def gated_conv(v: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, k: torch.Ten
     y = torch.empty(b, h, n, dtype=v.dtype, device=v.device)
     step = block_channels(b + 1, 1, n_fft, h)                                 # signals and the filter
     # Zero-padded transform inputs, reused by every block: only their tap / signal ranges are written.
-    pad = torch.zeros(b, step, n_fft, dtype=v.dtype, device=v.device)       # (B, c, L)
+    pad = torch.zeros(b, 1, step, n_fft, dtype=v.dtype, device=v.device)    # (B, G = 1, c, L)
     kpad = torch.zeros(step, n_fft, dtype=v.dtype, device=v.device)         # (c, L)
     for c0 in range(0, h, step):
         c1 = min(c0 + step, h)
-        u = pad[:, : c1 - c0, :n]                                              # (B, c, N)
+        u = pad[:, 0, : c1 - c0, :n]                                           # (B, c, N)
         torch.mul(v[:, c0:c1], x1[:, c0:c1], out=u)
         response = torch.fft.rfft(fill_taps(kpad[: c1 - c0], k[c0:c1], None if k_rev is None else k_rev[c0:c1]))
-        spec = torch.fft.rfft(pad[:, : c1 - c0]).mul_(response)                # (B, c, F)
-        conv = torch.fft.irfft(spec, n=n_fft)[..., :n]                         # (B, c, N)
-        out = y[:, c0:c1]
-        if D is None:
-            out.copy_(conv)
-        else:
-            torch.addcmul(conv, u, D[c0:c1, None], out=out)
-        out.mul_(x2[:, c0:c1])
+        _gated_block(pad[:, :, : c1 - c0], response[None], u, None if D is None else D[c0:c1], x2[:, c0:c1],
+                     y[:, c0:c1])
     return y
 
 
 def _conv_block(sc, buf, xc, keep, response, D, D_res, y) -> None:
     """Gates and long convolutions of one channel block: sc (B, 3, c, N) short-conv output, buf
     (B, G, c, L) zeroed transform input, xc (B, N, c) or None, response (G, c, F); writes y (B, c, N)."""
-    n_fft, n = buf.shape[-1], sc.shape[-1]
     x1, x2, v = sc.unbind(1)                                                  # 3 x (B, c, N)
     u, xr = _fill_conv_inputs(buf, v, x1, xc, keep)
+    conv = _gated_block(buf, response, u, D, x2, y)
+    if xr is not None:
+        y.add_(conv[:, 1]).addcmul_(xr, D_res[:, None])
+
+
+def _gated_block(buf: torch.Tensor, response: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None,
+                 x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gated long convolution of one channel block, the step both CPU kernels share.
+
+    Transforms the zero-padded inputs ``buf`` (B, G, c, L) (group 0 holds u), multiplies by ``response``
+    (G, c, L // 2 + 1), transforms back and writes y (B, c, N) = x2 * (conv_0 + D * u) (D (c,) or None).
+    Returns every group's convolution (B, G, c, N), a view the caller may still read (group 1 onward).
+    """
+    n_fft, n = buf.shape[-1], u.shape[-1]
     spec = torch.fft.rfft(buf, n=n_fft)                                       # (B, G, c, F)
     spec.mul_(response)
     conv = torch.fft.irfft(spec, n=n_fft)[..., :n]                            # (B, G, c, N)
-    torch.addcmul(conv[:, 0], u, D[:, None], out=y)
+    if D is None:
+        y.copy_(conv[:, 0])
+    else:
+        torch.addcmul(conv[:, 0], u, D[:, None], out=y)
     y.mul_(x2)
-    if xr is not None:
-        y.add_(conv[:, 1]).addcmul_(xr, D_res[:, None])
+    return conv
 
 
 def _short_conv(zc: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor | None,

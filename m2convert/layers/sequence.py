@@ -71,8 +71,9 @@ class M2SequenceMixer(M2Block):
     the other mixers' entries. A 12-layer H = 768 encoder keeps every layer's spectra up to N ~ 100 and
     a few layers' up to N ~ 1000, so its memory stays that of its activations at any N. The others make
     their filters per call, a channel block at a time inside the convolution (one real FFT per filter
-    and block; at H = 768 within timing noise of a cached call at N = 2048, 28% more mixer time at
-    N = 8192, about 15% of a BERT-base forward there). The entry is rebuilt when any filter parameter
+    and block; at H = 768, 20-25% more mixer time than a cached call at N = 2048, which a whole
+    BERT-base forward does not resolve from timing noise, and 28% more at N = 8192, about 15% of a
+    BERT-base forward there). The entry is rebuilt when any filter parameter
     or buffer changes (tensor identity, storage or in-place version), the dtype or device changes, and
     dropped on ``train()``/``eval()``, ``.to()`` and when a call at another length does not fit. Set
     either limit (class or instance) to trade memory for time; 0 turns the cache off.
