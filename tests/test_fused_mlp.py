@@ -13,6 +13,8 @@ import m2convert as m2
 from m2convert.bench import measure_peak_mb
 from m2convert.kernels.fftconv.cpu import gated_conv
 from m2convert.kernels.fftconv.reference import gated_long_conv
+from m2convert.kernels.monarch.cpu import monarch_linear as cpu_monarch
+from m2convert.kernels.monarch.reference import monarch_matmul
 from m2convert.kernels.ops import monarch_linear_op
 from m2convert.kernels.testing import assert_close
 from m2convert.layers import MonarchLinear
@@ -144,6 +146,44 @@ def test_chained_mlp_holds_one_group_not_the_intermediate():
     assert_close(got, want, 1e-5)
     if plain_mb is not None:
         assert plain_mb > 60 and chained_mb < plain_mb / 2, (plain_mb, chained_mb)
+
+
+@pytest.mark.parametrize("m", [0, 1, 5, 300])
+@pytest.mark.parametrize("nb,p,s,rho", [(4, 16, 48, 4), (8, 12, 6, 2)])
+def test_block_major_input_and_output_match_the_reference(m, nb, p, s, rho):
+    g = torch.Generator().manual_seed(m + nb)
+    x = torch.randn(m, nb * p, generator=g)
+    w1, w2 = torch.randn(nb, nb * rho, p, generator=g), torch.randn(nb, s, nb * rho, generator=g)
+    bias = torch.randn(nb * s, generator=g)
+    want = torch.nn.functional.gelu(monarch_matmul(x, w1, w2) + bias)                   # (m, nb * S)
+    blocks = cpu_monarch(x, w1, w2, bias, activation=torch._C._nn.gelu_, out_blocks=True)
+    assert blocks.shape == (nb, m, s)
+    assert_close(blocks.transpose(0, 1).reshape(m, nb * s), want, 1e-5)
+    # Read back as block-major input (fc2 of a chained MLP): the blocks are the next input's blocks.
+    v1, v2 = torch.randn(nb, nb * rho, s, generator=g), torch.randn(nb, p, nb * rho, generator=g)
+    assert_close(cpu_monarch(blocks, v1, v2, x_blocks=True), monarch_matmul(want, v1, v2), 1e-5)
+    with pytest.raises(ValueError, match="out_blocks"):
+        cpu_monarch(x, w1, w2, out_features=nb * s - 1, out_blocks=True)
+
+
+@pytest.mark.parametrize("second,match", [(dict(nblocks=4), True), (dict(nblocks=8), False),
+                                          (dict(nblocks=4, rank=2), True)])
+def test_chained_mlp_hands_blocks_on_only_when_they_match(second, match, monkeypatch):
+    monkeypatch.setattr(chained, "CHAIN_BYTES", 256 * 256 * 4)             # groups of 256 tokens
+    torch.manual_seed(0)
+    fc1 = MonarchLinear(64, 256, nblocks=4, activation="gelu")
+    fc2 = MonarchLinear(256, 64, **second)
+    cropped = MonarchLinear(64, 250, nblocks=4, activation="gelu")             # last block cut: rows, not blocks
+    assert chained.blocks_match(fc1, fc2) is match
+    assert not chained.blocks_match(cropped, MonarchLinear(250, 64, nblocks=4))
+    assert not chained.blocks_match(fc1, nn.Linear(256, 64))
+    x = torch.randn(1, 700, 64)
+    with torch.inference_mode():
+        want = fc2(fc1(x))
+        fc1.chain_output = True
+        assert isinstance(fc1(x), DeferredOutput)
+        got = fc2(fc1(x))                                                       # three token groups
+    assert_close(got, want, 1e-5)
 
 
 @pytest.mark.parametrize("act", ["", "gelu", "gelu_tanh", "relu", "silu"])

@@ -50,7 +50,8 @@ def chunk_rows(rows: int, width: int) -> int:
 
 def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None = None,
                    out_features: int | None = None, *, x_t: bool = False, out_t: bool = False,
-                   activation=None, out: torch.Tensor | None = None) -> torch.Tensor:
+                   activation=None, out: torch.Tensor | None = None, x_blocks: bool = False,
+                   out_blocks: bool = False) -> torch.Tensor:
     """y = Monarch(w1, w2) @ x (+ bias) along the feature dimension, without building an autograd graph.
 
     Args:
@@ -64,41 +65,45 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
             block-major result before it is written out, while it is still in cache: the activation
             costs no pass over, and no second copy of, the (M, out) output. None: no activation.
         out: a (M, out_features) tensor (rows contiguous; not with ``out_t``) to write into, or None.
+        x_blocks: x is (nb, M, P) block-major (block k holds input features k * P .. k * P + P - 1), the
+            layout ``out_blocks`` returns: a Monarch projection fed by another one whose output blocks are
+            its input blocks reads that result as it was written.
+        out_blocks: return (nb, M, S) block-major (needs out_features = nb * S, no ``out_t`` / ``out``):
+            the result stays as the second GEMM wrote it, without the copy that interleaves the blocks.
+            The M rows run as one chunk: pass a cache-sized group of rows (``layers.chained`` does).
 
     Returns:
-        (M, out_features), or (out_features, M) with ``out_t``; ``out`` when given, else a new contiguous tensor.
+        (M, out_features), or (out_features, M) with ``out_t``, or (nb, M, S) with ``out_blocks``; ``out``
+        when given, else a new tensor.
     """
     nb, mid, p = w1.shape
     s = w2.shape[1]
     rho = mid // nb
-    m = x.shape[1] if x_t else x.shape[0]
+    m = x.shape[1] if (x_t or x_blocks) else x.shape[0]
+    if out_blocks and (out_t or out is not None or (out_features or nb * s) != nb * s):
+        raise ValueError("monarch_linear: out_blocks needs all nb * S outputs, and neither out_t nor out")
     dest = out
     out = nb * s if out_features is None else out_features
     if bias is not None and out < nb * s:
         bias = torch.nn.functional.pad(bias, (0, nb * s - out))
-    if 0 < m <= FEW_ROWS:
-        rows = _few_rows(x.t() if x_t else x, w1, w2, bias)                    # (m, nb * S), a fresh tensor
-        if activation is not None:
-            activation(rows)
-        rows = rows[:, :out]                                                   # (m, out)
-        if dest is not None:
-            return dest.copy_(rows)
-        return (rows.t() if out_t else rows).contiguous()
-    y = torch.empty((out, m) if out_t else (m, out), dtype=x.dtype, device=x.device) if dest is None else dest
+    if 0 < m <= FEW_ROWS and not out_blocks:
+        if x_blocks:
+            x, x_t = x.transpose(0, 1).reshape(m, nb * p), False              # (m, nb * P), a few rows
+        return _few_rows_out(x.t() if x_t else x, w1, w2, bias, out, activation, dest, out_t)
+    if out_blocks:
+        y = torch.empty(nb, m, s, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty((out, m) if out_t else (m, out), dtype=x.dtype, device=x.device) if dest is None else dest
     if m == 0:
         return y
-    rows = chunk_rows(m, nb * max(mid, s))
-    r = min(rows, m)
+    r = m if out_blocks else min(chunk_rows(m, nb * max(mid, s)), m)
     # Flat buffers, so a short last chunk gets contiguous views of its own size.
     h = torch.empty(nb * r * mid, dtype=x.dtype, device=x.device)
     hp = torch.empty(nb * r * mid, dtype=x.dtype, device=x.device)
-    yb = torch.empty(nb * r * s, dtype=x.dtype, device=x.device)
-    if bias is None:
-        b = None
-    else:
-        b = bias.view(nb, s, 1) if out_t else bias.view(nb, 1, s)            # broadcast over rows
+    yb = None if out_blocks else torch.empty(nb * r * s, dtype=x.dtype, device=x.device)
+    b = None if bias is None else (bias.view(nb, s, 1) if out_t else bias.view(nb, 1, s))   # over rows
     # Input blocks as (nb_k, P, M) operands, read in place: BLAS takes either orientation.
-    xb = x.view(nb, p, m) if x_t else x.view(m, nb, p).permute(1, 2, 0)
+    xb = x.transpose(1, 2) if x_blocks else x.view(nb, p, m) if x_t else x.view(m, nb, p).permute(1, 2, 0)
     for start in range(0, m, r):
         stop = min(start + r, m)
         n = stop - start
@@ -113,7 +118,8 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
             ybc = yb[: nb * n * s].view(nb, s, n)                             # (nb_l, S, n)
             a, c = w2, hpc                                                    # y^T = w2 @ h
         else:
-            ybc = yb[: nb * n * s].view(nb, n, s)                             # (nb_l, n, S)
+            # (nb_l, n, S): straight into its final place with out_blocks, else a chunk buffer.
+            ybc = y[:, start:stop] if out_blocks else yb[: nb * n * s].view(nb, n, s)
             a, c = hpc.transpose(1, 2), w2.transpose(1, 2)                    # y = h^T @ w2^T
         if b is None:
             torch.bmm(a, c, out=ybc)
@@ -121,8 +127,21 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
             torch.baddbmm(b, a, c, out=ybc)
         if activation is not None:
             activation(ybc)
-        _place(ybc, y[:, start:stop] if out_t else y[start:stop], out_t)
+        if not out_blocks:
+            _place(ybc, y[:, start:stop] if out_t else y[start:stop], out_t)
     return y
+
+
+def _few_rows_out(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None, out: int,
+                  activation, dest: torch.Tensor | None, out_t: bool) -> torch.Tensor:
+    """:func:`monarch_linear`'s result for a few rows x (m, nb * P): (m, out), (out, m) with ``out_t``, or ``dest``."""
+    rows = _few_rows(x, w1, w2, bias)                                          # (m, nb * S), a fresh tensor
+    if activation is not None:
+        activation(rows)
+    rows = rows[:, :out]                                                       # (m, out)
+    if dest is not None:
+        return dest.copy_(rows)
+    return (rows.t() if out_t else rows).contiguous()
 
 
 def _few_rows(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

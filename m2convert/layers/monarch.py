@@ -298,13 +298,19 @@ class MonarchLinear(M2Block, nn.Linear):
         y = self.eager_rows(x.reshape(-1, x.shape[-1]))                          # (M, out)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def eager_rows(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(M, in) rows -> (M, out) with the CPU kernel (no autograd graph), into ``out`` when given."""
+    def eager_rows(self, rows: torch.Tensor, out: torch.Tensor | None = None, *, blocks_in: bool = False,
+                   blocks_out: bool = False) -> torch.Tensor:
+        """(M, in) rows -> (M, out) with the CPU kernel (no autograd graph), into ``out`` when given.
+
+        blocks_in / blocks_out: (nb, M, P) block-major input / (nb, M, S) output instead (``x_blocks`` /
+        ``out_blocks`` of ``kernels.monarch.cpu.monarch_linear``; see ``chained.blocks_match``).
+        """
         pad = self.nblocks * self.block_sizes[0] - self.in_features
-        if pad:
+        if pad and not blocks_in:
             rows = nn.functional.pad(rows, (0, pad))                             # (M, nb * P)
-        return monarch_linear(rows.contiguous(), self.w1, self.w2, self.bias, self.out_features,
-                              activation=self._act(0), out=out)
+        return monarch_linear(rows if blocks_in else rows.contiguous(), self.w1, self.w2, self.bias,
+                              self.out_features, activation=self._act(0), out=out, x_blocks=blocks_in,
+                              out_blocks=blocks_out)
 
     def _act(self, which: int):
         """The activation's in-place (0) or out-of-place (1) function, or None without one."""
