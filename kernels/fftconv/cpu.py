@@ -138,7 +138,8 @@ def mixer_core(zt, x: torch.Tensor | None, spectrum, D: torch.Tensor,
             [start, stop) (bias included unless given as ``z_bias``) as the loop reaches them, so no
             (B, 3H, N) tensor exists: it is asked for PROJECT_BYTES-sized groups of whole blocks (then
             ``out`` is required).
-        x: (B, N, H) mixer input for the residual convolution, or None (no residual conv).
+        x: (B, N, H) mixer input for the residual convolution, or None (no residual conv). Its transpose
+            is staged in the output, which must not overlap x.
         spectrum: (G, H, F) complex filter responses from :func:`conv_spectrum`, G = 1 + (x is not None),
             or a callable (start, stop) -> (G, stop - start, F_b) making them one channel block at a time,
             each block at its own FFT length 2 (F_b - 1) <= n_fft (one long enough for its taps).
@@ -174,6 +175,12 @@ def mixer_core(zt, x: torch.Tensor | None, spectrum, D: torch.Tensor,
     wide = min(h, step * max(PROJECT_BYTES // per_block, -(-PROJECT_CHANNELS // step), 1))
     # Zero-padded transform input, reused by every block: only [..., :N] is ever written.
     pad = torch.zeros(b, groups, step, n_fft, dtype=dtype, device=D.device)
+    if x is not None:
+        # x^T staged in the output: one whole-matrix transpose (blocked, 2.3-2.6x faster than gathering each
+        # block's channels from x's rows, measured at N = 2048-8192, H = 768), no extra memory: each block
+        # copies its channels into its transform buffer before it writes its own output there.
+        for i in range(b):
+            yt[i].copy_(x[i].t())                                             # (H, N)
     for p0 in range(0, h, wide):
         zp = project(p0, min(p0 + wide, h))                                   # (B, 3, <= wide, N)
         for c0 in range(p0, min(p0 + wide, h), step):
@@ -186,7 +193,7 @@ def mixer_core(zt, x: torch.Tensor | None, spectrum, D: torch.Tensor,
             sc = _short_conv(zc, w[:, c0:c1], None if bias is None else bias[:, c0:c1], zbc)
             response = respond(c0, c1)                                        # (G, c, L_b // 2 + 1)
             size = 2 * (response.shape[-1] - 1)                               # this block's FFT length
-            _conv_block(sc, pad[:, :, : c1 - c0, :size], None if x is None else x[..., c0:c1], keep, response,
+            _conv_block(sc, pad[:, :, : c1 - c0, :size], None if x is None else yt[:, c0:c1], keep, response,
                         D[c0:c1], None if D_res is None else D_res[c0:c1], yt[:, c0:c1])
     return yt
 
@@ -231,7 +238,8 @@ def gated_conv(v: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, k: torch.Ten
 
 def _conv_block(sc, buf, xc, keep, response, D, D_res, y) -> None:
     """Gates and long convolutions of one channel block: sc (B, 3, c, N) short-conv output, buf
-    (B, G, c, L) zeroed transform input, xc (B, N, c) or None, response (G, c, F); writes y (B, c, N)."""
+    (B, G, c, L) zeroed transform input, xc (B, c, N) or None (read before y is written: it may be y),
+    response (G, c, F); writes y (B, c, N)."""
     x1, x2, v = sc.unbind(1)                                                  # 3 x (B, c, N)
     u, xr = _fill_conv_inputs(buf, v, x1, xc, keep)
     conv = _gated_block(buf, response, u, D, x2, y)
@@ -289,7 +297,7 @@ def _short_conv(zc: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor | None,
 def _fill_conv_inputs(buf: torch.Tensor, v: torch.Tensor, x1: torch.Tensor, xc: torch.Tensor | None,
                       keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Write one block's long-convolution inputs into its zero-padded buffer ``buf`` (B, G, c, L):
-    u = v * x1 * keep in group 0 and, when ``xc`` (B, N, c) is given, xc * keep in group 1.
+    u = v * x1 * keep in group 0 and, when ``xc`` (B, c, N) is given, xc * keep in group 1.
     Returns their (B, c, N) views (None for the second without ``xc``)."""
     n = v.shape[-1]
     u = buf[:, 0, :, :n]
@@ -299,7 +307,7 @@ def _fill_conv_inputs(buf: torch.Tensor, v: torch.Tensor, x1: torch.Tensor, xc: 
     if xc is None:
         return u, None
     xr = buf[:, 1, :, :n]
-    xr.copy_(xc.transpose(1, 2))                                              # (B, c, N)
+    xr.copy_(xc)                                                              # (B, c, N)
     if keep is not None:
         xr.mul_(keep[:, None, :])
     return u, xr
