@@ -13,3 +13,7 @@ apply.py      building replacements and the one module walker
 diff.py       module-level graphs, graph diffs, RewriteDiff;  html.py  the HTML page
 lower.py      lowering converted models onto the fused m2:: kernels (rules in lower_rules.py)
 """
+
+if __name__ != "m2convert.passes":         # loaded from the repository root as `passes`
+    from m2convert.kernels._toplevel import hand_over
+    hand_over(__name__, __file__)
