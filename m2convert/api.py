@@ -28,12 +28,14 @@ from .passes.diff import RewriteDiff
 from .passes.diff import diff as _diff
 from .passes.pipeline import as_config, plan_model
 from .passes.plan import RewritePlan
+from .selection import select_attention
 from .wrappers import inner_model, unwrap
 
 __all__ = ["convert", "diff", "load_model", "plan", "to_recurrent"]
 
 
-def plan(model: nn.Module, config: ConvertConfig | dict | None = None, example_inputs=None) -> RewritePlan:
+def plan(model: nn.Module, config: ConvertConfig | dict | None = None, example_inputs=None, *,
+         calibration=None, tokenizer=None, progress: bool = True) -> RewritePlan:
     """Capture ``model`` with torch.export and return its rewrite plan; the model is not modified.
 
     Args:
@@ -43,6 +45,12 @@ def plan(model: nn.Module, config: ConvertConfig | dict | None = None, example_i
         config: ConvertConfig (or its dict form); defaults to ConvertConfig().
         example_inputs: dict of keyword tensors (e.g. ``{"input_ids": ids}``, shapes (B, N)) or a tuple
             of positional tensors; built from ``model.config`` when None.
+        calibration: batches that measure which attention layers to keep when the config sets a budget
+            (``keep_layers`` / ``keep_kv_bytes``): a list of dicts (input_ids (B, N), attention_mask
+            (B, N)), or a text / TSV / JSONL file or dataset with ``tokenizer``. With them the default
+            selection is "kl"; without, "uniform" (see :mod:`m2convert.selection`).
+        tokenizer: the model's tokenizer, for calibration files.
+        progress: a progress bar while the selection measures each layer.
 
     Raises:
         UnsupportedModelError: ``model`` is not an nn.Module.  CaptureError: export failed.
@@ -55,14 +63,19 @@ def plan(model: nn.Module, config: ConvertConfig | dict | None = None, example_i
         >>> [s.fqn for s in plan.converted][:2]
         ['encoder.layer.0.attention', 'encoder.layer.0']
     """
-    return plan_model(inner_model(model), config, example_inputs)
+    result = plan_model(inner_model(model), config, example_inputs)
+    if result.config.keeps_attention:
+        select_attention(result, calibration, tokenizer=tokenizer, progress=progress)
+    return result
 
 
 def convert(model: nn.Module, config: ConvertConfig | dict | None = None, *, example_inputs=None,
-            inplace: bool = False, **overrides) -> nn.Module:
+            inplace: bool = False, calibration=None, tokenizer=None, progress: bool = True,
+            **overrides) -> nn.Module:
     """``plan(model, config).apply()``: the converted model, same class; the original is untouched.
 
-    Keyword ``overrides`` change ConvertConfig fields (``m2.convert(model, nblocks=8, dimension=False)``).
+    Keyword ``overrides`` change ConvertConfig fields (``m2.convert(model, nblocks=8, dimension=False)``);
+    ``calibration``, ``tokenizer`` and ``progress`` are :func:`plan`'s (the attention a budget keeps).
     A SentenceTransformer comes back as a SentenceTransformer around the converted Hugging Face model (a
     copy unless ``inplace``; its tokenizer, pooling and normalization as they were).
 
@@ -80,7 +93,8 @@ def convert(model: nn.Module, config: ConvertConfig | dict | None = None, *, exa
         config = config.replace(**overrides)
     wrapped = unwrap(model)
     inner = model if wrapped is None else wrapped.inner
-    converted = plan_model(inner, config, example_inputs).apply(inplace=inplace)
+    converted = plan(inner, config, example_inputs, calibration=calibration, tokenizer=tokenizer,
+                     progress=progress).apply(inplace=inplace)
     return converted if wrapped is None else wrapped.rebuild(converted)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from . import __version__
 from .config import CAUSAL_MODES, ConvertConfig
 from .errors import ConfigError, ConversionError, M2Error
+from .selection.command import add_selection_arguments, calibration_arguments, selection_settings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +56,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip", action="append", default=[], metavar="REGEX",
                    help="leave sites whose module path matches REGEX (repeatable)")
     g.add_argument("--strict", action="store_true", help="fail if any site cannot be converted")
+    add_selection_arguments(p.add_argument_group("attention to keep (ConvertConfig.keep_layers, keep_kv_bytes)"))
 
 
 def _config(args) -> ConvertConfig:
@@ -62,7 +64,8 @@ def _config(args) -> ConvertConfig:
                          filter_order=args.filter_order, filter_emb_dim=args.filter_emb_dim,
                          projection_nblocks=args.projection_nblocks,
                          sequence=not args.no_sequence, dimension=not args.no_dimension,
-                         overrides={r: None for r in args.skip}, strict=args.strict, seq_len=args.seq_len)
+                         overrides={r: None for r in args.skip}, strict=args.strict, seq_len=args.seq_len,
+                         **selection_settings(args))
 
 
 def _input_spec(text: str):
@@ -178,7 +181,7 @@ def _run_plan(args) -> int:
     config = _config(args)
     tensors = _input_tensors(args)
     model = load_model(args.model)
-    result = plan(model, config, _example_inputs(args, model, tensors))
+    result = plan(model, config, _example_inputs(args, model, tensors), **calibration_arguments(args, args.model))
     print(result.to_json() if args.json else result)
     if args.html:
         path = result.to_html(args.html)
@@ -210,7 +213,8 @@ def _run_convert(args) -> int:
         raise ConfigError(f"--out {args.out} cannot be created: {blocker} is a file; give a directory")
     tensors = _input_tensors(args)
     model = api.load_model(args.model)
-    result = api.plan(model, config, _example_inputs(args, model, tensors))
+    result = api.plan(model, config, _example_inputs(args, model, tensors),
+                      **calibration_arguments(args, args.model))
     print(result)
     _check_plan(result, args, converting=True, see="the 'skip' rows of the plan above say why")
     converted = result.apply()

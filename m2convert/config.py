@@ -16,6 +16,9 @@ from typing import Any, Callable
 from .errors import ConfigError, check_choice, check_int
 
 CAUSAL_MODES = ("causal", "causal-monarch")
+# How the attention layers a budget keeps are chosen (m2convert.selection): "auto" is "kl" when calibration
+# batches are given, else "uniform".
+SELECTIONS = ("auto", "kl", "offset-fit", "uniform")
 
 # Settings a per-path override may change, with the validator of each.
 SITE_SETTINGS = ("nblocks", "rank", "causal_mode", "filter_order", "filter_emb_dim", "projection_nblocks")
@@ -93,6 +96,17 @@ class ConvertConfig:
         seed: seeds the freshly initialised weights of each replacement (the mixers' filters), per site
             from this value and the site's path, so the same model and config always give bit-equal
             converted models; converting leaves the global RNG as it was. 0 to 2**31 - 1.
+        keep_layers: attention layers to keep as softmax attention (0: convert every one), chosen by
+            ``selection``; the others become M2 mixers.
+        keep_kv_bytes: the budget as KV-cache bytes per token instead: the best-scored layers whose K/V
+            (2 x kv_heads x head_dim x the model's dtype size each) fit in it. At most one of the two.
+        selection: how the kept layers are chosen (see ``m2convert.selection``): "kl" (each layer's drop in
+            the briefly aligned, fully converted model's KL to the teacher when that layer keeps attention;
+            needs calibration batches), "offset-fit" (the layers whose attention a convolution fits worst;
+            needs calibration batches), "uniform" (evenly spaced), or "auto": "kl" with calibration
+            batches, else "uniform".
+        selection_steps: layer-wise transfer steps that align the fully converted model before the
+            "kl" scores are measured, 0 to 100000.
 
     Example:
         >>> ConvertConfig(nblocks=2, dimension=False).nblocks
@@ -114,6 +128,10 @@ class ConvertConfig:
     strict: bool = False
     seq_len: int = 512
     seed: int = 0
+    keep_layers: int = 0
+    keep_kv_bytes: int = 0
+    selection: str = "auto"
+    selection_steps: int = 50
 
     def __post_init__(self):
         check_site_settings("", {k: getattr(self, k) for k in SITE_SETTINGS})
@@ -122,6 +140,13 @@ class ConvertConfig:
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_int("seq_len", self.seq_len, low=1, high=1 << 24)
         check_int("seed", self.seed, low=0, high=(1 << 31) - 1)
+        check_int("keep_layers", self.keep_layers, low=0, high=1 << 20)
+        check_int("keep_kv_bytes", self.keep_kv_bytes, low=0, high=1 << 40)
+        check_choice("selection", self.selection, SELECTIONS)
+        check_int("selection_steps", self.selection_steps, low=0, high=100000)
+        if self.keep_layers and self.keep_kv_bytes:
+            raise ConfigError(f"keep_layers={self.keep_layers} and keep_kv_bytes={self.keep_kv_bytes} are two "
+                              "budgets for the same choice; give one of them")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError(f"filter_fn must be callable as filter_fn(module, fqn) -> bool, got {self.filter_fn!r}")
         if not isinstance(self.overrides, dict):
@@ -136,6 +161,11 @@ class ConvertConfig:
                 raise ConfigError(f"override regex {pattern!r} does not compile: {exc}") from None
             if settings is not None:
                 check_site_settings(f"overrides[{pattern!r}]", settings)
+
+    @property
+    def keeps_attention(self) -> bool:
+        """Whether a budget asks for some attention layers to be kept (``keep_layers`` / ``keep_kv_bytes``)."""
+        return bool(self.keep_layers or self.keep_kv_bytes)
 
     def settings_for(self, paths: list[str]) -> tuple[dict | None, str | None]:
         """Site settings for a site touching ``paths``: (settings or None if excluded, matching regex)."""

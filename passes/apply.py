@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from m2convert.errors import ConversionError, M2Error
 from m2convert.layers.monarch import MonarchLinear
 from m2convert.layers.attention import ADAPTERS
+from m2convert.layers.heads import KeptHeads
 from m2convert.layers.filters import softmax_taps
 from m2convert.passes.attention_bias import SEED_OFFSETS, SEED_STEPS
 from m2convert.layers.experts import ACTIVATIONS, MonarchExperts
@@ -57,6 +58,20 @@ def _repeat_heads(weight, bias, hidden: int, head_dim: int):
     if bias is not None:
         bias = bias.reshape(kv_heads, head_dim).repeat_interleave(rep, dim=0).reshape(hidden)  # (H,)
     return weight, bias
+
+
+def kept_heads(site: Site, model: nn.Module, groups, seed: bool = True, device=None) -> KeptHeads:
+    """The :class:`KeptHeads` branch that keeps the KV groups ``groups`` of the attention site ``site`` of
+    ``model`` (its original Q, K, V rows of those heads and its O when ``seed``)."""
+    layout: AttentionLayout = site.layout
+    original = model.get_submodule(site.fqn)
+    o = _role_weight(model, site, "o")
+    kept = KeptHeads(layout.hidden, layout.heads, layout.kv_heads, layout.head_dim, groups, causal=bool(site.causal),
+                     scale=getattr(original, "scaling", None), out_features=o[0].shape[0],
+                     device=device or o[0].device, dtype=o[0].dtype)
+    if seed:
+        kept.seed(*(_role_weight(model, site, r) for r in ("q", "k", "v")), o)
+    return kept
 
 
 def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> dict[str, nn.Module]:
@@ -91,6 +106,9 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
             bias.fit_error, bias.fit_corr = fit["fit_error_after"], fit["corr_after"]
         if norm is not None:
             new.norm.load_state_dict(model.get_submodule(norm.path).state_dict())
+    if settings.get("kept_groups"):
+        # A head-level hybrid: these KV groups' heads stay softmax attention (m2convert.layers.heads).
+        new.keep_heads(kept_heads(site, model, settings["kept_groups"], seed, device))
     new.train(original.training)
     return {site.fqn: new}
 

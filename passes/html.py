@@ -149,6 +149,8 @@ def _sites_table(plan) -> str:
             if site.status == "convert":
                 bars += f'<div class="bar after" style="width:{100 * site.params_after / top:.1f}%"></div>'
         reason = f'<div class="ops">{escape(r["reason"])}</div>' if r["reason"] else ""
+        if r["selection"]:
+            reason += f'<div class="ops selection">keep score: {escape(r["selection"])}</div>'
         linears = ""
         if site.kind == "dimension":
             names = ", ".join(escape(_short(p, site.fqn)) for p in site.replaces)

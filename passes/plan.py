@@ -127,6 +127,7 @@ class RewritePlan:
                            and s.act_before else f"{4 * s.act_before / 1024:.1f}" if s.act_before else "-"),
                 "reason": s.reason or "",
                 "recurrent": recurrent_text(s.settings.get("recurrent")),
+                "selection": selection_text(s.selection),
             })
         return out
 
@@ -135,8 +136,9 @@ class RewritePlan:
         (see :func:`record_recurrent`) adds the state size and fit error of each site's filters."""
         cols = ["#", "module", "kind", "pattern", "mask", "replacement", "params", "flops", "growth", "memory"]
         cols += ["recurrent"] if any(s.settings.get("recurrent") for s in self.converted) else []
+        cols += ["selection"] if any(s.selection for s in self.sites) else []
         heads = {"flops": f"FLOPs @N={self.seq_len}", "params": "params before -> after",
-                 "memory": "fp32 KiB/token at peak"}
+                 "memory": "fp32 KiB/token at peak", "selection": "keep score (rank)"}
         rows = [r for r in self.rows() if r["status"] == CONVERT]
         if not rows:
             return "(no sites to convert)"
@@ -235,6 +237,20 @@ class RewritePlan:
         path = Path(path)
         path.write_text(render_plan(self), encoding="utf-8")
         return path
+
+
+def selection_text(selection) -> str:
+    """A site's keep score and rank for the plan's table ("" when no budget chose the kept attention).
+
+    Example:
+        >>> from m2convert.passes.site import Selection
+        >>> selection_text(Selection("kl", 0.01234, 1, True, "1 layer"))
+        'kl 0.01234 (#1, kept)'
+    """
+    if selection is None:
+        return ""
+    score = "-" if selection.score is None else f"{selection.score:.4g}"
+    return f"{selection.method} {score} (#{selection.rank}{', kept' if selection.kept else ''})"
 
 
 def recurrent_plan(plan: dict, fits: dict[str, dict]) -> dict:

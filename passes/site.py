@@ -102,6 +102,29 @@ class OffsetBias:
 
 
 @dataclass
+class Selection:
+    """How a budget of attention to keep treated one attention site (``m2convert.selection``).
+
+    Attributes:
+        method: "kl", "offset-fit" or "uniform".
+        score: higher is more worth keeping. kl: how much the aligned, fully converted model's KL to the
+            teacher drops when this site keeps softmax attention; offset-fit: the relative error of the best
+            convolution fit of its average attention; uniform: None.
+        rank: 1 for the site most worth keeping, among the candidates.
+        kept: whether the budget keeps its attention.
+        budget: the budget in words ("2 layers", "4096 KV-cache bytes per token").
+        kv_bytes: the KV-cache bytes per token this site holds as attention.
+    """
+
+    method: str
+    score: float | None
+    rank: int
+    kept: bool
+    budget: str
+    kv_bytes: int = 0
+
+
+@dataclass
 class SiteLayout:
     """Base of the per-kind layouts: what apply needs besides the weights."""
 
@@ -277,6 +300,7 @@ class Site:
             included (``passes/memory.py``); times N and the dtype's size, the prefill memory it predicts.
         act_kernels: the converted site's elements per token while its CPU kernels' buffers are alive
             (0: plans saved before it was kept; then ``act_after`` stands in).
+        selection: its score and rank when a budget chose which attention to keep (:class:`Selection`).
 
     Example:
         >>> site = Site("mlp", DIMENSION, "gelu-mlp", roles={"fc1": Role("mlp.fc1"), "fc2": Role("mlp.fc2")},
@@ -303,6 +327,7 @@ class Site:
     act_before: int = 0
     act_after: int = 0
     act_kernels: int = 0
+    selection: Selection | None = None
 
     def skip(self, reason: str, root_cause: bool = False) -> "Site":
         """Mark as not convertible, keeping the first reason.
@@ -348,6 +373,7 @@ class Site:
                                                    "params_after", "act_before", "act_after", "act_kernels")})
         out["flops_before"] = None if self.flops_before is None else str(self.flops_before)
         out["flops_after"] = None if self.flops_after is None else str(self.flops_after)
+        out["selection"] = None if self.selection is None else asdict(self.selection)
         return out
 
     @classmethod
@@ -359,4 +385,6 @@ class Site:
                 data[key] = sympy.sympify(data[key], locals={"N": N, "B": B})
         data["roles"] = {name: Role(**role) for name, role in (data.get("roles") or {}).items()}
         data["layout"] = layout_from_dict(data.get("layout"), data.get("kind", ""), data.get("fqn", "plan"))
+        if data.get("selection") is not None:
+            data["selection"] = Selection(**data["selection"])
         return cls(**data)

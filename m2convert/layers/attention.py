@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .base import M2Block
-from .cache import cached_mix
+from .cache import cache_layer, cached_mix
+from .heads import KeptHeads
 from .sequence import M2SequenceMixer
 
 
@@ -73,6 +74,11 @@ def _last_row(block_mask, batch: int) -> torch.Tensor:
     return keys.bool().expand(batch, kv_len)
 
 
+def _dense(mask, x: torch.Tensor):
+    """A flex-attention BlockMask as its (B, N) padding (kept heads read tensors); anything else as is."""
+    return padding_mask(mask, x.shape[0], x.shape[1]) if hasattr(mask, "mask_mod") else mask
+
+
 # The forward parameters attention modules take their mask as (HF T5Attention calls it ``mask``).
 MASK_NAMES = ("attention_mask", "mask")
 
@@ -106,7 +112,13 @@ class M2Attention(M2Block):
             raise ValueError(f"residual={residual!r} is not one of the forward parameters {list(self.arg_names)}")
         self.residual = residual
         self.layer_idx: int | None = None        # the replaced module's slot in a transformers Cache
+        self.kept: KeptHeads | None = None       # softmax heads kept beside the mixer (keep_heads)
 
+    def keep_heads(self, kept: KeptHeads) -> None:
+        """Make this a head-level hybrid: ``kept``'s heads stay softmax attention, the mixer computes the
+        other channels, and ``kept.o_proj`` (the original O) replaces the mixer's out_proj."""
+        self.kept = kept
+        self.mixer.out_proj = nn.Identity()
     def _argument(self, name: str, args, kwargs):
         """The value passed as forward parameter ``name`` (by keyword or position), or None."""
         if name in kwargs:
@@ -129,9 +141,25 @@ class M2Attention(M2Block):
         mask = next((m for m in (self._argument(name, args, kwargs) for name in MASK_NAMES) if m is not None), None)
         return x, mask
 
-    def _mix(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _mix(self, x: torch.Tensor, mask: torch.Tensor | None, args=(), kwargs=None) -> torch.Tensor:
         keep = padding_mask(mask, x.shape[0], x.shape[1])                  # (B, N) or None
-        return self.dropout(self.mixer(x, keep))                           # (B, N, H)
+        y = self.mixer(x, keep)                                            # (B, N, H)
+        if self.kept is not None:
+            y = self.kept(y, x, _dense(mask, x), self._argument("position_embeddings", args, kwargs or {}))
+        return self.dropout(y)                                             # (B, N, H)
+
+    def _cached_mix(self, x: torch.Tensor, mask, cache, args, kwargs) -> torch.Tensor:
+        keep = padding_mask(mask, x.shape[0], x.shape[1])                  # (B, n) or None
+        y = cached_mix(self.mixer, x, keep, cache, self.layer_idx)         # (B, n, H)
+        if self.kept is None:
+            return y
+        # The kept heads' keys and values join the mixer's state in this layer's cache slot.
+        layer, rope = cache_layer(cache, self.layer_idx), self._argument("position_embeddings", args, kwargs)
+        k, v = self.kept.keys_values(x, rope)                              # (B, groups, n, d) each
+        if layer.kv is not None:
+            k, v = torch.cat([layer.kv[0], k], dim=2), torch.cat([layer.kv[1], v], dim=2)
+        layer.kv = (k, v)
+        return self.kept.merge(y, self.kept.attend(x, k, v, _dense(mask, x), rope))
 
     def _pack(self, out: torch.Tensor):
         if self.num_outputs == 0:
@@ -152,10 +180,9 @@ class M2Attention(M2Block):
         cache = self._read_cache(args, kwargs)
         if cache is not None and self.mixer.mode != "bidirectional":
             # Generation: prompt once, then each new token at O(N) from the state kept in the cache.
-            keep = padding_mask(mask, x.shape[0], x.shape[1])              # (B, n) or None
-            out = self.dropout(cached_mix(self.mixer, x, keep, cache, self.layer_idx))
+            out = self.dropout(self._cached_mix(x, mask, cache, args, kwargs))
             return self._pack(self._add_residual(out, args, kwargs))
-        return self._pack(self._add_residual(self._mix(x, mask), args, kwargs))
+        return self._pack(self._add_residual(self._mix(x, mask, args, kwargs), args, kwargs))
 
     def flops(self, seq_len=None, batch=None) -> sympy.Expr:
         return self.mixer.flops(seq_len, batch)
@@ -189,7 +216,7 @@ class M2PostNormAttention(M2Attention):
 
     def forward(self, *args, **kwargs):
         x, mask = self._read_inputs(args, kwargs)
-        return self._pack(self.norm(x + self._mix(x, mask)))               # (B, N, H)
+        return self._pack(self.norm(x + self._mix(x, mask, args, kwargs)))   # (B, N, H)
 
 
 ADAPTERS = {"M2Attention": M2Attention, "M2PostNormAttention": M2PostNormAttention}

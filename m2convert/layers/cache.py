@@ -55,6 +55,8 @@ class M2CacheLayer(DynamicLayer):
     def __init__(self):
         super().__init__()
         self.state: DecodeState | RecurrentState | None = None
+        # A head-level hybrid's kept heads: (keys, values), each (B, kept KV heads, tokens, d), or None.
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         pass
@@ -73,7 +75,7 @@ class M2CacheLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
-        self.state, self.is_initialized = None, False
+        self.state, self.kv, self.is_initialized = None, None, False
 
     def offload(self):
         pass
@@ -89,6 +91,8 @@ class M2CacheLayer(DynamicLayer):
     def _batch(self, fn) -> None:
         if self.state is not None:
             self.state.map_batch(fn)
+        if self.kv is not None:
+            self.kv = (fn(self.kv[0]), fn(self.kv[1]))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

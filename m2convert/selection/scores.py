@@ -1,0 +1,157 @@
+"""Scorers of the attention sites a budget may keep: one registered function per selection method.
+
+A scorer gets the :class:`Candidates` and returns one score per candidate site, higher meaning more worth
+keeping as softmax attention (all None: no measurement, keep evenly spaced sites).
+
+- ``kl``: convert every candidate, align the converted model briefly (layer-wise transfer on the first
+  three quarters of the calibration batches), then for each candidate put the original attention module
+  back and measure how much the student's divergence from the teacher on the held-out quarter drops
+  (KL of the output distributions at temperature 1 for models with logits, the relative MSE of the last
+  hidden state for the others, as the ``kd`` stage measures them).
+- ``offset-fit``: the relative error of the best fit of a convolution's taps to the site's average attention
+  by key-query offset (``seed_filters_from_attention``): attention that depends most on content, least on
+  position, scores highest.
+- ``uniform``: no score.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from m2convert.errors import ConfigError
+from m2convert.passes.site import Site
+from m2convert.recover.config import DistillConfig, StageConfig
+
+
+@dataclass
+class Candidates:
+    """What a scorer reads: the plan (with its model, the teacher), the candidate sites in model order,
+    the calibration data as the caller gave it, the tokenizer for files, and whether to show progress."""
+
+    plan: Any
+    sites: list[Site]
+    calibration: Any
+    tokenizer: Any = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A registered selection method: ``score(candidates) -> [score | None per site]``."""
+
+    name: str
+    score: Callable[[Candidates], list[float | None]]
+    needs_data: bool
+
+
+SCORERS: dict[str, Scorer] = {}
+
+# Calibration batches read at most; a quarter of them (at least one) is held out for the kl scores.
+MAX_BATCHES = 32
+
+
+def register_scorer(name: str, needs_data: bool):
+    """Register ``fn(candidates) -> list`` as the selection method ``name``."""
+    def wrap(fn):
+        SCORERS[name] = Scorer(name, fn, needs_data)
+        return fn
+    return wrap
+
+
+def calibration_batches(calibration, tokenizer=None, limit: int = MAX_BATCHES) -> list[dict]:
+    """Up to ``limit`` dict batches from a list of batches, an iterable of them, or a data file / dataset
+    (read with :func:`m2convert.data.load_data`, in file order, 8 rows a batch).
+
+    Example:
+        >>> len(calibration_batches([{"input_ids": torch.ones(2, 8, dtype=torch.long)}] * 3))
+        3
+    """
+    from m2convert.data import load_data
+
+    if isinstance(calibration, (list, tuple)):
+        batches = list(calibration[:limit])
+    else:
+        source = load_data(calibration, tokenizer, batch_size=8, shuffle=False)
+        count = min(limit, getattr(source, "per_epoch", limit))
+        batches = [source.batch(k) for k in range(count)] if hasattr(source, "per_epoch") else \
+            list(itertools.islice(source, limit))
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    if not batches or any("input_ids" not in b and "inputs_embeds" not in b for b in batches):
+        raise ConfigError("calibration data gave no batches with input_ids; pass dicts of tensors "
+                          "(input_ids (B, N), attention_mask (B, N)) or a text/TSV/JSONL file with tokenizer=")
+    return batches
+
+
+def _swap(model: torch.nn.Module, path: str, module: torch.nn.Module) -> torch.nn.Module:
+    old = model.get_submodule(path)
+    model.set_submodule(path, module)
+    return old
+
+
+class _Divergence:
+    """The student's divergence from the teacher on fixed batches; the teacher runs once."""
+
+    def __init__(self, teacher, batches: list[dict]):
+        from m2convert.recover.stages import EndToEndObjective, teacher_forward
+
+        self.batches = batches
+        self.targets = [teacher_forward(teacher, b, hidden=False) for b in batches]
+        self.stage = StageConfig("kd", steps=1, kd_weight=1.0, temperature=1.0)   # only its loss is used
+        self.objective = EndToEndObjective
+
+    def __call__(self, student) -> float:
+        objective = self.objective(student, self.stage)
+        with torch.no_grad():
+            return sum(float(objective(b, t)) for b, t in zip(self.batches, self.targets)) / len(self.batches)
+
+
+@register_scorer("kl", needs_data=True)
+def kl_scores(c: Candidates) -> list[float]:
+    """The drop in the aligned student's divergence from the teacher when each site keeps its attention."""
+    from m2convert.recover.distill import distill
+
+    teacher = c.plan.model
+    batches = calibration_batches(c.calibration, c.tokenizer)
+    held = max(1, len(batches) // 4)
+    train, held_out = (batches[:-held], batches[-held:]) if len(batches) > 1 else (batches, batches)
+    student = c.plan.apply()                    # every candidate converted; a copy, the teacher stays as it is
+    steps = c.plan.config.selection_steps
+    was_training = teacher.training
+    if steps:
+        distill(student, teacher, train, DistillConfig(stages=[StageConfig("transfer", steps=steps)],
+                                                       progress=False))
+    student.eval()
+    divergence = _Divergence(teacher.eval(), held_out)
+    base = divergence(student)
+    scores = []
+    for site in tqdm(c.sites, desc="kl selection", unit="layer", disable=not c.progress):
+        originals = {p: _swap(student, p, teacher.get_submodule(p)) for p in site.replaces}
+        try:
+            scores.append(base - divergence(student))
+        finally:
+            for path, module in originals.items():
+                _swap(student, path, module)
+    teacher.train(was_training)
+    return scores
+
+
+@register_scorer("offset-fit", needs_data=True)
+def offset_fit_scores(c: Candidates) -> list[float]:
+    """Each site's relative error of the best convolution fit to its average attention by offset."""
+    from m2convert.recover.seed import seed_filters_from_attention
+
+    student = c.plan.apply()
+    batches = calibration_batches(c.calibration, c.tokenizer)
+    report = seed_filters_from_attention(student, c.plan.model, batches, progress=c.progress)
+    return [float(report["layers"][site.fqn]["fit_error_after"]) for site in c.sites]
+
+
+@register_scorer("uniform", needs_data=False)
+def uniform_scores(c: Candidates) -> list[None]:
+    """No measurement: the budget keeps evenly spaced sites."""
+    return [None] * len(c.sites)
