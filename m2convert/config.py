@@ -99,7 +99,11 @@ class ConvertConfig:
         keep_layers: attention layers to keep as softmax attention (0: convert every one), chosen by
             ``selection``; the others become M2 mixers.
         keep_kv_bytes: the budget as KV-cache bytes per token instead: the best-scored layers whose K/V
-            (2 x kv_heads x head_dim x the model's dtype size each) fit in it. At most one of the two.
+            (2 x kv_heads x head_dim x the model's dtype size each) fit in it.
+        keep_heads: the budget as a fraction of all attention heads (0 to 1), kept a KV group at a time
+            (every query head of a kept key/value head under GQA / MQA): head-level hybrids, each attention
+            module keeping its chosen heads beside the mixer (``m2convert.layers.heads``). At most one of
+            keep_layers, keep_kv_bytes and keep_heads.
         selection: how the kept layers are chosen (see ``m2convert.selection``): "kl" (each layer's drop in
             the briefly aligned, fully converted model's KL to the teacher when that layer keeps attention;
             needs calibration batches), "offset-fit" (the layers whose attention a convolution fits worst;
@@ -130,6 +134,7 @@ class ConvertConfig:
     seed: int = 0
     keep_layers: int = 0
     keep_kv_bytes: int = 0
+    keep_heads: float = 0.0
     selection: str = "auto"
     selection_steps: int = 50
 
@@ -144,9 +149,13 @@ class ConvertConfig:
         check_int("keep_kv_bytes", self.keep_kv_bytes, low=0, high=1 << 40)
         check_choice("selection", self.selection, SELECTIONS)
         check_int("selection_steps", self.selection_steps, low=0, high=100000)
-        if self.keep_layers and self.keep_kv_bytes:
-            raise ConfigError(f"keep_layers={self.keep_layers} and keep_kv_bytes={self.keep_kv_bytes} are two "
-                              "budgets for the same choice; give one of them")
+        if isinstance(self.keep_heads, bool) or not isinstance(self.keep_heads, (int, float)) \
+                or not 0 <= self.keep_heads <= 1:
+            raise ConfigError(f"keep_heads={self.keep_heads!r} must be a fraction of the heads in [0, 1], "
+                              "e.g. 0.125 for one head in eight")
+        budgets = {k: getattr(self, k) for k in ("keep_layers", "keep_kv_bytes", "keep_heads") if getattr(self, k)}
+        if len(budgets) > 1:
+            raise ConfigError(f"{budgets} are budgets for the same choice; give one of them")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError(f"filter_fn must be callable as filter_fn(module, fqn) -> bool, got {self.filter_fn!r}")
         if not isinstance(self.overrides, dict):
@@ -164,8 +173,8 @@ class ConvertConfig:
 
     @property
     def keeps_attention(self) -> bool:
-        """Whether a budget asks for some attention layers to be kept (``keep_layers`` / ``keep_kv_bytes``)."""
-        return bool(self.keep_layers or self.keep_kv_bytes)
+        """Whether a budget asks for some attention to be kept (keep_layers, keep_kv_bytes or keep_heads)."""
+        return bool(self.keep_layers or self.keep_kv_bytes or self.keep_heads)
 
     def settings_for(self, paths: list[str]) -> tuple[dict | None, str | None]:
         """Site settings for a site touching ``paths``: (settings or None if excluded, matching regex)."""

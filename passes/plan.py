@@ -249,6 +249,10 @@ def selection_text(selection) -> str:
     """
     if selection is None:
         return ""
+    if selection.groups:
+        return f"{selection.method} heads " + ", ".join(
+            f"{g['heads']} {'-' if g['score'] is None else format(g['score'], '.4g')} "
+            f"(#{g['rank']}{', kept' if g['kept'] else ''})" for g in selection.groups)
     score = "-" if selection.score is None else f"{selection.score:.4g}"
     return f"{selection.method} {score} (#{selection.rank}{', kept' if selection.kept else ''})"
 

@@ -112,8 +112,10 @@ class Selection:
             convolution fit of its average attention; uniform: None.
         rank: 1 for the site most worth keeping, among the candidates.
         kept: whether the budget keeps its attention.
-        budget: the budget in words ("2 layers", "4096 KV-cache bytes per token").
-        kv_bytes: the KV-cache bytes per token this site holds as attention.
+        budget: the budget in words ("2 layers", "4096 KV-cache bytes per token", "12.5% of the heads").
+        kv_bytes: the KV-cache bytes per token this site holds as attention (its kept heads' at head level).
+        groups: at head level, one ``{"group", "heads", "score", "rank", "kept"}`` per KV group (its query
+            heads); score, rank and kept above are then the site's best group's.
     """
 
     method: str
@@ -122,6 +124,7 @@ class Selection:
     kept: bool
     budget: str
     kv_bytes: int = 0
+    groups: list[dict] | None = None
 
 
 @dataclass

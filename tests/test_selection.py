@@ -55,11 +55,12 @@ def test_config_takes_one_budget_and_a_known_method():
 
 
 def test_choose_within_each_budget():
-    assert choose([0.3, 0.1, 0.2], [8, 8, 8], Budget(layers=2)) == [0, 2]
-    assert choose([0.3, 0.1, 0.2], [8, 8, 8], Budget(layers=5)) == [0, 1, 2]
-    assert choose([0.3, 0.1, 0.2], [16, 8, 8], Budget(kv_bytes=8)) == [2]        # the best fits no more
-    assert choose([None] * 3, [8, 8, 8], Budget(kv_bytes=16)) == [0, 2]
-    assert choose([None] * 12, [8] * 12, Budget(layers=3)) == [2, 6, 10]
+    assert choose([0.3, 0.1, 0.2], [1, 1, 1], 2) == [0, 2]
+    assert choose([0.3, 0.1, 0.2], [1, 1, 1], 5) == [0, 1, 2]
+    assert choose([0.3, 0.1, 0.2], [16, 8, 8], 8) == [2]                  # the best does not fit
+    assert choose([None] * 3, [8, 8, 8], 16) == [0, 2]
+    assert choose([None] * 12, [1] * 12, 3) == [2, 6, 10]
+    assert Budget(heads=0.125).describe() == "12.5% of the heads"
 
 
 def test_kl_keeps_the_only_attention_that_matters():
@@ -78,7 +79,7 @@ def test_kl_keeps_the_only_attention_that_matters():
     bytes_plan = m2.plan(model, m2.ConvertConfig(keep_kv_bytes=256, dimension=False, selection_steps=5),
                          calibration=_calibration(), progress=False)
     assert _kept(bytes_plan) == ["transformer.h.1.attn"]
-    assert {s.selection.kv_bytes for s in bytes_plan.sites if s.selection} == {256}
+    assert [s.selection.kv_bytes for s in bytes_plan.sites if s.selection] == [0, 256, 0]
 
 
 def test_converted_hybrid_keeps_the_chosen_attention_and_reloads(tmp_path):
@@ -138,3 +139,53 @@ def test_cli_plan_keeps_measured_layers(tmp_path, capsys):
     assert sorted(s["rank"] for s in sel) == [1, 2, 3, 4, 5, 6]
     assert main(["plan", "all-MiniLM-L6-v2", "--keep-layers", "1", "--select", "kl"]) == 1
     assert "--calibration" in capsys.readouterr().err
+
+
+def _one_head_gpt2():
+    """3 layers x 4 heads where only head 2 of layer 1 reaches the output (every other head's columns of
+    the output projections are zero)."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)).eval()
+    with torch.no_grad():
+        for i, block in enumerate(model.transformer.h):
+            w = block.attn.c_proj.weight                        # Conv1D: (in = heads * d, out)
+            keep = w[16:24].clone() if i == 1 else None
+            w.zero_()
+            if keep is not None:
+                w[16:24] = keep
+    return model
+
+
+def test_kl_at_head_level_keeps_the_only_head_that_matters():
+    model = _one_head_gpt2()
+    cfg = m2.ConvertConfig(keep_heads=1 / 12, dimension=False, selection_steps=0, filter_order=16)
+    plan = m2.plan(model, cfg, calibration=_calibration(), progress=False)
+    rows = {(s.fqn, g["group"]): g for s in plan.sites if s.selection for g in s.selection.groups}
+    kept = [key for key, g in rows.items() if g["kept"]]
+    assert kept == [("transformer.h.1.attn", 2)], {k: g["score"] for k, g in rows.items()}
+    assert all(g["score"] == 0.0 for key, g in rows.items() if key != kept[0])
+    assert rows[kept[0]]["score"] > 0 and rows[kept[0]]["rank"] == 1
+    site = next(s for s in plan.sites if s.fqn == "transformer.h.1.attn")
+    assert site.status == "convert" and site.settings["kept_groups"] == [2]
+    assert "softmax heads [2]" in site.replacement and "kl heads" in str(plan)
+    assert site.selection.kv_bytes == 2 * 8 * 4                       # one head's K and V per token, fp32
+    student = plan.apply()
+    adapter = student.get_submodule("transformer.h.1.attn")
+    assert adapter.kept.query_heads == [2]
+    assert student.get_submodule("transformer.h.0.attn").kept is None
+    again = RewritePlan.from_dict(json.loads(plan.to_json()))
+    assert again.sites[2].selection == site.selection
+
+
+def test_head_budget_counts_whole_kv_groups():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    plan = m2.plan(model, m2.ConvertConfig(keep_heads=0.25, dimension=False, filter_order=16))
+    kept = {s.fqn: s.settings.get("kept_groups") for s in plan.sites if s.selection and s.selection.kept}
+    # 16 heads in 8 KV groups of 2: a quarter is 4 heads, two groups, evenly spaced (uniform without data).
+    assert sum(len(v) for v in kept.values()) == 2, kept
+    with pytest.raises(ConfigError, match="fraction"):
+        m2.ConvertConfig(keep_heads=1.5)

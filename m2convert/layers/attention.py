@@ -21,6 +21,7 @@ from torch import nn
 
 from .base import M2Block
 from .cache import cache_layer, cached_mix
+from .cost import substitute
 from .heads import KeptHeads
 from .sequence import M2SequenceMixer
 
@@ -185,7 +186,9 @@ class M2Attention(M2Block):
         return self._pack(self._add_residual(self._mix(x, mask, args, kwargs), args, kwargs))
 
     def flops(self, seq_len=None, batch=None) -> sympy.Expr:
-        return self.mixer.flops(seq_len, batch)
+        if self.kept is None:
+            return self.mixer.flops(seq_len, batch)
+        return substitute(self.mixer.flops() + self.kept.flops(), seq_len, batch)
 
     def extra_repr(self) -> str:
         residual = f", residual={self.residual!r}" if self.residual else ""

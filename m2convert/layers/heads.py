@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import math
 
+import sympy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cost import B, N
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -144,12 +147,28 @@ class KeptHeads(nn.Module):
         keys, values = self.keys_values(x, rope)
         return self.merge(y, self.attend(x, keys, values, mask, rope))
 
+    def flops(self) -> sympy.Expr:
+        """Forward FLOPs this branch adds to its mixer (see :func:`kept_cost`)."""
+        return kept_cost(self.q_proj.in_features, len(self.query_heads), len(self.kept_groups), self.head_dim)[1]
+
     def state_bytes(self, tokens: int, batch: int = 1) -> int:
         """Bytes of this branch's KV cache: 2 x kept KV heads x head_dim x tokens x batch x itemsize."""
         return 2 * len(self.kept_groups) * self.head_dim * tokens * batch * self.k_proj.weight.element_size()
 
     def extra_repr(self) -> str:
         return f"kept_groups={self.kept_groups}, query_heads={self.query_heads}, causal={self.causal}"
+
+
+def kept_cost(hidden: int, query_heads: int, kv_groups: int, head_dim: int) -> tuple[int, sympy.Expr]:
+    """(parameters, forward FLOPs in N and B) the kept heads add to a mixer whose out_proj becomes their
+    shared output projection: their Q, K, V rows (with biases), the projections and the N x N scores.
+
+    Example:
+        >>> kept_cost(32, 2, 1, 8)
+        (1056, 64*B*N**2 + 2048*B*N)
+    """
+    rows = (query_heads + 2 * kv_groups) * head_dim
+    return rows * (hidden + 1), B * N * 2 * hidden * rows + 4 * B * N ** 2 * query_heads * head_dim
 
 
 def _score_mask(mask, batch: int, n: int, keys: int, causal: bool, device):

@@ -1,21 +1,24 @@
 """Scorers of the attention sites a budget may keep: one registered function per selection method.
 
-A scorer gets the :class:`Candidates` and returns one score per candidate site, higher meaning more worth
-keeping as softmax attention (all None: no measurement, keep evenly spaced sites).
+A scorer gets the :class:`Candidates` and returns one score per candidate :class:`Unit` (an attention
+site, or at head level one KV group of a site), higher meaning more worth keeping as softmax attention
+(all None: no measurement, keep evenly spaced units).
 
 - ``kl``: convert every candidate, align the converted model briefly (layer-wise transfer on the first
-  three quarters of the calibration batches), then for each candidate put the original attention module
-  back and measure how much the student's divergence from the teacher on the held-out quarter drops
-  (KL of the output distributions at temperature 1 for models with logits, the relative MSE of the last
-  hidden state for the others, as the ``kd`` stage measures them).
+  three quarters of the calibration batches), then for each unit put the original attention back (the
+  whole module, or at head level that KV group's heads beside the aligned mixer) and measure how much the
+  student's divergence from the teacher on the held-out quarter drops (KL of the output distributions at
+  temperature 1 for models with logits, the relative MSE of the last hidden state for the others, as the
+  ``kd`` stage measures them).
 - ``offset-fit``: the relative error of the best fit of a convolution's taps to the site's average attention
   by key-query offset (``seed_filters_from_attention``): attention that depends most on content, least on
-  position, scores highest.
+  position, scores highest. At head level every group of a site has the site's score.
 - ``uniform``: no score.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,13 +31,21 @@ from m2convert.passes.site import Site
 from m2convert.recover.config import DistillConfig, StageConfig
 
 
+@dataclass(eq=False)
+class Unit:
+    """One thing a budget may keep: an attention site, or (``group`` set) one KV group of its heads."""
+
+    site: Site
+    group: int | None = None
+
+
 @dataclass
 class Candidates:
-    """What a scorer reads: the plan (with its model, the teacher), the candidate sites in model order,
+    """What a scorer reads: the plan (with its model, the teacher), the candidate units in model order,
     the calibration data as the caller gave it, the tokenizer for files, and whether to show progress."""
 
     plan: Any
-    sites: list[Site]
+    units: list[Unit]
     calibration: Any
     tokenizer: Any = None
     progress: bool = True
@@ -129,15 +140,38 @@ def kl_scores(c: Candidates) -> list[float]:
     divergence = _Divergence(teacher.eval(), held_out)
     base = divergence(student)
     scores = []
-    for site in tqdm(c.sites, desc="kl selection", unit="layer", disable=not c.progress):
+    for unit in tqdm(c.units, desc="kl selection", unit="candidate", disable=not c.progress):
+        with _restored(student, teacher, unit):
+            scores.append(base - divergence(student))
+    teacher.train(was_training)
+    return scores
+
+
+@contextlib.contextmanager
+def _restored(student, teacher, unit: Unit):
+    """The student with ``unit``'s attention back: the teacher's module at the site, or that KV group's
+    heads beside the student's own mixer (its aligned out_proj as the one output projection when dense)."""
+    site = unit.site
+    if unit.group is None:
         originals = {p: _swap(student, p, teacher.get_submodule(p)) for p in site.replaces}
         try:
-            scores.append(base - divergence(student))
+            yield
         finally:
             for path, module in originals.items():
                 _swap(student, path, module)
-    teacher.train(was_training)
-    return scores
+        return
+    from m2convert.passes.apply import kept_heads
+
+    adapter = student.get_submodule(site.fqn)
+    out_proj = adapter.mixer.out_proj
+    kept = kept_heads(site, teacher, [unit.group])
+    if isinstance(out_proj, torch.nn.Linear) and out_proj.weight.shape == kept.o_proj.weight.shape:
+        kept.o_proj.load_state_dict(out_proj.state_dict())
+    adapter.keep_heads(kept)
+    try:
+        yield
+    finally:
+        adapter.kept, adapter.mixer.out_proj = None, out_proj
 
 
 @register_scorer("offset-fit", needs_data=True)
@@ -148,10 +182,10 @@ def offset_fit_scores(c: Candidates) -> list[float]:
     student = c.plan.apply()
     batches = calibration_batches(c.calibration, c.tokenizer)
     report = seed_filters_from_attention(student, c.plan.model, batches, progress=c.progress)
-    return [float(report["layers"][site.fqn]["fit_error_after"]) for site in c.sites]
+    return [float(report["layers"][u.site.fqn]["fit_error_after"]) for u in c.units]
 
 
 @register_scorer("uniform", needs_data=False)
 def uniform_scores(c: Candidates) -> list[None]:
     """No measurement: the budget keeps evenly spaced sites."""
-    return [None] * len(c.sites)
+    return [None] * len(c.units)
