@@ -23,8 +23,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def cache_dir(name: str) -> Path:
-    """A folder for cached teachers and tokenizers, outside git (``runs/`` is ignored)."""
-    path = ROOT / "runs" / "bench_cache" / name
+    """A folder for cached teachers and tokenizers, outside git: ``runs/bench_cache/`` (ignored), or the
+    folder in M2CONVERT_BENCH_CACHE (one outside the work tree outlives a fresh checkout)."""
+    path = Path(os.environ.get("M2CONVERT_BENCH_CACHE") or ROOT / "runs" / "bench_cache") / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -69,6 +69,9 @@ def parse_args(argv=None):
                    help="comma-separated easier stages N:P trained first, each until its held-out accuracy "
                         "reaches --teacher-target ('' for none)")
     p.add_argument("--curriculum-steps", type=int, default=3000, help="at most this many steps per stage")
+    p.add_argument("--mix", default="",
+                   help="comma-separated shorter tasks N:P whose batches alternate with the task's while the "
+                        "teacher trains on it (a mix of short and long sequences; '' for the task alone)")
     p.add_argument("--curriculum-layers", type=int, default=2,
                    help="layers during the curriculum; blocks are then appended as the identity up to --n-layer "
                         "and all of them train on the task (a 2-layer model forms the recall circuit soonest)")
@@ -104,6 +107,19 @@ def parse_args(argv=None):
     if args.pairs > args.keys:
         p.error(f"--pairs {args.pairs} needs at least as many --keys (got {args.keys})")
     return args
+
+
+class Mixed:
+    """Batches from several MQAR streams in turn (the task and shorter ones), re-iterable from the start."""
+
+    def __init__(self, streams: list):
+        self.streams = streams
+
+    def __iter__(self):
+        iters = [iter(s) for s in self.streams]
+        while True:
+            for it in iters:
+                yield next(it)
 
 
 class MQAR:
@@ -249,12 +265,14 @@ def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
     if model.config.n_layer != args.n_layer:
         model = grow(model, cfg).train()
         opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.1, betas=(0.9, 0.98))
-    h, n = fit(model, opt, data, held_out, args, args.teacher_steps, args.teacher_target,
-               f"{args.seq_len}:{args.pairs}")
+    mix = [MQAR(easier(args, spec), seed=20 + i) for i, spec in enumerate(s for s in args.mix.split(",") if s)]
+    h, n = fit(model, opt, Mixed([data, *mix]) if mix else data, held_out, args, args.teacher_steps,
+               args.teacher_target, f"{args.seq_len}:{args.pairs}")
     model.eval()
     info = {"held_out_acc": max(e["held_out_acc"] for e in h), "steps": steps + n, "curriculum_steps": steps,
             "seconds": clock.total, "cpu_seconds": clock.cpu, "sequences": (steps + n) * args.batch_size,
             "lr": args.teacher_lr, "curriculum": args.curriculum, "curriculum_layers": args.curriculum_layers,
+            "mix": args.mix,
             "history": history + h,
             "params": count_params(model), "config": cfg.to_dict()}
     model.save_pretrained(folder)
@@ -321,7 +339,8 @@ def main(argv=None) -> dict:
     held_out, test = eval_batches(args, seed=2), eval_batches(args, seed=3)
     folder = cache_dir("recall_teacher_smoke" if args.smoke else
                        f"recall_teacher_n{args.seq_len}_p{args.pairs}_q{args.queries}_k{args.keys}_v{args.values}"
-                       f"_e{args.n_embd}_l{args.n_layer}_h{args.n_head}_g{args.curriculum_layers}_c{args.curriculum.replace(':', '-').replace(',', '_')}")
+                       f"_e{args.n_embd}_l{args.n_layer}_h{args.n_head}_g{args.curriculum_layers}_c{args.curriculum.replace(':', '-').replace(',', '_')}"
+                       + (f"_m{args.mix.replace(':', '-').replace(',', '_')}" if args.mix else ""))
     teacher, tinfo = train_teacher(args, data, held_out, folder)
     teacher_acc = accuracy(teacher, test)
     log(f"teacher test accuracy {teacher_acc:.4f}, {count_params(teacher):,} params")

@@ -5,7 +5,7 @@ Example:
     >>> p = argparse.ArgumentParser(); add_selection_arguments(p)
     >>> a = p.parse_args("--keep-layers 2 --select kl --calibration valid.txt".split())
     >>> selection_settings(a)
-    {'keep_layers': 2, 'keep_kv_bytes': 0, 'selection': 'kl', 'selection_steps': 50}
+    {'keep_layers': 2, 'keep_kv_bytes': 0, 'keep_heads': 0.0, 'selection': 'kl', 'selection_steps': 50}
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ def add_selection_arguments(p) -> None:
                    help="keep K attention layers as softmax attention, chosen by --select (default: none)")
     p.add_argument("--keep-kv-bytes", type=int, default=d.keep_kv_bytes, metavar="BYTES",
                    help="or keep the best layers whose KV cache fits in BYTES per token")
+    p.add_argument("--keep-heads", type=float, default=d.keep_heads, metavar="FRACTION",
+                   help="or keep that fraction of all heads (whole KV groups), as head-level hybrids")
     p.add_argument("--select", default=d.selection, choices=SELECTIONS,
                    help="how the kept layers are chosen (default auto: kl with --calibration, else uniform)")
     p.add_argument("--selection-steps", type=int, default=d.selection_steps, metavar="N",
@@ -34,8 +36,8 @@ def add_selection_arguments(p) -> None:
 
 def selection_settings(args: argparse.Namespace) -> dict:
     """The ConvertConfig fields the options set."""
-    return {"keep_layers": args.keep_layers, "keep_kv_bytes": args.keep_kv_bytes, "selection": args.select,
-            "selection_steps": args.selection_steps}
+    return {"keep_layers": args.keep_layers, "keep_kv_bytes": args.keep_kv_bytes, "keep_heads": args.keep_heads,
+            "selection": args.select, "selection_steps": args.selection_steps}
 
 
 def calibration_arguments(args: argparse.Namespace, model_source: str) -> dict:
