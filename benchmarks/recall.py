@@ -7,18 +7,18 @@ fills every slot (Q = (N - 2P) / 2, keys drawn with replacement), which gives th
 from per sequence. Only the answers are scored (loss and accuracy): guessing among the sequence's
 values gives 1 / P, among all value tokens 1 / (number of value tokens).
 
-    1. teacher: GPT-2 architecture (one wide head per layer) trained on fresh MQAR batches, first on a
-       shorter, easier task (--curriculum, 64 tokens and 4 pairs by default: the recall circuit forms
-       there in a few hundred steps, while on the full task it sits on a long plateau), then on the task
-       until its held-out accuracy reaches the target (cached under runs/bench_cache/)
-    2. layer ranking: every attention converted, each mixer's filter fitted to its layer's average
-       attention by offset (m2convert.recover.seed_filters_from_attention): the layers whose attention
-       a convolution fits worst are the ones hybrids keep
-    3. students: the full conversion and hybrids keeping 1 and 2 attention layers (overrides), each
-       scored converted and after recovery (layer-wise transfer, then KD + the answers' loss on fresh
-       MQAR batches), and after recovery in the recurrent form at a stated state size
+    1. teacher: GPT-2 architecture trained on fresh MQAR batches, first on shorter, easier tasks
+       (--curriculum: the recall circuit forms there in a few hundred steps, while on the full task it sits
+       on a long plateau), then on the task, its batches alternating with shorter ones (--mix), until its
+       held-out accuracy reaches the target (cached under runs/bench_cache/ or M2CONVERT_BENCH_CACHE)
+    2. students (m2convert.selection chooses what each keeps): the full conversion; hybrids keeping a third
+       of the layers chosen uniformly, by offset fit and by KL; head-level hybrids keeping an eighth of the
+       heads chosen by KL and by offset fit. Each is scored converted, after recovery (layer-wise transfer,
+       then KD + the answers' loss on fresh MQAR batches) and after recovery in the recurrent form at a
+       stated state size, with its decode state bytes and decode speed
 
-Run:   python benchmarks/recall.py --threads 1          (the committed report)
+Run:   python benchmarks/recall.py --threads 1 --seq-len 512 --pairs 32 --keys 32 --values 32 --n-head 4 \
+           --n-embd 128 --curriculum 64:4,128:8 --mix 128:8,256:16        (the committed report)
        python benchmarks/recall.py --threads 1 --keep 1 (then: one more hybrid row, layers chosen by hand)
        python benchmarks/recall.py --smoke              (a couple of minutes; writes to runs/bench_smoke/)
 """
@@ -38,9 +38,12 @@ from common import (RESULTS, cache_dir, cached_teacher, Clock, command_line, cos
                     markdown_table, progress_logger, write_markdown, write_report)
 
 import m2convert as m2  # noqa: E402
-from m2convert.recover import DistillConfig, StageConfig, seed_filters_from_attention  # noqa: E402
+from hybrids import decode_tokens_per_s, kept_heads, state_bytes  # noqa: E402
+from m2convert.recover import DistillConfig, StageConfig  # noqa: E402
 
 FILLER = 0
+# Tokens generated to time decoding, after a prompt that fills the rest of the teacher's positions.
+DECODED = 32
 
 
 def parse_args(argv=None):
@@ -84,6 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--student-batch-size", type=int, default=32, help="sequences per recovery step")
     p.add_argument("--filter-order", type=int, default=64)
     p.add_argument("--state-size", type=int, default=4, help="state size of the recurrent form scored")
+    p.add_argument("--selection-steps", type=int, default=50,
+                   help="layer-wise transfer steps aligning the full conversion before the kl scores")
+    p.add_argument("--calibration-batches", type=int, default=8,
+                   help="batches (of --student-batch-size) the kl and offset-fit selections measure on")
     p.add_argument("--transfer-steps", type=int, default=150)
     p.add_argument("--transfer-lr", type=float, default=1e-3)
     p.add_argument("--task-steps", type=int, default=500)
@@ -280,23 +287,34 @@ def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
     return model, info
 
 
-def convert(teacher, args, keep: list[int]):
-    """Every attention converted to a causal M2 mixer except the layers in ``keep`` (MLPs stay dense)."""
-    overrides = {rf"^transformer\.h\.{i}\.": None for i in keep}
-    return m2.convert(teacher, m2.ConvertConfig(sequence=True, dimension=False, causal_mode="causal",
-                                                filter_order=args.filter_order, overrides=overrides))
+def convert(teacher, args, keep: list[int] | None = None, calibration=None, **budget):
+    """Every attention converted to a causal M2 mixer (MLPs stay dense), except the layers in ``keep``
+    (chosen by hand) or what a ``budget`` (ConvertConfig keep_layers / keep_heads / selection) keeps,
+    measured on ``calibration`` batches."""
+    overrides = {rf"^transformer\.h\.{i}\.": None for i in keep or []}
+    config = m2.ConvertConfig(sequence=True, dimension=False, causal_mode="causal", filter_order=args.filter_order,
+                              overrides=overrides, selection_steps=args.selection_steps, **budget)
+    return m2.convert(teacher, config, calibration=calibration, progress=False)
 
 
-def rank_layers(teacher, args, data: MQAR) -> dict:
-    """Each layer's offset-fit error: how far its average attention is from any convolution."""
-    student = convert(teacher, args, keep=[])
-    gen = torch.Generator().manual_seed(7)
-    batches = [{k: v for k, v in data.batch(gen).items() if k != "labels"} for _ in range(4)]
-    report = seed_filters_from_attention(student, teacher, batches, progress=False)
-    layers = {int(path.split(".")[2]): v for path, v in report["layers"].items()}   # transformer.h.<i>....
-    errors = {i: v["fit_error_after"] for i, v in layers.items()}
-    return {"fit_error_after": errors, "corr_after": {i: v["corr_after"] for i, v in layers.items()},
-            "order": sorted(errors, key=lambda i: -errors[i]), "seconds": report["seconds"]}
+def calibration_batches(args) -> list[dict]:
+    """Batches from their own seed for the measured selections (no labels: selection sees inputs only)."""
+    gen = torch.Generator().manual_seed(5)
+    data = MQAR(args, seed=5, batch_size=args.student_batch_size)
+    return [{k: v for k, v in data.batch(gen).items() if k != "labels"} for _ in range(args.calibration_batches)]
+
+
+def students(args) -> list[tuple[str, dict]]:
+    """(name, budget) of each student: the full conversion, then hybrids at a third of the layers (uniform,
+    offset-fit, kl) and at an eighth of the heads (kl, offset-fit)."""
+    layers = max(1, args.n_layer // 3)
+    third = f"{layers} of {args.n_layer} layers"
+    return [("full conversion", {}),
+            (f"uniform hybrid, {third}", {"keep_layers": layers, "selection": "uniform"}),
+            (f"offset-fit hybrid, {third}", {"keep_layers": layers, "selection": "offset-fit"}),
+            (f"kl hybrid, {third}", {"keep_layers": layers, "selection": "kl"}),
+            ("kl head hybrid, 1/8 of the heads", {"keep_heads": 0.125, "selection": "kl"}),
+            ("offset-fit head hybrid, 1/8 of the heads", {"keep_heads": 0.125, "selection": "offset-fit"})]
 
 
 def recover(student, teacher, args, name: str) -> list[dict]:
@@ -315,19 +333,31 @@ def recover(student, teacher, args, name: str) -> list[dict]:
     return out
 
 
-def student_row(teacher, args, test, name: str, keep: list[int]) -> dict:
+def student_row(teacher, args, test, name: str, keep: list[int] | None = None, budget: dict | None = None,
+                calibration=None) -> dict:
     clock = Clock()
-    student = convert(teacher, args, keep)
+    budget = budget or {}
+    student = convert(teacher, args, keep, calibration if budget.get("selection") in ("kl", "offset-fit") else None,
+                      **budget)
+    selected = kept_heads(student)
+    log(f"{name}: keeps heads {selected or 'none'} ({clock.total:.0f} s to convert and select)")
     converted = accuracy(student, test)
     log(f"{name}: converted accuracy {converted:.4f}")
     stages = recover(student, teacher, args, name)
     recovered = accuracy(student, test)
     recurrent = m2.to_recurrent(student, state_size=args.state_size).model
     recurrent_acc = accuracy(recurrent, test)
-    log(f"{name}: recovered accuracy {recovered:.4f}, recurrent (S={args.state_size}) {recurrent_acc:.4f}")
-    return {"name": name, "kept_attention_layers": keep, "converted_acc": converted, "recovered_acc": recovered,
-            "recurrent_acc": recurrent_acc, "params": count_params(student), "stages": stages,
-            "wall_seconds": clock.total, "cpu_seconds": clock.cpu}
+    cpu = clock.cpu
+    state = state_bytes(recurrent, args.seq_len)
+    speed = decode_tokens_per_s(recurrent, args.seq_len - DECODED - 1, DECODED)
+    log(f"{name}: recovered accuracy {recovered:.4f}, recurrent (S={args.state_size}) {recurrent_acc:.4f}, "
+        f"state {state:,} bytes at {args.seq_len} tokens, {speed:.0f} tokens/s")
+    layers = sorted({layer for layer, _ in selected if sum(h[0] == layer for h in selected) == args.n_head})
+    return {"name": name, "selection": budget.get("selection", "by hand" if keep else "none"),
+            "kept_attention_layers": keep if keep is not None else layers, "kept_heads": selected,
+            "converted_acc": converted, "recovered_acc": recovered, "recurrent_acc": recurrent_acc,
+            "state_bytes_512": state, "decode_tokens_per_s": speed, "params": count_params(student),
+            "stages": stages, "wall_seconds": clock.total, "cpu_seconds": cpu}
 
 
 def main(argv=None) -> dict:
@@ -348,12 +378,12 @@ def main(argv=None) -> dict:
         return {"teacher_acc": teacher_acc}
     if args.keep is not None:
         return add_student(teacher, args, test, sorted(int(i) for i in args.keep.split(",")))
-    ranking = rank_layers(teacher, args, data)
-    log(f"layers by offset-fit error (worst first): {ranking['order']}")
-    plans = [("full conversion", []), ("hybrid, 1 attention layer kept", sorted(ranking["order"][:1])),
-             ("hybrid, 2 attention layers kept", sorted(ranking["order"][:2]))]
-    students = [student_row(teacher, args, test, name, keep) for name, keep in plans]
-    result = {"teacher_acc": teacher_acc, "students": students, "teacher": tinfo, "layer_ranking": ranking,
+    calibration = calibration_batches(args)
+    rows = [student_row(teacher, args, test, name, budget=budget, calibration=calibration)
+            for name, budget in students(args)]
+    result = {"teacher_acc": teacher_acc, "students": rows, "teacher": tinfo,
+              "original_state_bytes_512": state_bytes(teacher, args.seq_len),
+              "teacher_decode_tokens_per_s": decode_tokens_per_s(teacher, args.seq_len - DECODED - 1, DECODED),
               "chance_acc": 1 / args.pairs, "teacher_params": count_params(teacher),
               "filter_order": args.filter_order, "state_size": args.state_size,
               "test_sequences": sum(len(b["input_ids"]) for b in test)}
@@ -372,7 +402,7 @@ def add_student(teacher, args, test, keep: list[int]) -> dict:
     if differ:
         raise SystemExit(f"--keep adds to {path}, whose run used other settings: {', '.join(differ)}")
     name = f"hybrid, layer(s) {', '.join(map(str, keep))} kept (chosen by hand)"
-    row = {**student_row(teacher, args, test, name, keep), "command": command_line()}
+    row = {**student_row(teacher, args, test, name, keep=keep), "command": command_line()}
     doc["students"] = [s for s in doc["students"] if s["name"] != name] + [row]
     path.write_text(json.dumps(doc, indent=2) + "\n")
     write_markdown(args.name, render, args.out)
@@ -397,22 +427,43 @@ def _teacher_line(cfg: dict, t: dict) -> str:
                    "near chance, 0.07-0.11, after 750-1,250 steps)")
 
 
+def _heads_text(heads: list[list[int]]) -> str:
+    return "; ".join(f"L{layer}: {', '.join(str(h) for l2, h in heads if l2 == layer)}"
+                     for layer in sorted({h[0] for h in heads})) or "none"
+
+
+def target_line(doc: dict) -> str:
+    """The issue's target: a hybrid whose state at the task's length is <= 1/8 of the teacher's KV cache
+    recovering >= 95% of the teacher's accuracy; names the best such student, or says none met it."""
+    limit = doc["original_state_bytes_512"] / 8
+    small = [s for s in doc["students"] if s["kept_heads"] and s["state_bytes_512"] <= limit]
+    if not small:
+        return f"- target (state <= 1/8 of the teacher's KV cache, {limit:,.0f} bytes): no hybrid that small was run"
+    best = max(small, key=lambda s: s["recurrent_acc"])
+    share = best["recurrent_acc"] / doc["teacher_acc"]
+    return (f"- target (a hybrid whose decode state is <= 1/8 of the teacher's KV cache, {limit:,.0f} bytes, "
+            f"recovering >= 95% of the teacher's accuracy): best {best['name']}, {best['state_bytes_512']:,} bytes, "
+            f"{share:.1%} of the teacher's accuracy in its recurrent form ({'met' if share >= 0.95 else 'missed'})")
+
+
 def render(doc: dict) -> str:
     """The markdown body of the report from its JSON document."""
     cfg, t = doc["config"], doc["teacher"]
-    rows = [["teacher (GPT-2 attention)", "all", f"{doc['teacher_acc']:.4f}", "", "", f"{doc['teacher_params']:,}",
-             f"{t['cpu_seconds'] / 60:.1f}"]]
-    rows += [[s["name"], ", ".join(map(str, s["kept_attention_layers"])) or "none", f"{s['converted_acc']:.4f}",
-              f"{s['recovered_acc']:.4f}", f"{s['recurrent_acc']:.4f}", f"{s['params']:,}",
-              f"{s['cpu_seconds'] / 60:.1f}"] for s in doc["students"]]
-    table = markdown_table(["model", "attention layers kept", "accuracy converted", "after recovery",
-                            f"recurrent form (S={doc['state_size']})", "params", "CPU min"], rows)
-    rank = doc["layer_ranking"]
-    fits = ", ".join(f"layer {i}: {rank['fit_error_after'][str(i)]:.3f}" for i in rank["order"])
+    n = cfg["seq_len"]
+    rows = [["teacher (GPT-2 attention)", "-", "all", f"{doc['teacher_acc']:.4f}", "", "",
+             f"{doc.get('original_state_bytes_512', 0):,}", f"{doc.get('teacher_decode_tokens_per_s', 0):.0f}",
+             f"{doc['teacher_params']:,}", f"{t['cpu_seconds'] / 60:.1f}"]]
+    rows += [[s["name"], s.get("selection", ""), _heads_text(s.get("kept_heads", [])), f"{s['converted_acc']:.4f}",
+              f"{s['recovered_acc']:.4f}", f"{s['recurrent_acc']:.4f}", f"{s.get('state_bytes_512', 0):,}",
+              f"{s.get('decode_tokens_per_s', 0):.0f}", f"{s['params']:,}", f"{s['cpu_seconds'] / 60:.1f}"]
+             for s in doc["students"]]
+    table = markdown_table(["model", "selection", "attention heads kept (layer: heads)", "accuracy converted",
+                            "after recovery", f"recurrent form (S={doc['state_size']})",
+                            f"decode state bytes at {n} tokens", "decode tokens/s", "params", "CPU min"], rows)
     steps = "/".join(str(s["steps"]) for s in doc["students"][0]["stages"])
     return "\n".join([
         table, "",
-        f"- task: {cfg['pairs']} key-value pairs then {cfg['queries']} queries of those keys, {cfg['seq_len']} tokens "
+        f"- task: {cfg['pairs']} key-value pairs then {cfg['queries']} queries of those keys, {n} tokens "
         f"per sequence, {cfg['keys']} key and {cfg['values']} value tokens (a guess among the sequence's values: "
         f"{1 / cfg['pairs']:.4f}); accuracy over the "
         f"answers of {doc['test_sequences']} test sequences from a seed neither training nor early stopping saw",
@@ -420,9 +471,14 @@ def render(doc: dict) -> str:
         f"- students: causal M2 mixers, filter order {doc['filter_order']}, MLPs dense; recovery {steps} steps "
         f"x {cfg.get('student_batch_size', cfg['batch_size'])} sequences "
         f"(layer-wise transfer, then KD + the answers' loss x {cfg['task_weight']:g}) on fresh sequences; the "
-        f"recurrent form is m2.to_recurrent at state size {doc['state_size']} after recovery",
-        f"- hybrids keep the layers whose average attention a convolution fits worst (offset-fit error after "
-        f"seeding, worst first: {fits})",
+        f"recurrent form is m2.to_recurrent at state size {doc['state_size']} after recovery; decode state and "
+        f"speed are the recurrent form's (the teacher's: its KV cache), batch 1, one thread; speed over "
+        f"{DECODED} new tokens after a {n - DECODED - 1}-token prompt",
+        f"- selection (m2convert.selection): kl restores each layer (or KV group of heads) in the fully converted "
+        f"student aligned by {cfg.get('selection_steps', 0)} transfer steps and keeps those lowering its KL to the "
+        f"teacher most, on {cfg.get('calibration_batches', 0)} calibration batches from their own seed; offset-fit "
+        f"keeps the layers whose average attention a convolution fits worst; uniform spreads the budget",
+        target_line(doc) if "original_state_bytes_512" in doc else "",
     ]) + "\n"
 
 

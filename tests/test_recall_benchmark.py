@@ -84,3 +84,27 @@ def test_added_student_must_share_the_report_settings(recall, tmp_path):
     (tmp_path / "recall.json").write_text(json.dumps({"config": {**config, "state_size": 2}, "students": []}))
     with pytest.raises(SystemExit, match="other settings: state_size"):
         recall.add_student(None, args, [], [1])
+
+
+def test_students_report_kept_heads_and_their_decode_state(recall):
+    """The head hybrid's decode state is the full conversion's plus its kept head's keys and values."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    args = recall.parse_args(["--smoke"])
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=1 + args.keys + args.values, n_positions=args.seq_len,
+                                         n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0)).eval()
+    test = recall.eval_batches(args, seed=3)[:1]
+    full = recall.student_row(teacher, args, test, "full", budget={})
+    head = recall.student_row(teacher, args, test, "head", budget={"keep_heads": 1 / 12, "selection": "uniform"})
+    assert full["kept_heads"] == [] and len(head["kept_heads"]) == 1
+    layer, h = head["kept_heads"][0]
+    assert (layer, h) == (1, 2) and head["kept_attention_layers"] == []       # the middle of 12 heads
+    assert head["state_bytes_512"] - full["state_bytes_512"] == 2 * 8 * args.seq_len * 4   # K, V of one 8-wide head
+    assert head["decode_tokens_per_s"] > 0 and head["selection"] == "uniform"
+    original = recall.state_bytes(teacher, args.seq_len)
+    assert original == 3 * 2 * 32 * args.seq_len * 4                          # the teacher's KV cache
+    doc = {"original_state_bytes_512": original, "teacher_acc": 1.0, "students": [full, head]}
+    assert "no hybrid that small" in recall.target_line(doc)                   # 12,544 bytes > 49,152 / 8
+    small = {**head, "state_bytes_512": original // 8, "recurrent_acc": 0.96}
+    assert "best head" in recall.target_line({**doc, "students": [small]}) and "(met)" in recall.target_line(
+        {**doc, "students": [small]})
