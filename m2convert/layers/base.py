@@ -5,6 +5,8 @@ from __future__ import annotations
 import sympy
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize
 
 from ..kernels.tracing import traced  # noqa: F401  (the layers' eager-only paths read it from here)
 
@@ -28,3 +30,27 @@ class M2Block(nn.Module):
     def num_parameters(self) -> int:
         """Number of trainable and frozen parameters of this module."""
         return sum(p.numel() for p in self.parameters())
+
+
+def hooked(*modules: nn.Module) -> bool:
+    """True when a forward hook, forward pre-hook or parametrization sits on any of ``modules`` or their
+    submodules, or a global module hook is registered.
+
+    The CPU fast paths that read a submodule's weights instead of calling it step aside then, so pruning
+    masks, quantization observers, steering and attribution hooks see (and change) every call.
+
+    Example:
+        >>> lin = nn.Linear(4, 4)
+        >>> hooked(lin)
+        False
+        >>> handle = lin.register_forward_hook(lambda module, args, out: out)
+        >>> hooked(nn.Sequential(lin))
+        True
+    """
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    for root in modules:
+        for sub in root.modules():
+            if sub._forward_hooks or sub._forward_pre_hooks or parametrize.is_parametrized(sub):
+                return True
+    return False

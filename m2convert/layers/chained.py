@@ -56,6 +56,11 @@ class DeferredOutput(torch.Tensor):
         out.layer, out.input, out._value = layer, x, None
         return out
 
+    @property
+    def made(self) -> bool:
+        """Whether the value was computed (and possibly changed in place by whoever read it)."""
+        return self._value is not None
+
     def value(self) -> torch.Tensor:
         """The (..., out) output as a plain tensor, computed on the first call."""
         if self._value is None:

@@ -24,7 +24,7 @@ from ..errors import ConfigError, ConversionError, ShapeError, check_choice, che
 from ..kernels.activations import ACTIVATIONS
 from ..kernels.monarch.cpu import monarch_linear
 from ..kernels.monarch.reference import monarch_matmul, monarch_to_dense
-from .base import M2Block, traced
+from .base import M2Block, hooked, traced
 from .chained import DeferredOutput, chain_rows, run_chained
 from .cost import B, N, substitute
 
@@ -276,11 +276,12 @@ class MonarchLinear(M2Block, nn.Linear):
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"MonarchLinear expects last dim {self.in_features}, got input of shape {tuple(x.shape)}")
         if isinstance(x, DeferredOutput):
-            if eager_inference(self.w1, self.w2, self.bias):
+            if eager_inference(self.w1, self.w2, self.bias) and not x.made:
                 return run_chained(x, self)                             # token groups through both projections
-            x = x.value()
+            x = x.value()                                               # (a hook of the producer read it)
         if eager_inference(x, self.w1, self.w2, self.bias):
-            if self.chain_output and x.numel() // x.shape[-1] > chain_rows(self.out_features, x.element_size()):
+            if self.chain_output and x.numel() // x.shape[-1] > chain_rows(self.out_features, x.element_size()) \
+                    and not hooked(self):                               # hooks see a whole output
                 return DeferredOutput(self, x)                          # made by the next projection
             return self.materialize(x)
         p, s, _ = self.block_sizes

@@ -30,7 +30,7 @@ from ..errors import ShapeError, check_choice, check_int
 from ..kernels.fftconv.cpu import block_channels, fft_size, fill_taps, mixer_core
 from ..kernels.fftconv.monarch_dft import monarch_long_conv
 from ..kernels.fftconv.reference import fft_long_conv
-from .base import M2Block
+from .base import M2Block, hooked
 from .cost import B, N, substitute, fft_conv_flops, linear_flops, monarch_conv_flops
 from .filters import TAIL_TOL, ImplicitFilter
 from .monarch import MonarchLinear, eager_inference
@@ -291,7 +291,9 @@ class M2SequenceMixer(M2Block):
             return False
         if self.short_conv.padding != (self.short_kernel - 1,) or self.D.dtype != x.dtype:
             return False
-        return eager_inference(x, mask, *self.parameters(), path="mixer")
+        # The fast path reads the projections' and filters' weights without calling them: hooks and
+        # parametrizations on them would be skipped, so it steps aside when there are any.
+        return eager_inference(x, mask, *self.parameters(), path="mixer") and not hooked(*self.children())
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
