@@ -47,7 +47,7 @@ RANKS = [
     (3, r"m2convert\.passes(\..*)?"),
     (4, r"m2convert\.(recover|data)(\..*)?|m2convert\.(export|serialize|bench\w*)"),
     (5, r"m2convert\.api"),
-    (6, r"m2convert(\.(cli|demo|__main__))?"),
+    (6, r"m2convert(\.(cli(\..*)?|demo|__main__))?"),
 ]
 OTHER_RANK = 4
 
