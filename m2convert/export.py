@@ -37,8 +37,8 @@ from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .errors import CaptureError, ConfigError
-from .passes.inputs import (VARYING_DIMS, disable_cache, dynamic_shapes, first_tensor, signed, split_inputs,
-                             unmarked)
+from .passes.inputs import VARYING_DIMS, disable_cache, first_tensor, signed, split_inputs, unmarked
+from .passes.inputs import dynamic_shapes as shape_spec        # export()'s parameter takes the plain name
 
 aten = torch.ops.aten
 
@@ -99,7 +99,7 @@ def _exportable(model: nn.Module, example_inputs) -> tuple[nn.Module, tuple, dic
     return (wrapper, (), tensors) if keyword else (wrapper, tuple(tensors.values()), {})
 
 
-def _dynamic_seq(args: tuple, kwargs: dict):
+def _dynamic_seq(args: tuple, kwargs: dict, batch: bool = False):
     """Dim 1 of every (B, N, ...) token input whose dim 1 equals the first token input's N is dynamic; the
     varying dims of image and audio inputs (see ``VARYING_DIMS``) are dynamic where the model allows.
 
@@ -107,7 +107,7 @@ def _dynamic_seq(args: tuple, kwargs: dict):
     inputs' equal lengths, and fails if the model fixes N. ``Dim.AUTO`` (images, audio) stays static
     where the model fixes the size, e.g. a ViT's patch grid or Whisper's frame count.
     """
-    shapes = dynamic_shapes(args, kwargs, torch.export.Dim.DYNAMIC)
+    shapes = shape_spec(args, kwargs, torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC if batch else None)
     if shapes is None:
         first = first_tensor(args, kwargs)
         shown = "no tensor" if first is None else f"shape {tuple(first.shape)}"
@@ -175,7 +175,7 @@ class _ComplexSubAsAdd(CustomGraphPass):
 
 
 def export_program(model: nn.Module, example_inputs, dynamic_seq: bool = True,
-                   dynamic_shapes=None) -> torch.export.ExportedProgram:
+                   dynamic_shapes=None, dynamic_batch: bool = False) -> torch.export.ExportedProgram:
     """torch.export ``model`` (in eval mode) on ``example_inputs``; see :func:`export`.
 
     Example:
@@ -190,8 +190,10 @@ def export_program(model: nn.Module, example_inputs, dynamic_seq: bool = True,
     if dynamic_shapes is not None:
         attempts = [{k: v for k, v in dynamic_shapes.items() if k in kwargs}
                     if isinstance(dynamic_shapes, dict) else dynamic_shapes]
+    elif dynamic_batch and not dynamic_seq:
+        attempts = [shape_spec(args, kwargs, None, torch.export.Dim.DYNAMIC)]
     else:
-        attempts = [_dynamic_seq(args, kwargs) if dynamic_seq else None]
+        attempts = [_dynamic_seq(args, kwargs, dynamic_batch) if dynamic_seq else None]
         fallback = _without_varying(attempts[0])
         attempts += [fallback] if fallback is not None else []
     was_training = model.training
@@ -212,7 +214,7 @@ def export_program(model: nn.Module, example_inputs, dynamic_seq: bool = True,
 
 
 def export(model: nn.Module, example_inputs, path, aoti: bool = False, dynamic_seq: bool = True, *,
-           dynamic_shapes=None) -> Path:
+           dynamic_shapes=None, dynamic_batch: bool = False) -> Path:
     """Export ``model`` to ``path``: a torch.export program (.pt2), or an AOTInductor package.
 
     Args:
@@ -229,7 +231,9 @@ def export(model: nn.Module, example_inputs, path, aoti: bool = False, dynamic_s
             count are fixed: those export static). :func:`dynamic_inputs` of the program says which dims
             came out dynamic. False: every shape static.
         dynamic_shapes: a torch.export ``dynamic_shapes`` spec used as given instead (keyed by input
-            name for dict inputs); ``dynamic_seq`` is then ignored.
+            name for dict inputs); ``dynamic_seq`` and ``dynamic_batch`` are then ignored.
+        dynamic_batch: also make the batch dimension (dim 0 of every input of the example's batch size)
+            dynamic; the example needs a batch of at least 2 (export keeps a size-1 dim static).
 
     Returns:
         ``path`` as a Path. The artifact takes the same inputs and returns a tuple of tensors (see the
@@ -253,7 +257,7 @@ def export(model: nn.Module, example_inputs, path, aoti: bool = False, dynamic_s
     path = Path(path)
     if aoti and path.suffix != ".pt2":
         raise ConfigError(f"an AOTInductor package path must end in .pt2, got '{path}'")
-    return write_program(export_program(model, example_inputs, dynamic_seq, dynamic_shapes), path, aoti)
+    return write_program(export_program(model, example_inputs, dynamic_seq, dynamic_shapes, dynamic_batch), path, aoti)
 
 
 def write_program(program: torch.export.ExportedProgram, path, aoti: bool = False) -> Path:

@@ -228,3 +228,13 @@ def test_every_library_advice_has_cli_wording():
     assert len(messages) >= 4, messages                # capture, inputs, export: the advice exists to be reworded
     left = [(name, m) for name, m in messages if ADVICE.search(cli_wording(m))]
     assert not left, left
+
+
+def test_m2_debug_shows_the_traceback_of_an_m2error(saved, monkeypatch):
+    monkeypatch.setenv("M2_DEBUG", "1")
+    code, err = _run(["plan", str(saved / "missing-folder")])
+    assert code == 1 and "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith("m2convert: error: ")
+    monkeypatch.delenv("M2_DEBUG")
+    code, err = _run(["plan", str(saved / "missing-folder")])
+    assert code == 1 and "Traceback" not in err

@@ -227,3 +227,25 @@ def test_a_failed_export_leaves_the_inputs_unmarked_for_a_retry(tmp_path, vit):
     path = m2.export(vit, {"pixel_values": pixels}, tmp_path / "vit.pt2", dynamic_seq=False)    # the same tensor
     _check_program(path, vit, {"pixel_values": pixels})
     assert not [k for k in vars(pixels) if k.startswith("_dynamo")]
+
+
+def test_cli_dynamic_batch_takes_any_batch_and_length(tmp_path, tiny_model):
+    from m2convert.cli import main
+
+    model = m2.convert(tiny_model("bert"), SMALL)
+    m2.save_pretrained(model, tmp_path / "bert-m2")
+    out = tmp_path / "bert.pt2"
+    assert main(["export", str(tmp_path / "bert-m2"), "--out", str(out), "--dynamic-batch"]) == 0
+    program = torch.export.load(str(out)).module()
+    for b, n in ((1, 9), (3, 20)):
+        ids = torch.randint(1, 90, (b, n))
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = program(input_ids=ids, attention_mask=mask)[0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    static = tmp_path / "static.pt2"
+    assert main(["export", str(tmp_path / "bert-m2"), "--out", str(static)]) == 0
+    with pytest.raises(Exception):
+        torch.export.load(str(static)).module()(input_ids=torch.randint(1, 90, (3, 9)),
+                                                 attention_mask=torch.ones(3, 9, dtype=torch.long))

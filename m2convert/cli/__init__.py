@@ -21,6 +21,7 @@ import argparse
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,19 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug() -> bool:
+    return os.environ.get("M2_DEBUG", "") not in ("", "0")
+
+
 def main(argv=None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 error, 2 bad arguments, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
     except M2Error as exc:
+        if _debug():
+            traceback.print_exc()                 # where it was raised, then the same one-line message
         print(f"m2convert: error: {cli_wording(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("m2convert: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if os.environ.get("M2_DEBUG", "") not in ("", "0"):
+        if _debug():
             raise
         # One line whatever the message holds (tracebacks of subprocesses, tensor dumps, reports).
         lines = str(exc).strip().splitlines()

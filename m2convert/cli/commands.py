@@ -96,6 +96,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=16, metavar="N",
                    help="example sequence length (default 16; the artifact takes any length unless --static)")
     p.add_argument("--batch", type=int, default=1, help="batch size the artifact is built for (default 1)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="also take any batch size (the example batch is then at least 2)")
     p.add_argument("--static", action="store_true",
                    help="fix every input's shape (by default token lengths, and image and audio sizes the model "
                         "accepts at other sizes, stay dynamic)")
@@ -113,10 +115,11 @@ def _run_export(args) -> int:
 
     tensors = input_tensors(args)
     model = from_pretrained(args.dir)
-    inputs = example_inputs(args, model, tensors) or example_inputs_for(model, seq_len=args.seq_len, batch=args.batch)
+    batch = max(2, args.batch) if args.dynamic_batch else args.batch    # export keeps a size-1 dim static
+    inputs = example_inputs(args, model, tensors) or example_inputs_for(model, seq_len=args.seq_len, batch=batch)
     if args.aoti and Path(args.out).suffix != ".pt2":
         raise ConfigError(f"--out {args.out}: an AOTInductor package path must end in .pt2")
-    program = export_program(model, inputs, dynamic_seq=not args.static)
+    program = export_program(model, inputs, dynamic_seq=not args.static, dynamic_batch=args.dynamic_batch)
     path = write_program(program, args.out, aoti=args.aoti)
     shapes = ", ".join(f"{name} {_shown_shape(inputs[name], dims)}" for name, dims in dynamic_inputs(program).items())
     print(f"m2convert: wrote {path} (inputs: {shapes})", file=sys.stderr)
