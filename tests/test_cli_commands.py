@@ -109,3 +109,27 @@ def test_a_safetensors_file_of_inputs_plans_like_the_described_ones(tmp_path, ca
     assert main(["plan", str(whisper), "--inputs", str(file)]) == 1
     assert "give --input NAME=SHAPE:DTYPE" in capsys.readouterr().err
     assert main(["plan", str(whisper), "--inputs", str(file), "--input", "input_features=1x8x16:float32"]) == 0
+
+
+def test_distill_default_stages_fit_the_model_and_data(tmp_path):
+    teacher = _tiny_bert_dir(tmp_path)
+    base = tmp_path / "base"
+    transformers.BertModel.from_pretrained(teacher).save_pretrained(base)        # no task head
+    transformers.AutoTokenizer.from_pretrained(teacher).save_pretrained(base)
+    data = tmp_path / "train.tsv"
+    data.write_text("label\tsentence\n" + "".join(f"{i % 2}\tw{i} w{i + 1} w{i + 2}\n" for i in range(40)))
+    text = tmp_path / "train.txt"
+    text.write_text("".join(f"w{i} w{i + 1} w{i + 2} w{i + 3}\n" for i in range(60)))
+    common = ["--steps", "2", "--batch-size", "8", "--block-size", "16", "--no-progress"]
+    runs = {"head-tsv": (teacher, data, ["transfer", "kd", "task"]), "base-tsv": (base, data, ["transfer", "kd"]),
+            "head-text": (teacher, text, ["transfer", "kd"])}
+    for name, (model, source, stages) in runs.items():
+        assert main(["convert", str(model), "--out", str(tmp_path / f"s-{name}"), "--filter-order", "8"]) == 0
+        assert main(["distill", "--teacher", str(model), "--student", str(tmp_path / f"s-{name}"), "--data",
+                     str(source), "--out", str(tmp_path / f"r-{name}"), *common]) == 0, name
+        result = json.loads((tmp_path / f"r-{name}" / "distill_result.json").read_text())
+        assert [s["name"] for s in result["stages"]] == stages, name
+    # Naming task where it cannot run fails before any training, and says what to use instead.
+    assert main(["distill", "--teacher", str(base), "--student", str(tmp_path / "s-base-tsv"), "--data", str(data),
+                 "--out", str(tmp_path / "r-bad"), "--stages", "transfer,task", *common]) == 1
+    assert not (tmp_path / "r-bad").exists()

@@ -29,7 +29,9 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", required=True, help="directory of the converted model")
     p.add_argument("--data", required=True, help="training data: .tsv (label column), .jsonl or plain text")
     p.add_argument("--out", required=True, help="directory for the recovered model (checkpoints go in OUT/checkpoints)")
-    p.add_argument("--stages", default="transfer,kd,task", help="comma list, in order (default: %(default)s)")
+    p.add_argument("--stages", default="auto",
+                   help="comma list, in order (default auto: transfer,kd, and task when the student takes labels "
+                        "(a model with a task head) and --data has a label column)")
     p.add_argument("--steps", type=int, default=100, help="steps of each stage (default: %(default)s)")
     p.add_argument("--lr", action="append", default=[], metavar="STAGE=LR",
                    help="learning rate of a stage, e.g. --lr transfer=1e-3 (repeatable)")
@@ -69,7 +71,9 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
             lrs[name.strip()] = float(value)
         except ValueError:
             raise ConfigError(f"--lr {item!r}: write STAGE=LR, e.g. --lr kd=1e-4") from None
-    names = [s.strip() for s in args.stages.split(",") if s.strip()]
+    # "auto" is resolved once the student is loaded (stages_for); before that every stage it may pick counts.
+    stages = getattr(args, "resolved_stages", None) or ("transfer,kd,task" if args.stages == "auto" else args.stages)
+    names = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = set(lrs) - set(names)
     if unknown:
         raise ConfigError(f"--lr names stages {sorted(unknown)} that are not in --stages {names}")
@@ -79,15 +83,62 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
                          resume=args.resume, on_bad=args.on_bad, progress=not args.no_progress)
 
 
+def takes_labels(model) -> bool:
+    """Whether ``model``'s forward takes ``labels`` (a model with a task head computes a loss from them)."""
+    import inspect
+
+    try:
+        return "labels" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def data_has_labels(data) -> bool:
+    """Whether a data file holds labels: a TSV whose header has a ``label`` column, or JSONL rows with ``label``."""
+    path = Path(str(data))
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return False
+    if path.suffix.lower() == ".tsv":
+        return "label" in [c.strip().lower() for c in first.split("\t")]
+    if path.suffix.lower() in (".jsonl", ".json"):
+        try:
+            return "label" in json.loads(first)
+        except (ValueError, TypeError):
+            return False
+    return False
+
+
+def stages_for(stages: str, student, data) -> str:
+    """The stages to run: ``stages`` as given, checked against the student and data, or for "auto"
+    transfer,kd plus task when the student takes labels and the data has them.
+
+    Raises ConfigError when ``task`` is named but cannot run (checked before any training).
+    """
+    can_task = takes_labels(student) and data_has_labels(data)
+    if stages.strip() == "auto":
+        return "transfer,kd" + (",task" if can_task else "")
+    names = [s.strip() for s in stages.split(",")]
+    if "task" in names and not can_task:
+        why = (f"{type(student).__name__} takes no labels (no task head)" if not takes_labels(student)
+               else f"--data {data} has no label column")
+        raise ConfigError(f"--stages names task, but {why}; use --stages transfer,kd (or the default, auto)")
+    return stages
+
+
 def run_distill_cli(args: argparse.Namespace, *, load_teacher, load_student, save_student) -> int:
     """Load teacher and student, distill on ``--data``, save the student to ``--out``; returns 0.
 
     Writes OUT/distill_result.json (per-stage steps, tokens, seconds, losses) beside the model.
     """
     logging.basicConfig(level=logging.INFO, format="m2convert: %(message)s")
-    config = config_from_args(args)
+    config_from_args(args)                           # options checked before the models load
     teacher = load_teacher(args.teacher)
     student = load_student(args.student)
+    args.resolved_stages = stages_for(args.stages, student, args.data)
+    config = config_from_args(args)
     tokenizer = None
     if Path(args.teacher).is_dir():
         from transformers import AutoTokenizer
