@@ -133,3 +133,33 @@ def test_distill_default_stages_fit_the_model_and_data(tmp_path):
     assert main(["distill", "--teacher", str(base), "--student", str(tmp_path / "s-base-tsv"), "--data", str(data),
                  "--out", str(tmp_path / "r-bad"), "--stages", "transfer,task", *common]) == 1
     assert not (tmp_path / "r-bad").exists()
+
+
+def test_distill_reads_csv_unlabelled_rows_and_checks_out_first(tmp_path, capsys, monkeypatch):
+    from m2convert import api
+
+    teacher = _tiny_bert_dir(tmp_path)
+    assert main(["convert", str(teacher), "--out", str(tmp_path / "s"), "--filter-order", "8"]) == 0
+    common = ["--teacher", str(teacher), "--student", str(tmp_path / "s"), "--steps", "2", "--batch-size", "4",
+              "--no-progress"]
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text("sentence,label\n" + "".join(f'"w{i}, w{i + 1}",{i % 2}\n' for i in range(16)))
+    assert main(["distill", *common, "--data", str(csv_file), "--out", str(tmp_path / "r1")]) == 0
+    result = json.loads((tmp_path / "r1" / "distill_result.json").read_text())
+    assert [s["name"] for s in result["stages"]] == ["transfer", "kd", "task"]
+    assert result["data_report"]["rows"] == 16 and result["data_report"]["bad"] == 0   # the header is no row
+    plain = tmp_path / "plain.tsv"
+    plain.write_text("text\n" + "".join(f"w{i} w{i + 1} w{i + 2} w{i + 3} w{i + 4}\n" for i in range(40)))
+    assert main(["distill", *common, "--data", str(plain), "--out", str(tmp_path / "r2"), "--block-size", "8"]) == 0
+    result = json.loads((tmp_path / "r2" / "distill_result.json").read_text())
+    assert [s["name"] for s in result["stages"]] == ["transfer", "kd"]
+    capsys.readouterr()
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("w1 w2\n")
+    assert main(["distill", *common, "--data", str(tiny), "--out", str(tmp_path / "r3")]) == 1
+    assert "--block-size" in capsys.readouterr().err
+    loads = []
+    monkeypatch.setattr(api, "load_model", lambda name: loads.append(name))
+    (tmp_path / "taken").write_text("x")
+    assert main(["distill", *common, "--data", str(plain), "--out", str(tmp_path / "taken")]) == 1
+    assert "is a file" in capsys.readouterr().err and not loads

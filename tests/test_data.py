@@ -55,10 +55,21 @@ def test_tsv_bad_rows_are_counted_skipped_or_fatal(tmp_path):
     assert "4 bad rows skipped" in report.summary() and "line 3" in report.summary()
     with pytest.raises(DataError, match=r"t\.tsv:3: label 'x' is not an integer"):
         read_tsv(path, on_bad="raise")
-    with pytest.raises(DataError, match="no 'label' column"):
-        read_tsv(write(tmp_path / "h.tsv", "y\tx\n1\ta\n"))
+    # No label column: unlabelled rows (enough for transfer and kd); classification refuses them.
+    assert read_tsv(write(tmp_path / "h.tsv", "y\tx\n1\ta\n"))[:2] == (["1"], None)
+    assert read_tsv(tmp_path / "h.tsv", text_column="x")[:2] == (["a"], None)
+    with pytest.raises(DataError, match="no labels"):
+        load_data(tmp_path / "h.tsv", TOK, task="classification", batch_size=1)
     with pytest.raises(DataError, match="does not exist"):
         read_tsv(tmp_path / "missing.tsv")
+
+
+def test_csv_rows_are_split_by_the_csv_rules(tmp_path):
+    path = write(tmp_path / "r.csv", 'sentence,label\n"good, really good",1\nplain,0\n"said ""no""",1\n'.encode())
+    texts, labels, report = read_tsv(path)
+    assert texts == ["good, really good", "plain", 'said "no"'] and labels == [1, 0, 1] and report.bad == 0
+    src = load_data(path, TOK, batch_size=3, max_length=8)
+    assert src.batch(0)["labels"].tolist() in ([1, 0, 1], [0, 1, 1], [1, 1, 0])
 
 
 def test_tsv_batches_are_padded_with_masks_and_labels(tmp_path):

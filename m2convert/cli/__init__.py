@@ -84,6 +84,8 @@ CLI_WORDING = [
     (r"dynamic_seq=True needs", "a dynamic sequence length (the default; --static turns it off) needs"),
     (r"pass dynamic_seq=False", "pass --static"),
     (r"or plan a submodule that exports \(m2\.plan\(", "or, from Python, plan a submodule that exports (m2.plan("),
+    (r"\bblock_size=", "--block-size"),
+    (r"\bpass label_column=", "give --label-column"),
 ]
 
 

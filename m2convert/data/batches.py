@@ -228,11 +228,12 @@ def load_data(data: Any, tokenizer=None, *, batch_size: int = 32, max_length: in
     """Turn ``data`` into a resumable batch source (:class:`Batches` or :class:`StreamBatches`).
 
     Args:
-        data: a file path (.tsv, .jsonl/.json, anything else = plain text), a Hugging Face dataset,
+        data: a file path (.tsv, .csv, .jsonl/.json, anything else = plain text), a Hugging Face dataset,
             an iterable of dict batches, or an existing Batches/StreamBatches (returned as is).
         tokenizer: the teacher's tokenizer; needed for files and datasets.
-        task: "auto" | "classification" | "lm". "auto": labelled rows -> classification, plain text or
-            unlabelled rows -> lm (packed into ``block_size`` blocks).
+        task: "auto" | "classification" | "lm". "auto": labelled rows -> classification (each row cut at
+            ``max_length`` tokens), plain text or unlabelled rows -> lm (packed into blocks of
+            min(``block_size``, ``max_length``) tokens).
         on_bad: "skip" (count, log, skip) or "raise" (DataError naming file and line).
         bucket: batch classification examples of similar length together (less padding).
 
@@ -257,9 +258,9 @@ def load_data(data: Any, tokenizer=None, *, batch_size: int = 32, max_length: in
     if isinstance(data, (str, Path)):
         path = Path(data)
         suffix = path.suffix.lower()
-        if suffix in (".tsv", ".jsonl", ".json"):
+        if suffix in (".tsv", ".csv", ".jsonl", ".json"):
             _need(tokenizer, path)
-            if suffix == ".tsv":
+            if suffix in (".tsv", ".csv"):
                 texts, labels, report = read_tsv(path, text_column=text_column, label_column=label_column,
                                                  on_bad=on_bad)
             else:
@@ -270,7 +271,7 @@ def load_data(data: Any, tokenizer=None, *, batch_size: int = 32, max_length: in
         if task == "classification":
             raise ConfigError(f"{path}: plain text has no labels; use a .tsv or .jsonl file for classification")
         _need(tokenizer, path)
-        blocks, report = pack_text(path, tokenizer, block_size, on_bad=on_bad)
+        blocks, report = pack_text(path, tokenizer, min(block_size, max_length), on_bad=on_bad)
         return Batches(list(blocks), lm_collate, batch_size, shuffle=shuffle, seed=seed, report=report)
     if hasattr(data, "column_names") and hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         _need(tokenizer, "the dataset")
@@ -303,5 +304,5 @@ def _from_texts(texts, labels, report, tokenizer, task, batch_size, max_length, 
         ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-    blocks = _blocks(ids, block_size, report.source)
+    blocks = _blocks(ids, min(block_size, max_length), report.source)
     return Batches(list(blocks), lm_collate, batch_size, shuffle=shuffle, seed=seed, report=report)

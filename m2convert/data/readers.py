@@ -3,6 +3,8 @@ bad-row accounting (:class:`RowReport`). See :mod:`m2convert.data` for the overv
 
 from __future__ import annotations
 
+import csv
+
 import json
 import logging
 import os
@@ -87,10 +89,12 @@ def _label(value, where: str) -> int:
 
 
 def read_tsv(path, *, text_column: str | None = None, label_column: str = "label",
-             on_bad: str = "skip") -> tuple[list[str], list[int], RowReport]:
-    """Read a GLUE-style TSV (header line; a label column and a text column).
+             on_bad: str = "skip") -> tuple[list[str], list[int] | None, RowReport]:
+    """Read a GLUE-style TSV, or a ``.csv`` file (header line; a text column and, optionally, a label column).
 
-    The text column is ``text_column`` or the first non-label column. Returns (texts, labels, report).
+    The text column is ``text_column`` or the first non-label column; without a ``label_column`` in the
+    header the rows are unlabelled (labels None). A ``.csv`` is split by the csv module (quoted fields,
+    commas inside quotes; one line per row). Returns (texts, labels or None, report).
 
     Example:
         >>> rows = ["label\\tsentence"] + [f"{i % 2}\\ta {'fine ' * (i + 1)}film" for i in range(12)]
@@ -104,11 +108,10 @@ def read_tsv(path, *, text_column: str | None = None, label_column: str = "label
     report = RowReport(str(path))
     texts, labels = [], []
     with _open(path) as f:
+        split = _csv_fields if path.suffix.lower() == ".csv" else _tsv_fields
         first = _decode(f.readline(), 1, report, "raise")
-        header = first.rstrip("\r\n").split("\t")
-        if label_column not in header:
-            raise DataError(f"{path}: header {header} has no {label_column!r} column; pass label_column=")
-        li = header.index(label_column)
+        header = split(first)
+        li = header.index(label_column) if label_column in header else None
         if text_column is None:
             others = [i for i in range(len(header)) if i != li]
             if not others:
@@ -119,12 +122,12 @@ def read_tsv(path, *, text_column: str | None = None, label_column: str = "label
         else:
             raise DataError(f"{path}: header {header} has no {text_column!r} column")
         for n, line in _lines(f, report, on_bad, start=2):
-            parts = line.rstrip("\r\n").split("\t")
+            parts = split(line)
             if len(parts) != len(header):
                 report.add_bad(n, f"{len(parts)} fields, expected {len(header)}", on_bad)
                 continue
             try:
-                label = _label(parts[li], f"{path}:{n}")
+                label = None if li is None else _label(parts[li], f"{path}:{n}")
             except DataError as e:
                 report.add_bad(n, str(e).split(": ", 1)[1], on_bad)
                 continue
@@ -135,7 +138,15 @@ def read_tsv(path, *, text_column: str | None = None, label_column: str = "label
             labels.append(label)
     report.rows = len(texts)
     report.log()
-    return texts, labels, report
+    return texts, labels if li is not None else None, report
+
+
+def _tsv_fields(line: str) -> list[str]:
+    return line.rstrip("\r\n").split("\t")
+
+
+def _csv_fields(line: str) -> list[str]:
+    return next(csv.reader([line.rstrip("\r\n")]), [])
 
 
 def read_jsonl(path, *, text_key: str = "text", label_key: str | None = "label",
@@ -238,5 +249,6 @@ def pack_text(path, tokenizer, block_size: int, *, on_bad: str = "skip") -> tupl
 def _blocks(ids: list[int], block_size: int, source: str) -> torch.Tensor:
     n = len(ids) // block_size                                          # the tail is dropped
     if n == 0:
-        raise DataError(f"{source}: {len(ids)} tokens do not fill one block of {block_size}")
+        raise DataError(f"{source}: {len(ids)} tokens do not fill one block of {block_size}; give more text or "
+                        "a smaller block_size=")
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)   # (n, block)

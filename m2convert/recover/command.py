@@ -27,7 +27,8 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``distill`` options to ``p``."""
     p.add_argument("--teacher", required=True, help="the original model (directory or model id)")
     p.add_argument("--student", required=True, help="directory of the converted model")
-    p.add_argument("--data", required=True, help="training data: .tsv (label column), .jsonl or plain text")
+    p.add_argument("--data", required=True,
+                   help="training data: .tsv / .csv (a header; a label column for the task stage), .jsonl or plain text")
     p.add_argument("--out", required=True, help="directory for the recovered model (checkpoints go in OUT/checkpoints)")
     p.add_argument("--stages", default="auto",
                    help="comma list, in order (default auto: transfer,kd, and task when the student takes labels "
@@ -36,8 +37,14 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", action="append", default=[], metavar="STAGE=LR",
                    help="learning rate of a stage, e.g. --lr transfer=1e-3 (repeatable)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=128, help="tokens per block for plain-text data")
+    p.add_argument("--max-length", type=int, default=128,
+                   help="tokens per row of TSV / CSV / JSONL data, and at most per block of plain text (default 128)")
+    p.add_argument("--block-size", type=int, default=128,
+                   help="tokens per block for plain text and unlabelled rows (at most --max-length; default 128)")
+    p.add_argument("--text-column", default=None, metavar="NAME",
+                   help="the text column (key) of TSV / CSV / JSONL rows (default: the first that is not the label)")
+    p.add_argument("--label-column", default="label", metavar="NAME",
+                   help="the label column (key); rows without one are unlabelled, enough for transfer and kd")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
@@ -79,7 +86,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         raise ConfigError(f"--lr names stages {sorted(unknown)} that are not in --stages {names}")
     stages = [StageConfig(n, steps=args.steps, lr=lrs.get(n), temperature=args.temperature) for n in names]
     return DistillConfig(stages=stages, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                         block_size=args.block_size, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
+                         block_size=args.block_size, text_column=args.text_column, label_column=args.label_column,
+                         checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
                          resume=args.resume, on_bad=args.on_bad, progress=not args.no_progress)
 
 
@@ -93,31 +101,35 @@ def takes_labels(model) -> bool:
         return False
 
 
-def data_has_labels(data) -> bool:
-    """Whether a data file holds labels: a TSV whose header has a ``label`` column, or JSONL rows with ``label``."""
+def data_has_labels(data, label_column: str = "label") -> bool:
+    """Whether a data file holds labels: a TSV / CSV whose header has ``label_column``, or JSONL rows with it."""
+    import csv
+
     path = Path(str(data))
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             first = f.readline()
     except OSError:
         return False
-    if path.suffix.lower() == ".tsv":
-        return "label" in [c.strip().lower() for c in first.split("\t")]
-    if path.suffix.lower() in (".jsonl", ".json"):
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        header = first.rstrip("\r\n").split("\t") if suffix == ".tsv" else next(csv.reader([first]), [])
+        return label_column in [c.strip() for c in header]
+    if suffix in (".jsonl", ".json"):
         try:
-            return "label" in json.loads(first)
+            return label_column in json.loads(first)
         except (ValueError, TypeError):
             return False
     return False
 
 
-def stages_for(stages: str, student, data) -> str:
+def stages_for(stages: str, student, data, label_column: str = "label") -> str:
     """The stages to run: ``stages`` as given, checked against the student and data, or for "auto"
     transfer,kd plus task when the student takes labels and the data has them.
 
     Raises ConfigError when ``task`` is named but cannot run (checked before any training).
     """
-    can_task = takes_labels(student) and data_has_labels(data)
+    can_task = takes_labels(student) and data_has_labels(data, label_column)
     if stages.strip() == "auto":
         return "transfer,kd" + (",task" if can_task else "")
     names = [s.strip() for s in stages.split(",")]
@@ -135,9 +147,12 @@ def run_distill_cli(args: argparse.Namespace, *, load_teacher, load_student, sav
     """
     logging.basicConfig(level=logging.INFO, format="m2convert: %(message)s")
     config_from_args(args)                           # options checked before the models load
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a directory (it is created if missing)")
     teacher = load_teacher(args.teacher)
     student = load_student(args.student)
-    args.resolved_stages = stages_for(args.stages, student, args.data)
+    args.resolved_stages = stages_for(args.stages, student, args.data, args.label_column)
     config = config_from_args(args)
     tokenizer = None
     if Path(args.teacher).is_dir():

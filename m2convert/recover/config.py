@@ -126,8 +126,12 @@ class DistillConfig:
         stages: StageConfigs (or stage names, taking defaults and ``steps``) run in order; any subset
             of the registered stages (transfer, kd, task), in their registered order.
         steps: default steps of stages given by name.
-        batch_size: examples per batch per rank. max_length: truncation of classification texts.
-        block_size: tokens per block for plain-text (LM) data.
+        batch_size: examples per batch per rank. max_length: truncation of each row's text (TSV, CSV,
+            JSONL, datasets); plain text is packed into blocks of min(block_size, max_length) tokens.
+        block_size: tokens per block for plain-text (LM) data and unlabelled rows.
+        text_column, label_column: the columns (keys) of TSV / CSV / JSONL rows holding the text (default:
+            the first column that is not the label) and the label (default "label"; rows without it are
+            unlabelled, enough for transfer and kd).
         bucket_by_length: batch file examples of similar length together (less padding, faster).
         seed: seeds the student's RNG (dropout) and the data order.
         checkpoint_dir: where checkpoints go (None: no checkpoints). checkpoint_every: steps between
@@ -152,6 +156,8 @@ class DistillConfig:
     batch_size: int = 32
     max_length: int = 128
     block_size: int = 128
+    text_column: str | None = None
+    label_column: str = "label"
     bucket_by_length: bool = False
     seed: int = 0
     checkpoint_dir: str | None = None

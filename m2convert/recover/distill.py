@@ -112,7 +112,8 @@ def _load_source(data, tokenizer, teacher, config: DistillConfig, group: Group):
     tokenizer = _resolve_tokenizer(tokenizer, teacher, data)
     source = load_data(data, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
                        block_size=config.block_size, on_bad=config.on_bad, seed=config.seed,
-                       bucket=config.bucket_by_length)
+                       bucket=config.bucket_by_length, text_column=config.text_column,
+                       label_column=config.label_column)
     return source.shard(group.rank, group.world) if group.active else source
 
 
