@@ -160,3 +160,25 @@ def load_model(name_or_path: str) -> nn.Module:
             mismatch = _first_mismatch(cls, config, Path(source))
         raise _load_error(name_or_path, exc, mismatch) from exc
     return model.eval()
+
+
+def load_sentence_transformer(name_or_path: str):
+    """The model at ``name_or_path`` as a ``SentenceTransformer`` when it is a sentence-transformers folder
+    (it has ``modules.json``: tokenizer, pooling and normalization around the Hugging Face model) and the
+    library is installed; None otherwise. The bundled all-MiniLM-L6-v2's names resolve offline.
+
+    Example:
+        >>> st = load_sentence_transformer("all-MiniLM-L6-v2")
+        >>> type(st).__name__, st.max_seq_length
+        ('SentenceTransformer', 256)
+    """
+    source = str(name_or_path)
+    if source.lower() in BUNDLED_IDS and not Path(source).exists() and bundled_model_path():
+        source = bundled_model_path()
+    if not (Path(source) / "modules.json").is_file():
+        return None
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    return SentenceTransformer(source, device="cpu")

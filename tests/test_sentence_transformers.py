@@ -92,3 +92,16 @@ def test_saved_sentence_transformer_loads_back_bit_equal(converted_st, tmp_path)
     saved, back = converted_st.state_dict(), loaded.state_dict()
     assert set(saved) == set(back) and all(torch.equal(saved[k], back[k]) for k in saved)
     assert torch.equal(loaded.encode(SENTENCES, convert_to_tensor=True), expected)
+
+
+def test_cli_convert_keeps_the_sentence_transformers_modules(converted_st, tmp_path, capsys):
+    from m2convert.cli import main
+
+    assert main(["convert", "all-MiniLM-L6-v2", "--out", str(tmp_path / "st-m2")]) == 0
+    assert "SentenceTransformer(DIR" in capsys.readouterr().err
+    loaded = st_lib.SentenceTransformer(str(tmp_path / "st-m2"), trust_remote_code=True, device="cpu")
+    assert loaded.max_seq_length == converted_st.max_seq_length == 256
+    got = loaded.encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(SENTENCES)), rtol=1e-5, atol=1e-5)  # normalized
+    torch.testing.assert_close(got, converted_st.encode(SENTENCES, convert_to_tensor=True), rtol=1e-5, atol=1e-5)
+    assert sum(isinstance(m, M2Block) for m in loaded.modules()) > 0

@@ -50,7 +50,9 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
          description="Convert MODEL into a Monarch Mixer model (same class) and save it to DIR.")
 def _run_convert(args) -> int:
     from .. import api
+    from ..loading import load_sentence_transformer
     from ..serialize import save_pretrained
+    from ..wrappers import unwrap
 
     config = config_from_args(args)
     out_dir = Path(args.out)
@@ -61,14 +63,22 @@ def _run_convert(args) -> int:
     if blocker is not None:
         raise ConfigError(f"--out {args.out} cannot be created: {blocker} is a file; give a directory")
     tensors = input_tensors(args)
-    model = api.load_model(args.model)
+    # A sentence-transformers folder converts inside its SentenceTransformer, which saves the tokenizer,
+    # pooling, normalization and max_seq_length with the converted model, as m2.convert(st).save does.
+    wrapped = unwrap(load_sentence_transformer(args.model))
+    model = wrapped.inner if wrapped is not None else api.load_model(args.model)
     result = api.plan(model, config, example_inputs(args, model, tensors),
                       **calibration_arguments(args, args.model))
     print(result)
     check_plan(result, args, converting=True, see="the 'skip' rows of the plan above say why")
     converted = result.apply()
-    out = save_pretrained(converted, out_dir)
-    print(f"m2convert: saved the converted model to {out} (load it with m2convert.from_pretrained)", file=sys.stderr)
+    if wrapped is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        wrapped.rebuild(converted).save(str(out_dir))
+        out, loader = out_dir, "SentenceTransformer(DIR, trust_remote_code=True)"
+    else:
+        out, loader = save_pretrained(converted, out_dir), "m2convert.from_pretrained"
+    print(f"m2convert: saved the converted model to {out} (load it with {loader})", file=sys.stderr)
     return 0
 
 
