@@ -36,11 +36,12 @@ from .passes.plan import RewritePlan
 from .serialize import check_options, from_pretrained, install_save_pretrained
 
 # from_pretrained arguments without use for a local m2convert folder: where to download from, the
-# remote-code bookkeeping of the Auto classes and pipeline, and memory switches a single-device load ignores.
+# remote-code bookkeeping of the Auto classes and pipeline, and switches whose effect a whole load on one
+# device has anyway. accelerate's placement (max_memory, offload_folder, offload_state_dict) is not
+# applied, so it is refused when set (check_options), never dropped.
 LOAD_IGNORED = frozenset({"cache_dir", "force_download", "local_files_only", "proxies", "revision", "token",
                           "code_revision", "trust_remote_code", "_from_auto", "_from_pipeline", "_commit_hash",
-                          "use_safetensors", "low_cpu_mem_usage", "resume_download", "max_memory",
-                          "offload_folder", "offload_state_dict"})
+                          "use_safetensors", "low_cpu_mem_usage", "resume_download"})
 # device_map values that mean "wherever fits": one device here, the first accelerator if there is one.
 AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # The plan's keys that hold module paths (site paths, replaced modules, role and norm paths).
@@ -113,8 +114,9 @@ def _placement(where: str, options: dict) -> tuple[torch.dtype | None, torch.dev
     if "_adapter_model_path" in (options.pop("adapter_kwargs", None) or {}):
         raise ConfigError(f"{where}: the folder holds a PEFT adapter; load the model with m2convert, then "
                           "peft.PeftModel.from_pretrained(model, adapter_folder)")
-    check_options(where, options, LOAD_IGNORED, "the converted model loads as saved; supported: dtype, "
-                  "device_map, subfolder")
+    check_options(where, options, LOAD_IGNORED, "the converted model loads as saved, whole, on one device; "
+                  "supported: dtype, device_map (one device), subfolder. To spread or offload it, load it, then "
+                  "accelerate.dispatch_model(model, device_map) / cpu_offload(model)")
     return dtype, device
 
 

@@ -163,6 +163,10 @@ def test_dtype_and_device_are_honoured_and_other_settings_refused(gpt2):
         AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, load_in_8bit=True)
     with pytest.raises(ConfigError, match="spreads the model over"):
         AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, device_map={"a": "cpu", "b": "meta"})
+    # accelerate's placement is refused, not dropped: the advice names what does it.
+    for option in ({"max_memory": {"cpu": "1GB"}}, {"offload_folder": "offload"}, {"offload_state_dict": True}):
+        with pytest.raises(ConfigError, match=f"does not take {next(iter(option))}=.*accelerate.dispatch_model"):
+            AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **option)
 
 
 def test_pipelines_run_the_converted_model(gpt2, bert, tokenizer):
