@@ -56,7 +56,9 @@ def padding_mask(mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.T
         # The last query's keys; a padded last query (a mask made as the outer product of the padding,
         # HF DeBERTa) sees none: then the keys any query sees.
         last = keep[:, -1]                                                # (B, Nk)
-        keep = torch.where(last.any(-1, keepdim=True), last, keep.any(1))
+        seen = last.any(-1, keepdim=True)                                 # (B, 1)
+        # Logical ops, not torch.where: ONNX Runtime has no Where kernel for bool tensors.
+        keep = (last & seen) | (keep.any(1) & ~seen)
     return keep[:, -seq_len:].expand(batch, seq_len)
 
 
