@@ -55,6 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--layers", default="", help="comma list of layer indices to convert (default all)")
     p.add_argument("--keep-attention", default="",
                    help="comma list of layer indices whose attention stays dense (a hybrid; their MLPs convert)")
+    p.add_argument("--keep-layers", type=int, default=0,
+                   help="attention layers a measured selection keeps (m2convert.selection; see --select)")
+    p.add_argument("--keep-heads", type=float, default=0.0,
+                   help="or the fraction of all heads kept as softmax attention (head-level hybrids)")
+    p.add_argument("--select", default="auto", help="selection method: kl (default with a budget) | offset-fit | uniform")
+    p.add_argument("--selection-steps", type=int, default=50, help="transfer steps aligning the student before kl")
+    p.add_argument("--calibration-batches", type=int, default=16,
+                   help="train batches (of --batch-size) the selection measures on; the last quarter held out")
     # recovery
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--transfer-steps", type=int, default=400)
@@ -196,9 +204,27 @@ def train_teacher(args, tokenizer, base_path, train_path, dev) -> tuple[torch.nn
     return model, info
 
 
-def convert(teacher, args):
-    """The student: ``teacher`` converted with the command line's settings (throughput.config_of)."""
-    return m2.convert(teacher, config_of(vars(args))[0])
+def convert(teacher, args, train_path=None, tokenizer=None):
+    """The student: ``teacher`` converted with the command line's settings (throughput.config_of); with a
+    budget (--keep-layers / --keep-heads) the kept attention is measured on train batches."""
+    config = config_of(vars(args))[0]
+    if not config.keeps_attention:
+        return m2.convert(teacher, config)
+    src = load_data(train_path, tokenizer, batch_size=args.batch_size, max_length=66, seed=7, bucket=True)
+    calibration = [{k: v for k, v in src.batch(k).items() if k != "labels"} for k in range(args.calibration_batches)]
+    return m2.convert(teacher, config, calibration=calibration, progress=False)
+
+
+def selected_row(student, args, recovered: float, cpu: float) -> dict:
+    """The report's ``selected`` entry of a run with a budget: method, kept [layer, head] pairs, dev
+    accuracy and CPU seconds. ``ratio_2048`` stays None here: the teacher's 512 positions stop it short of
+    2048, so the ratio comes from benchmarks/throughput.py's MiniLM-shaped model converted the same way."""
+    from hybrids import kept_heads
+
+    method = student.m2convert_plan["sites"]
+    method = next((s["selection"]["method"] for s in method if s.get("selection")), args.select)
+    return {"method": method, "kept": kept_heads(student), "dev_acc": recovered, "ratio_2048": None,
+            "cpu_seconds": cpu}
 
 
 def seed_filters(student, teacher, args, train_path, tokenizer) -> dict:
@@ -233,7 +259,7 @@ def main(argv=None) -> dict:
 
     clock = Clock()
     torch.manual_seed(0)                                                # filter initialisation
-    student = convert(teacher, args)
+    student = convert(teacher, args, train_path, tokenizer)
     convert_s = clock.lap("convert")
     converted_acc = accuracy(student, dev)
     log(f"converted (no recovery) dev acc {converted_acc:.4f}, {count_params(student):,} params")
@@ -275,6 +301,8 @@ def main(argv=None) -> dict:
               "target_met": bool(teacher_acc - recovered <= 0.005 and s_params <= 0.75 * t_params
                                  and cpu <= 1800),
               "teacher": tinfo, "plan_summary": _plan_summary(plan), "seed_filters": seeding}
+    if args.keep_layers or args.keep_heads:
+        result["selected"] = [selected_row(student, args, recovered, cpu)]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     path = write_report(args.name, result, config, render, args.out)
     log(f"wrote {path}")

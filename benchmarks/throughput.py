@@ -88,8 +88,11 @@ def config_of(args: dict) -> tuple[m2.ConvertConfig, dict]:
 
     Reports written before --projection-nblocks existed lack it: their projections were dense (0).
     """
-    keys = ("nblocks", "rank", "filter_order", "filter_emb_dim", "projection_nblocks")
+    keys = ("nblocks", "rank", "filter_order", "filter_emb_dim", "projection_nblocks", "keep_layers", "keep_heads",
+            "selection_steps")
     fields = {k: args[k] for k in keys if k in args}
+    if args.get("keep_layers") or args.get("keep_heads"):
+        fields["selection"] = args.get("select", "auto")
     fields.update(sequence=not args.get("no_sequence", False), dimension=not args.get("no_dimension", False))
     layers, kept = str(args.get("layers") or ""), str(args.get("keep_attention") or "")
     if layers:
