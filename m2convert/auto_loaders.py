@@ -177,6 +177,18 @@ class M2Loader:
         """Called by transformers after importing the class; there is nothing to record."""
 
     @classmethod
+    def _from_config(cls, config, **kwargs) -> nn.Module:
+        """What ``transformers.AutoModel.from_config`` calls: refused, with what to do instead. The config of
+        an m2convert folder names no architecture by itself (the model's config and the rewrite plan live in
+        the folder's m2convert.json), and a converted model without its weights is not what it was saved as."""
+        folder = getattr(config, "_name_or_path", "") or "FOLDER"
+        model_class = getattr(config, "m2convert", {}).get("model_class", "the original class")
+        raise ConfigError(f"transformers.{cls.auto_class}.from_config cannot build a converted model from its "
+                          f"config alone: load the saved model with {cls.auto_class}.from_pretrained('{folder}', "
+                          f"trust_remote_code=True) or m2convert.from_pretrained('{folder}'); for fresh weights, "
+                          f"convert an untrained model: m2.convert({model_class}(original_config))")
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs) -> nn.Module:
         """The converted model saved in folder ``pretrained_model_name_or_path`` (or the base model of it, for
         an Auto class that gets the base), on ``device_map``'s device in ``dtype``; see the class."""

@@ -133,6 +133,15 @@ def test_a_recurrent_folder_loads_recurrent_through_the_auto_classes(gpt2, token
     assert torch.equal(head.generate(ids, **settings), recurrent.generate(ids, **settings))
 
 
+def test_from_config_of_a_converted_folder_says_what_to_do(gpt2):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(gpt2[1], trust_remote_code=True)
+    with pytest.raises(ConfigError, match=r"from_config cannot build a converted model .*from_pretrained\("
+                                          r".*m2\.convert\(GPT2LMHeadModel"):
+        AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+
+
 def test_an_auto_class_the_folder_cannot_serve_names_those_it_can(gpt2):
     with pytest.raises(CheckpointError, match=r"GPT2LMHeadModel; transformers.AutoModelForSequenceClassification "
                                               r"cannot load it; it loads with \['AutoModel', 'AutoModelForCausalLM'"):
