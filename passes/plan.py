@@ -24,7 +24,7 @@ from m2convert.layers.recurrent import RECURRENT_MODEL_HOOKS, recurrent_fits
 from m2convert.passes.formatting import change, growth, human
 from m2convert.passes.diff import recurrent_text
 from m2convert.passes.graph import within
-from m2convert.passes.memory import predicted_peak
+from m2convert.passes.memory import KERNEL_BUFFERS, predicted_peak
 from m2convert.passes.site import CONVERT, EXCLUDE, PLAN_VERSION, SKIP, Site
 
 
@@ -99,14 +99,19 @@ class RewritePlan:
         n = seq_len or self.seq_len
         sites = [s for s in self.sites if s.act_before]
         if not sites:
-            return {"seq_len": n, "elements_before": None, "elements_after": None, "before": None, "after": None}
+            return {"seq_len": n, "elements_before": None, "elements_after": None, "before": None, "after": None,
+                    "kernel_buffers": 0}
         before = max(s.act_before for s in sites)
         after = max(s.act_after if s.status == CONVERT else s.act_before for s in sites)
         during = max((s.act_kernels or s.act_after) if s.status == CONVERT else s.act_before for s in sites)
+        peak_after = predicted_peak(after, n, batch, itemsize, converted=bool(self.converted),
+                                    kernel_elements_per_token=during)
+        # The CPU kernels' working buffers are a fixed size: at short N they, not the activations, set the peak.
+        fixed = KERNEL_BUFFERS if self.converted and peak_after == batch * n * itemsize * during + KERNEL_BUFFERS \
+            and peak_after > batch * n * itemsize * after else 0
         return {"seq_len": n, "elements_before": before, "elements_after": after,
-                "before": predicted_peak(before, n, batch, itemsize, converted=False),
-                "after": predicted_peak(after, n, batch, itemsize, converted=bool(self.converted),
-                                        kernel_elements_per_token=during)}
+                "before": predicted_peak(before, n, batch, itemsize, converted=False), "after": peak_after,
+                "kernel_buffers": fixed}
 
     def rows(self) -> list[dict]:
         """One display row per site (strings), shared by the text table and the HTML page."""
@@ -164,6 +169,9 @@ class RewritePlan:
         if mem["before"] is not None:
             lines.append(f"predicted prefill memory at N={self.seq_len} (B=1, fp32): {mem['before'] / 2**20:.0f} MiB -> "
                          f"{mem['after'] / 2**20:.0f} MiB ({change(mem['before'], mem['after'])})")
+            if mem["kernel_buffers"] and mem["after"] > mem["before"]:
+                lines[-1] += (f", of which {mem['kernel_buffers'] / 2**20:.0f} MiB are the CPU kernels' working buffers, "
+                              "the same at every N; per token the converted sites hold what the memory column says")
         for title, group in (("skipped (cannot convert)", self.skipped), ("excluded (by config)", self.excluded)):
             if group:
                 lines += ["", f"{title}:"]

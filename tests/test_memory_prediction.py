@@ -59,6 +59,18 @@ def test_kernel_buffers_count_only_while_the_kernels_run():
     assert RewritePlan.from_dict(old).memory(n)["after"] == 6 * h * n * 4 + KERNEL_BUFFERS
 
 
+def test_plan_says_when_the_kernels_fixed_buffers_set_the_peak():
+    """At short N the converted model's predicted peak is the kernels' fixed buffers, while every site's
+    per-token memory falls: the summary says so instead of showing a bare rise."""
+    plan = m2.plan(_bert(), m2.ConvertConfig(seq_len=64))
+    memory = plan.memory()
+    assert memory["kernel_buffers"] == KERNEL_BUFFERS and memory["after"] > memory["before"]
+    assert "the CPU kernels' working buffers, the same at every N" in str(plan)
+    long = m2.plan(_bert(), m2.ConvertConfig(seq_len=1 << 16))
+    assert long.memory()["after"] < long.memory()["before"]
+    assert "working buffers" not in str(long)
+
+
 def test_unconverted_sites_count_as_they_are():
     model = _bert()
     plan = m2.plan(model, m2.ConvertConfig(dimension=False))
