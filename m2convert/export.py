@@ -260,6 +260,54 @@ def export(model: nn.Module, example_inputs, path, aoti: bool = False, dynamic_s
     return write_program(export_program(model, example_inputs, dynamic_seq, dynamic_shapes, dynamic_batch), path, aoti)
 
 
+def export_onnx(model: nn.Module, example_inputs, path, dynamic_seq: bool = True, dynamic_batch: bool = True) -> Path:
+    """Export ``model`` to an ONNX file with torch's dynamo exporter (``torch.onnx.export(dynamo=True)``).
+
+    The graph takes the tensor inputs by name (``input_ids``, ``attention_mask``, ...) and returns the same
+    flat tuple of tensors as :func:`export`; ONNX Runtime runs it. The long convolutions export as full
+    complex DFTs (ONNX Runtime mis-sizes the one-sided DFT of a dynamic length).
+
+    Args:
+        model, example_inputs: as in :func:`export`; ``dynamic_batch`` needs an example batch of at least 2.
+        path: the ``.onnx`` file to write (parent directories are created).
+        dynamic_seq, dynamic_batch: keep the sequence length / batch size dynamic.
+
+    Raises:
+        ConfigError: the onnx / onnxscript packages are missing, or bad example inputs.
+        CaptureError: the export failed (the message says why).
+
+    Example:
+        >>> converted = m2.convert(transformers.GPT2Model(transformers.GPT2Config(vocab_size=96, n_embd=32,
+        ...     n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)), filter_order=16)
+        >>> path = export_onnx(converted, {"input_ids": torch.randint(0, 96, (2, 12))}, "gpt2-m2.onnx")
+        >>> import onnxruntime
+        >>> session = onnxruntime.InferenceSession(str(path))
+        >>> session.run(None, {"input_ids": torch.randint(0, 96, (3, 20)).numpy()})[0].shape    # (B, N, H)
+        (3, 20, 32)
+    """
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's op library)
+    except ImportError:
+        raise ConfigError("export_onnx needs the onnx and onnxscript packages: pip install onnx onnxscript "
+                          "(and onnxruntime to run the file)") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper, args, kwargs = _exportable(model, example_inputs)
+    dim = torch.export.Dim.DYNAMIC
+    shapes = shape_spec(args, kwargs, dim if dynamic_seq else None, dim if dynamic_batch else None)
+    was_training = model.training
+    model.eval()
+    try:
+        torch.onnx.export(wrapper, args, str(path), kwargs=kwargs, dynamic_shapes=shapes, dynamo=True,
+                          verbose=False)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"ONNX export failed on {type(model).__name__}: {type(exc).__name__}: {detail}") from exc
+    finally:
+        model.train(was_training)
+    return path
+
+
 def write_program(program: torch.export.ExportedProgram, path, aoti: bool = False) -> Path:
     """Save ``program`` to ``path`` (.pt2), or compile it into an AOTInductor package there; see :func:`export`.
 

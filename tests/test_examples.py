@@ -31,6 +31,9 @@ EXPECTED: dict[str, list[tuple[str, float | None]]] = {
     "06_sentence_transformers.py": [(r"converted: SentenceTransformer around BertModel", None),
                                     (r"embedding cosine to the teacher on 8 held-out sentences: ", None),
                                     (r"closest to '", None), (r"  student: '", None)],
+    "07_onnx.py": [(r"minilm-m2: wrote minilm-m2\.onnx", None),
+                   (rf"minilm-m2: ONNX Runtime vs PyTorch over 2 shapes, max \|diff\| {NUMBER}", 1e-4),
+                   (rf"gpt2-m2: ONNX Runtime vs PyTorch over 2 shapes, max \|diff\| {NUMBER}", 1e-4)],
 }
 
 SLOWEST = ("01_convert_and_diff.py", "02_recover_on_sample.py", "04_lower_and_export.py")

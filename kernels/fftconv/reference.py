@@ -15,6 +15,21 @@ from __future__ import annotations
 import torch
 
 
+def _forward(x: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """Spectrum of real x (..., N) zero-padded to n_fft: the real FFT's n_fft // 2 + 1 bins; while exporting to
+    ONNX the full complex FFT's n_fft bins (ONNX Runtime mis-sizes the one-sided DFT of a dynamic length)."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.fft.fft(torch.nn.functional.pad(x, (0, n_fft - x.shape[-1])))
+    return torch.fft.rfft(x, n=n_fft)
+
+
+def _inverse(spectrum: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """The real signal (..., n_fft) of a spectrum made by :func:`_forward`."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.fft.ifft(spectrum).real
+    return torch.fft.irfft(spectrum, n=n_fft)
+
+
 def fft_long_conv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None = None,
                   D: torch.Tensor | None = None) -> torch.Tensor:
     """Linear long convolution of u with k (and k_rev) through a size-2N real FFT.
@@ -33,13 +48,13 @@ def fft_long_conv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None =
     n = u.shape[-1]
     n_fft = 2 * n
     work = torch.promote_types(u.dtype, torch.float32)
-    k_f = torch.fft.rfft(k.to(work), n=n_fft)                       # (H, N + 1)
+    k_f = _forward(k.to(work), n_fft)                               # (H, N + 1)
     if k_rev is not None:
         # Reversing time modulo 2N conjugates the spectrum: the anti-causal half of a 2N-periodic filter.
-        k_f = k_f + torch.fft.rfft(k_rev.to(work), n=n_fft).conj()
+        k_f = k_f + _forward(k_rev.to(work), n_fft).conj()
         k_f = k_f - k_rev[..., :1].to(work)                          # offset 0 is counted once, by k
-    u_f = torch.fft.rfft(u.to(work), n=n_fft)                       # (B, H, N + 1)
-    y = torch.fft.irfft(u_f * k_f, n=n_fft)[..., :n]                # (B, H, N)
+    u_f = _forward(u.to(work), n_fft)                               # (B, H, N + 1)
+    y = _inverse(u_f * k_f, n_fft)[..., :n]                         # (B, H, N)
     if D is not None:
         y = y + u.to(work) * D.to(work)[:, None]
     return y.to(u.dtype)
