@@ -174,6 +174,20 @@ class _ComplexSubAsAdd(CustomGraphPass):
         return get_hash_for_files((__file__,))
 
 
+def _export_advice(model: nn.Module, shapes) -> str:
+    """What to do after a failed export: a dynamic length cannot pass a causal-monarch mixer, whose Monarch
+    DFT is built for one length; otherwise check the inputs, or fix the shapes."""
+    from .layers.sequence import M2SequenceMixer
+
+    monarch = any(isinstance(m, M2SequenceMixer) and m.mode == "causal-monarch" for m in model.modules())
+    if monarch and shapes is not None:
+        return ("Its causal-monarch mixers build their Monarch DFT for one sequence length, so the length cannot "
+                "stay dynamic: export one program per length with dynamic_seq=False, or convert with "
+                "causal_mode='causal' (FFT convolutions) for a program that takes any length")
+    return ("Check that example_inputs match its forward; pass dynamic_seq=False if the model fixes the sequence "
+            "length")
+
+
 def export_program(model: nn.Module, example_inputs, dynamic_seq: bool = True,
                    dynamic_shapes=None, dynamic_batch: bool = False) -> torch.export.ExportedProgram:
     """torch.export ``model`` (in eval mode) on ``example_inputs``; see :func:`export`.
@@ -207,8 +221,7 @@ def export_program(model: nn.Module, example_inputs, dynamic_seq: bool = True,
                     continue
                 detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 raise CaptureError(f"torch.export failed on {type(model).__name__}: {type(exc).__name__}: {detail}. "
-                                   "Check that example_inputs match its forward; pass dynamic_seq=False if the "
-                                   "model fixes the sequence length") from exc
+                                   + _export_advice(model, shapes)) from exc
     finally:
         model.train(was_training)
 

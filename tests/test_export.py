@@ -249,3 +249,19 @@ def test_cli_dynamic_batch_takes_any_batch_and_length(tmp_path, tiny_model):
     with pytest.raises(Exception):
         torch.export.load(str(static)).module()(input_ids=torch.randint(1, 90, (3, 9)),
                                                  attention_mask=torch.ones(3, 9, dtype=torch.long))
+
+
+def test_causal_monarch_export_says_why_the_length_is_fixed_and_static_works(tmp_path, tiny_model, capsys):
+    from m2convert.cli import main
+
+    model = m2.convert(tiny_model("gpt2"), m2.ConvertConfig(filter_order=16, causal_mode="causal-monarch"))
+    m2.save_pretrained(model, tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "a.pt2")]) == 1
+    err = capsys.readouterr().err
+    assert "causal-monarch mixers build their Monarch DFT for one sequence length" in err
+    assert "--static" in err and "--causal-mode causal" in err and "dynamic_seq" not in err
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "b.pt2"), "--static"]) == 0
+    ids = torch.randint(1, 90, (1, 16))
+    (logits,) = torch.export.load(str(tmp_path / "b.pt2")).module()(input_ids=ids, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

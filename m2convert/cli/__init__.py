@@ -83,6 +83,8 @@ CLI_WORDING = [
     (r"\bCheck that example_inputs match", "Check that the example inputs (--input/--inputs) match"),
     (r"dynamic_seq=True needs", "a dynamic sequence length (the default; --static turns it off) needs"),
     (r"pass dynamic_seq=False", "pass --static"),
+    (r"with dynamic_seq=False", "with --static"),
+    (r"convert with causal_mode='causal'", "convert with --causal-mode causal"),
     (r"or plan a submodule that exports \(m2\.plan\(", "or, from Python, plan a submodule that exports (m2.plan("),
     (r"\bblock_size=", "--block-size"),
     (r"\bpass label_column=", "give --label-column"),
