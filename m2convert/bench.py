@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .bench_report import rows_table, write_report
-from .bench_rows import BenchRow, row_from_times
+from .bench_rows import BenchRow, machine_load, row_from_times
 from .errors import ConfigError
 from .hf import attention_implementation, set_attention
 from .loading import load_model
@@ -61,8 +61,17 @@ class BenchResult:
         return [asdict(r) for r in self.rows]
 
     def table(self) -> str:
-        """Markdown table of the rows (status text where a variant did not run)."""
-        return rows_table(self.rows)
+        """Markdown table of the rows (status text where a variant did not run), then the rounds, threads and
+        machine load it was measured with, and a warning when that load makes the ratios unreliable."""
+        meta = self.meta
+        lines = [rows_table(self.rows)]
+        if "load_before" in meta:
+            lines.append(f"\nmedian of up to {meta.get('max_repeats')} interleaved rounds per length, "
+                         f"{meta.get('threads')} thread(s); other processes kept {meta['load_before']:.2f} of "
+                         f"{meta.get('cores')} cores busy before the run, {meta.get('load_after', 0):.2f} after")
+            if meta.get("note"):
+                lines.append(f"warning: {meta['note']}")
+        return "\n".join(lines)
 
     def write(self, out_dir, stem: str = "throughput", **report) -> dict:
         """Write ``stem``.json/.md (and .png with matplotlib) under ``out_dir``; see ``bench_report``."""
@@ -231,6 +240,7 @@ def bench_many(model, converted: dict, seq_lens=(512, 2048, 8192), batch: int = 
     seq_lens = _check_args(seq_lens, batch, dtype)
     say = progress or (lambda msg: None)
     old_threads = torch.get_num_threads()
+    load = machine_load(threads or old_threads)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -249,7 +259,8 @@ def bench_many(model, converted: dict, seq_lens=(512, 2048, 8192), batch: int = 
     meta = {"model": model if isinstance(model, str) else type(model).__name__, "batch": batch, "dtype": dtype,
             "threads": threads or old_threads, "attention": attn, "max_repeats": repeats,
             "seconds_per_length": seconds_per_length, "max_call_s": max_call_s, "eager_max_len": eager_max_len,
-            "position_limit": position_limit(original)}
+            "position_limit": position_limit(original),
+            **machine_load(threads or old_threads, before=load["load_before"])}
     return {k: BenchResult(k, rows[k], dict(meta)) for k in converted}
 
 

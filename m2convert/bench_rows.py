@@ -7,7 +7,9 @@ Example:
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from dataclasses import dataclass
 
 
@@ -63,3 +65,44 @@ def row_from_times(n: int, batch: int, rounds: int, times: dict, status: dict, p
                 ratio = statistics.median(a / b for a, b in zip(times[base], times[conv_key]))
                 setattr(row, attr, round(ratio, 3))
     return row
+
+
+def busy_cores(window: float = 0.5) -> float:
+    """Cores other processes kept busy over ``window`` seconds while this one sleeps (Linux /proc/stat; the
+    1-minute load average elsewhere, which also counts this process's own recent work)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)          # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(window)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    spent = max(total1 - total0, 1)
+    return (os.cpu_count() or 1) * (spent - (idle1 - idle0)) / spent
+
+
+def machine_load(threads: int, before: float | None = None) -> dict:
+    """How busy the machine is around a timing run: the cores other processes keep busy now
+    (:func:`busy_cores`; ``load_after`` when ``before`` is given, else ``load_before``), the cores, the torch
+    threads, and a ``note`` when the load before the run left fewer free cores than the run's threads: then
+    other processes took CPU the timing needed, and the converted model (more, smaller parallel regions per
+    forward) slows more than the original, so the ratio is unreliable.
+
+    Example:
+        >>> sorted(machine_load(1))
+        ['cores', 'load_before', 'note', 'threads']
+    """
+    now = busy_cores()
+    cores = os.cpu_count() or 1
+    load = {"load_before": round(now if before is None else before, 2), "cores": cores, "threads": threads}
+    if before is not None:
+        load["load_after"] = round(now, 2)
+    busy = load["load_before"] > max(cores - threads, 0) + 0.5
+    load["note"] = (f"the machine was busy before the run (other processes kept {load['load_before']:.2f} of "
+                    f"{cores} cores busy, {threads} thread(s) timed): they took CPU the timing needed and the "
+                    "converted model slows more than the original under contention; rerun on a quiet machine"
+                    if busy else None)
+    return load

@@ -24,6 +24,7 @@ from .api import plan
 from .data import Batches, classification_collate, tokenize_examples
 from .data.readers import sample_data_dir
 from .errors import DataError, ModelLoadError
+from .bench_rows import machine_load
 from .loading import bundled_model_path as _bundled_path
 from .recover import DistillConfig, StageConfig, distill, seed_filters_from_attention
 
@@ -80,7 +81,10 @@ def forward_tokens_per_ms(models: dict, seq_len: int, batch: int = 4, repeats: i
             start = time.perf_counter()
             m(input_ids=ids)
             times[name].append(time.perf_counter() - start)
-    return {name: batch * seq_len / (statistics.median(t) * 1e3) for name, t in times.items()}
+    out = {name: batch * seq_len / (statistics.median(t) * 1e3) for name, t in times.items()}
+    if "original" in times and "converted" in times:         # per-round ratios: a burst of load hits both sides
+        out["ratio"] = statistics.median(o / c for o, c in zip(times["original"], times["converted"]))
+    return out
 
 
 def run_demo(steps: int = 100, eval_sentences: int = 200, seed_batches: int = 8, console: Console | None = None,
@@ -105,7 +109,10 @@ def run_demo(steps: int = 100, eval_sentences: int = 200, seed_batches: int = 8,
                                        (seed_batches, seed_steps), console)
 
     console.rule("4. report")
+    threads = torch.get_num_threads()
+    before = machine_load(threads)["load_before"]
     speed = forward_tokens_per_ms({"original": teacher, "converted": student}, seq_len=speed_seq_len)
+    load = machine_load(threads, before=before)
     table = Table(title="all-MiniLM-L6-v2 -> M2")
     for col in ("measure", "value"):
         table.add_column(col)
@@ -115,11 +122,14 @@ def run_demo(steps: int = 100, eval_sentences: int = 200, seed_batches: int = 8,
                   f"{cosines['cosine_after']:.3f} after transfer")
     table.add_row("recovery", f"seeding {seeding['seconds']:.0f}s; transfer {stage.steps} steps, {stage.tokens:,} "
                               f"tokens, {stage.seconds:.0f}s")
-    table.add_row(f"forward tokens/ms at N={speed_seq_len}, batch 4 (CPU)",
+    table.add_row(f"forward tokens/ms at N={speed_seq_len}, batch 4 (CPU; median of 5 interleaved rounds)",
                   f"original {speed['original']:.2f}, converted {speed['converted']:.2f} "
-                  f"({speed['converted'] / speed['original']:.2f}x)")
+                  f"({speed['ratio']:.2f}x; {threads} thread(s); other processes busy on {load['load_before']:.2f} "
+                  f"of {load['cores']} cores before, {load['load_after']:.2f} after)")
     console.print(table)
-    return {**cosines, "teacher_params": n_t, "student_params": n_s, "tokens_per_ms": speed}
+    if load["note"]:
+        console.print(f"[bold yellow]warning:[/] the speed figure is unreliable: {load['note']}")
+    return {**cosines, "teacher_params": n_t, "student_params": n_s, "tokens_per_ms": speed, "load": load}
 
 
 def _sample_sentences() -> tuple[list[str], list[str]]:

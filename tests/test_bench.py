@@ -55,7 +55,7 @@ def test_report_files(result, tmp_path):
     assert list(rows[0])[: len(ROW_KEYS)] == list(ROW_KEYS)
     md = (tmp_path / "throughput.md").read_text()
     assert "past position limit (48)" in md and "a note" in md
-    assert result.table().count("\n") == 1 + len(result.rows)
+    assert sum(line.startswith("|") for line in result.table().splitlines()) == 2 + len(result.rows)
 
 
 def test_row_sets_set_aside_leave_models_but_stay_in_the_markdown(result, tmp_path):
@@ -89,3 +89,37 @@ def test_bad_arguments():
     with pytest.raises(ConfigError, match="seq_lens"):
         bench(torch.nn.Linear(2, 2), seq_lens=[])
     assert BenchRow(seq_len=4).original_status == "ok"
+
+
+def test_the_table_gives_rounds_threads_and_load_and_warns_when_busy(result, monkeypatch):
+    import os
+
+    from m2convert import bench_rows
+    from m2convert.bench_rows import machine_load
+
+    text = result.table()
+    assert "interleaved rounds per length" in text and "cores busy before the run" in text
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(bench_rows, "busy_cores", lambda window=0.5: float(cores))
+    busy = machine_load(1)
+    assert busy["note"] and "rerun on a quiet machine" in busy["note"]
+    monkeypatch.setattr(bench_rows, "busy_cores", lambda window=0.5: 0.1)
+    assert machine_load(1)["note"] is None
+    result.meta.update(machine_load(1, before=cores + 3.0))
+    assert "warning: the machine was busy before the run" in result.table()
+
+
+def test_busy_cores_sees_a_busy_neighbour():
+    import subprocess
+    import sys
+
+    from m2convert.bench_rows import busy_cores
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 5\nwhile time.time() < end: pass"])
+    try:
+        time_to_start = busy_cores(0.5)                  # let it start spinning
+        seen = busy_cores(1.0)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert seen >= 0.7, (time_to_start, seen)
