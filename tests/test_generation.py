@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import m2convert as m2
 import m2convert.layers.cache as generation
@@ -93,3 +94,24 @@ def test_cache_reports_its_length_and_refuses_cropping():
         cache.crop(-1)
     with torch.no_grad():                                 # plain forward calls keep no state
         assert model(input_ids=ids).get("cache") is None
+
+
+def test_compiled_forward_decodes_without_compiling_once_per_token():
+    """The convolution-form decoding state keeps the tokens seen as a tensor size and writes with narrow(),
+    so a compiled forward recompiles at the state's capacity doublings, not at every token."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=96, n_embd=32, n_layer=1, n_head=2, n_positions=128, bos_token_id=0, eos_token_id=0)).eval()
+    converted = m2.convert(model, filter_order=16, dimension=False)
+    ids = torch.randint(1, 96, (1, 8))
+    eager = converted.generate(ids, max_new_tokens=40, do_sample=False)
+    torch._dynamo.reset()
+    converted.forward = torch.compile(converted.forward, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=64):
+        torch._dynamo.utils.counters.clear()
+        compiled = converted.generate(ids, max_new_tokens=40, do_sample=False)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(compiled, eager)
+    assert graphs <= 8, graphs               # prompt, first step, then about two per doubling (16, 32, 64)

@@ -53,7 +53,7 @@ class DecodeState(_PerSequence):
         u: (B, H, capacity) or None: the residual long-conv inputs.
         taps: (H, capacity) and res_taps: (H, capacity) or None: filter taps in reversed offset order
             (column capacity-1-d holds offset d), so the taps of a step are one contiguous slice.
-        length: tokens seen so far.
+        seen: an empty (0, length) tensor whose last size is the number of tokens seen (``length``).
     """
 
     z_tail: torch.Tensor
@@ -61,8 +61,16 @@ class DecodeState(_PerSequence):
     u: torch.Tensor | None
     taps: torch.Tensor
     res_taps: torch.Tensor | None
-    length: int
+    seen: torch.Tensor
     per_sequence: ClassVar[tuple[str, ...]] = ("z_tail", "w", "u")
+
+    @property
+    def length(self) -> int:
+        return self.seen.shape[-1]
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self.seen = self.seen.new_empty(1, value)
 
 
 def _check_causal(mixer) -> None:
@@ -124,7 +132,7 @@ def prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, capacity: 
     state = DecodeState(z_tail=z_tail, w=_grow(w, cap), u=None if u is None else _grow(u, cap),
                         taps=mixer.filter(cap)[0].flip(-1),
                         res_taps=None if mixer.residual_filter is None else mixer.residual_filter(cap)[0].flip(-1),
-                        length=n)
+                        seen=x.new_empty(1, n, dtype=torch.uint8))
     return mixer(x, mask), state
 
 
@@ -150,12 +158,12 @@ def decode_step(mixer, x_t: torch.Tensor, state: DecodeState) -> torch.Tensor:
     c = (window * mixer.short_conv.weight[:, 0, :]).sum(-1) + mixer.short_conv.bias   # (B, 3H)
     state.z_tail = window[..., 1:]
     x1, x2, v = c.split(h, dim=-1)
-    state.w[..., t] = v * x1
+    state.w.narrow(-1, t, 1).copy_((v * x1)[..., None])       # narrow, not w[..., t]: a compiled step keeps t symbolic
     # Inputs at times 0..t meet taps of offsets t..0: one slice of the reversed taps, one dot product.
     offsets = slice(state.taps.shape[-1] - 1 - t, None)
-    y = x2 * (torch.einsum("bhs,hs->bh", state.w[..., : t + 1], state.taps[:, offsets]) + mixer.D * state.w[..., t])
+    y = x2 * (torch.einsum("bhs,hs->bh", state.w[..., : t + 1], state.taps[:, offsets]) + mixer.D * v * x1)
     if state.u is not None:
-        state.u[..., t] = x
+        state.u.narrow(-1, t, 1).copy_(x[..., None])
         y = (y + torch.einsum("bhs,hs->bh", state.u[..., : t + 1], state.res_taps[:, offsets])
              + mixer.D_res * x)
     state.length = t + 1
