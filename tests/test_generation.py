@@ -114,4 +114,4 @@ def test_compiled_forward_decodes_without_compiling_once_per_token():
         compiled = converted.generate(ids, max_new_tokens=40, do_sample=False)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert torch.equal(compiled, eager)
-    assert graphs <= 8, graphs               # prompt, first step, then about two per doubling (16, 32, 64)
+    assert graphs <= 3, graphs               # the prompt, the first step (and a doubling per 256 tokens)

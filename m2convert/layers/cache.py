@@ -33,6 +33,10 @@ from .decode import (DecodeState, RecurrentState, decode_step, is_recurrent, pre
                      recurrent_step)
 
 
+# Tokens a convolution-form decoding state has room for from the start (B x H x 256 inputs per layer).
+MIN_CAPACITY = 256
+
+
 class M2CacheLayer(DynamicLayer):
     """One layer of a transformers Cache holding an M2 mixer's state (:class:`DecodeState` or
     :class:`RecurrentState`) instead of keys/values.
@@ -156,9 +160,10 @@ def cached_mix(mixer, x: torch.Tensor, keep: torch.Tensor | None, cache, layer_i
         if is_recurrent(mixer):
             y, layer.state = recurrent_prefill(mixer, x, keep)
         else:
-            # Room for as many new tokens as the prompt has: regenerating the filter taps for a larger
-            # capacity is an O(N) filter-MLP pass, so it happens at the prompt and then at each doubling.
-            y, layer.state = prefill(mixer, x, keep, capacity=2 * x.shape[1])
+            # Room for as many new tokens as the prompt has, and at least MIN_CAPACITY: regenerating the
+            # filter taps for a larger capacity is an O(N) filter-MLP pass (and a compiled step's recompile),
+            # so it happens at the prompt and then at each doubling.
+            y, layer.state = prefill(mixer, x, keep, capacity=max(2 * x.shape[1], MIN_CAPACITY))
         layer.is_initialized = True
         return y                                                               # (B, n, H)
     if x.shape[0] != layer.state.batch:
