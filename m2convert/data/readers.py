@@ -141,6 +141,17 @@ def read_tsv(path, *, text_column: str | None = None, label_column: str = "label
     return texts, labels if li is not None else None, report
 
 
+def header_fields(path) -> list[str]:
+    """The header fields of a TSV or ``.csv`` file, split as :func:`read_tsv` splits them ([] when unreadable)."""
+    path = Path(path)
+    split = _csv_fields if path.suffix.lower() == ".csv" else _tsv_fields
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [c.strip() for c in split(f.readline())]
+    except OSError:
+        return []
+
+
 def _tsv_fields(line: str) -> list[str]:
     return line.rstrip("\r\n").split("\t")
 

@@ -103,22 +103,17 @@ def takes_labels(model) -> bool:
 
 def data_has_labels(data, label_column: str = "label") -> bool:
     """Whether a data file holds labels: a TSV / CSV whose header has ``label_column``, or JSONL rows with it."""
-    import csv
+    from ..data.readers import header_fields
 
     path = Path(str(data))
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            first = f.readline()
-    except OSError:
-        return False
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".csv"):
-        header = first.rstrip("\r\n").split("\t") if suffix == ".tsv" else next(csv.reader([first]), [])
-        return label_column in [c.strip() for c in header]
+        return label_column in header_fields(path)
     if suffix in (".jsonl", ".json"):
         try:
-            return label_column in json.loads(first)
-        except (ValueError, TypeError):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return label_column in json.loads(f.readline())
+        except (OSError, ValueError, TypeError):
             return False
     return False
 

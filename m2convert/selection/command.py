@@ -50,13 +50,10 @@ def calibration_arguments(args: argparse.Namespace, model_source: str) -> dict:
         raise ConfigError(f"--calibration {args.calibration}: no such file; give a text, TSV or JSONL file")
     from transformers import AutoTokenizer
 
-    from m2convert.loading import BUNDLED_IDS, bundled_model_path
+    from m2convert.loading import resolve_source
 
-    source = model_source
-    if source.lower() in BUNDLED_IDS and not Path(source).exists() and bundled_model_path():
-        source = bundled_model_path()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_source(model_source))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--calibration needs the model's tokenizer, which {model_source} does not load: "
                           f"{exc}") from None
