@@ -30,6 +30,14 @@ def cache_dir(name: str) -> Path:
     return path
 
 
+def kept_dir(name: str) -> Path:
+    """A folder under ``benchmarks/teachers/`` that git keeps, for teachers of a few MB whose training takes
+    CPU hours: a later checkout (and so a later run on another machine) starts from them."""
+    path = ROOT / "benchmarks" / "teachers" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def cached_teacher(folder: Path, model_class, shown: str):
     """``(model, info)`` of a teacher an earlier run saved in ``folder`` (``teacher.json`` beside its weights),
     or None; ``shown`` formats ``info`` for the log line, e.g. ``"dev acc {dev_acc:.4f}"``."""

@@ -10,15 +10,16 @@ values gives 1 / P, among all value tokens 1 / (number of value tokens).
     1. teacher: GPT-2 architecture trained on fresh MQAR batches, first on shorter, easier tasks
        (--curriculum: the recall circuit forms there in a few hundred steps, while on the full task it sits
        on a long plateau), then on the task, its batches alternating with shorter ones (--mix), until its
-       held-out accuracy reaches the target (cached under runs/bench_cache/ or M2CONVERT_BENCH_CACHE)
+       held-out accuracy reaches the target (kept under benchmarks/teachers/, which git keeps; a stopped
+       run goes on from its last evaluation, and from its last finished student)
     2. students (m2convert.selection chooses what each keeps): the full conversion; hybrids keeping a third
        of the layers chosen uniformly, by offset fit and by KL; head-level hybrids keeping an eighth of the
        heads chosen by KL and by offset fit. Each is scored converted, after recovery (layer-wise transfer,
        then KD + the answers' loss on fresh MQAR batches) and after recovery in the recurrent form at a
        stated state size, with its decode state bytes and decode speed
 
-Run:   python benchmarks/recall.py --threads 1 --seq-len 512 --pairs 32 --keys 32 --values 32 --n-head 4 \
-           --n-embd 128 --curriculum 64:4,128:8 --mix 128:8,256:16        (the committed report)
+Run:   python benchmarks/recall.py --threads 2 --seq-len 512 --pairs 32 --keys 32 --values 32 --n-head 4 \
+           --n-embd 128 --curriculum 64:4,128:8,256:16 --mix 128:8,256:16 --eval-every 50   (the committed report)
        python benchmarks/recall.py --threads 1 --keep 1 (then: one more hybrid row, layers chosen by hand)
        python benchmarks/recall.py --smoke              (a couple of minutes; writes to runs/bench_smoke/)
 """
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, cache_dir, cached_teacher, Clock, command_line, cosine, count_params, log,  # noqa: E402
+from common import (RESULTS, cache_dir, cached_teacher, kept_dir, Clock, command_line, cosine, count_params, log,  # noqa: E402
                     markdown_table, progress_logger, write_markdown, write_report)
 
 import m2convert as m2  # noqa: E402
@@ -204,12 +205,16 @@ def easier(args, spec: str):
     return argparse.Namespace(**{**vars(args), "seq_len": n, "pairs": pairs, "queries": (n - 2 * pairs) // 2})
 
 
-def fit(model, opt, data, held_out, args, steps: int, target: float, label: str) -> tuple[list[dict], int]:
+def fit(model, opt, data, held_out, args, steps: int, target: float, label: str,
+        progress: "Progress") -> tuple[list[dict], int]:
     """Train on fresh batches of ``data`` (warmup + cosine over ``steps``) until held-out accuracy reaches
-    ``target``; keep the best state in the model. Returns the evaluations and the steps taken."""
-    history, best, best_state, stream, warm = [], -1.0, None, iter(data), min(100, max(1, steps // 20))
+    ``target``; keep the best state in the model. Each evaluation saves the run to ``progress``, and a run
+    that ``progress`` holds for this stage goes on from its step. Returns the evaluations and the steps taken."""
+    history, best, best_state, start = progress.resume(label, model, opt)
+    stream, warm = iter(data), min(100, max(1, steps // 20))
     clock = Clock()
-    for step in range(steps):
+    step = start - 1
+    for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = args.teacher_lr * cosine(step, steps, warm)
         loss = model(**next(stream)).loss
@@ -225,10 +230,51 @@ def fit(model, opt, data, held_out, args, steps: int, target: float, label: str)
                 f"({clock.total / 60:.1f} min)")
             if acc > best:
                 best, best_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
+            progress.save(label, step + 1, model, opt, history, best, best_state)
             if acc >= target:
                 break
     model.load_state_dict(best_state)
     return history, step + 1
+
+
+class Progress:
+    """The teacher's training so far, in ``folder/progress.pt`` (model, optimizer, the stage and step, the
+    evaluations and the best state): a stopped run goes on from its last evaluation. ``done`` lists the
+    finished stages with their history and steps."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "progress.pt"
+        self.state = torch.load(self.path, weights_only=False) if self.path.exists() else {"done": {}}
+        self.clock, self.before = Clock(), self.state.get("spent", (0.0, 0.0))
+        if self.path.exists():
+            log(f"teacher training goes on from {self.path}: stage {self.state.get('label')} "
+                f"step {self.state.get('step')}")
+
+    def spent(self) -> tuple[float, float]:
+        """(wall seconds, CPU seconds) of the training so far, the stopped runs' included."""
+        return self.before[0] + self.clock.total, self.before[1] + self.clock.cpu
+
+    def finished(self, label: str):
+        return self.state["done"].get(label)
+
+    def finish(self, label: str, history: list[dict], steps: int, model) -> None:
+        self.state["done"][label] = {"history": history, "steps": steps,
+                                     "model": model.state_dict(), "n_layer": model.config.n_layer}
+        self.state.pop("label", None)
+        self.state["spent"] = self.spent()
+        torch.save(self.state, self.path)
+
+    def resume(self, label: str, model, opt):
+        if self.state.get("label") != label:
+            return [], -1.0, None, 0
+        model.load_state_dict(self.state["model"])
+        opt.load_state_dict(self.state["opt"])
+        return self.state["history"], self.state["best"], self.state["best_state"], self.state["step"]
+
+    def save(self, label, step, model, opt, history, best, best_state) -> None:
+        self.state.update(label=label, step=step, model=model.state_dict(), opt=opt.state_dict(),
+                          history=history, best=best, best_state=best_state, spent=self.spent())
+        torch.save(self.state, self.path)
 
 
 def grow(model, cfg):
@@ -263,27 +309,36 @@ def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
     model = GPT2LMHeadModel(cfg if not curriculum else GPT2Config(**{**cfg.to_dict(), "n_layer": args.curriculum_layers}))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.1, betas=(0.9, 0.98))
-    clock, history, steps = Clock(), [], 0
+    history, steps, progress = [], 0, Progress(folder)
     for spec in curriculum:
-        stage = easier(args, spec)
-        h, n = fit(model, opt, MQAR(stage, seed=10 + steps), eval_batches(stage, seed=2), args,
-                   args.curriculum_steps, args.teacher_target, spec)
+        done = progress.finished(spec)
+        if done is not None:
+            h, n = done["history"], done["steps"]
+            model.load_state_dict(done["model"])
+        else:
+            stage = easier(args, spec)
+            h, n = fit(model, opt, MQAR(stage, seed=10 + steps), eval_batches(stage, seed=2), args,
+                       args.curriculum_steps, args.teacher_target, spec, progress)
+            progress.finish(spec, h, n, model)
         history, steps = history + h, steps + n
     if model.config.n_layer != args.n_layer:
         model = grow(model, cfg).train()
         opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.1, betas=(0.9, 0.98))
     mix = [MQAR(easier(args, spec), seed=20 + i) for i, spec in enumerate(s for s in args.mix.split(",") if s)]
-    h, n = fit(model, opt, Mixed([data, *mix]) if mix else data, held_out, args, args.teacher_steps,
-               args.teacher_target, f"{args.seq_len}:{args.pairs}")
+    task = f"{args.seq_len}:{args.pairs}"
+    start = progress.state.get("step", 0) if progress.state.get("label") == task else 0
+    data = Mixed([MQAR(args, seed=1 + start), *mix]) if mix else MQAR(args, seed=1 + start)
+    h, n = fit(model, opt, data, held_out, args, args.teacher_steps, args.teacher_target, task, progress)
     model.eval()
     info = {"held_out_acc": max(e["held_out_acc"] for e in h), "steps": steps + n, "curriculum_steps": steps,
-            "seconds": clock.total, "cpu_seconds": clock.cpu, "sequences": (steps + n) * args.batch_size,
+            "seconds": progress.spent()[0], "cpu_seconds": progress.spent()[1], "sequences": (steps + n) * args.batch_size,
             "lr": args.teacher_lr, "curriculum": args.curriculum, "curriculum_layers": args.curriculum_layers,
             "mix": args.mix,
             "history": history + h,
             "params": count_params(model), "config": cfg.to_dict()}
     model.save_pretrained(folder)
     (folder / "teacher.json").write_text(json.dumps(info, indent=2))
+    progress.path.unlink()
     return model, info
 
 
@@ -367,8 +422,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     data = MQAR(args, seed=1)
     held_out, test = eval_batches(args, seed=2), eval_batches(args, seed=3)
-    folder = cache_dir("recall_teacher_smoke" if args.smoke else
-                       f"recall_teacher_n{args.seq_len}_p{args.pairs}_q{args.queries}_k{args.keys}_v{args.values}"
+    folder = (cache_dir if args.smoke else kept_dir)(
+                       "recall_teacher_smoke" if args.smoke else
+                       f"recall_n{args.seq_len}_p{args.pairs}_q{args.queries}_k{args.keys}_v{args.values}"
                        f"_e{args.n_embd}_l{args.n_layer}_h{args.n_head}_g{args.curriculum_layers}_c{args.curriculum.replace(':', '-').replace(',', '_')}"
                        + (f"_m{args.mix.replace(':', '-').replace(',', '_')}" if args.mix else ""))
     teacher, tinfo = train_teacher(args, data, held_out, folder)
@@ -379,18 +435,36 @@ def main(argv=None) -> dict:
     if args.keep is not None:
         return add_student(teacher, args, test, sorted(int(i) for i in args.keep.split(",")))
     calibration = calibration_batches(args)
-    rows = [student_row(teacher, args, test, name, budget=budget, calibration=calibration)
-            for name, budget in students(args)]
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    done = finished_students(folder, config)
+    rows = []
+    for name, budget in students(args):
+        if name in done:
+            log(f"{name}: from {folder / 'students.json'} (an earlier run of these settings)")
+        else:
+            done[name] = student_row(teacher, args, test, name, budget=budget, calibration=calibration)
+            (folder / "students.json").write_text(json.dumps({"config": config, "students": done}, indent=2) + "\n")
+        rows.append(done[name])
     result = {"teacher_acc": teacher_acc, "students": rows, "teacher": tinfo,
               "original_state_bytes_512": state_bytes(teacher, args.seq_len),
               "teacher_decode_tokens_per_s": decode_tokens_per_s(teacher, args.seq_len - DECODED - 1, DECODED),
               "chance_acc": 1 / args.pairs, "teacher_params": count_params(teacher),
               "filter_order": args.filter_order, "state_size": args.state_size,
               "test_sequences": sum(len(b["input_ids"]) for b in test)}
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     path = write_report(args.name, result, config, render, args.out)
     log(f"wrote {path}")
     return result
+
+
+def finished_students(folder: Path, config: dict) -> dict:
+    """Rows of the students an earlier run with the same settings (the thread count and output folder aside)
+    finished, by name: a stopped run starts again after its last finished student."""
+    path = folder / "students.json"
+    if not path.exists():
+        return {}
+    doc = json.loads(path.read_text())
+    same = all(doc["config"].get(k) == v for k, v in config.items() if k not in ("threads", "out"))
+    return dict(doc["students"]) if same else {}
 
 
 def add_student(teacher, args, test, keep: list[int]) -> dict:
