@@ -243,6 +243,7 @@ class Progress:
     finished stages with their history and steps."""
 
     def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "progress.pt"
         self.state = torch.load(self.path, weights_only=False) if self.path.exists() else {"done": {}}
         self.clock, self.before = Clock(), self.state.get("spent", (0.0, 0.0))

@@ -38,6 +38,8 @@ from m2convert.recover import DistillConfig, StageConfig, seed_filters_from_atte
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="folder with sst2/{train,dev}.tsv")
+    p.add_argument("--save-student", type=Path, default=None,
+                   help="save the recovered student there (benchmarks/quantization.py --sst2-student reads it)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets to check the pipeline")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--teacher-only", action="store_true", help="train/cache the teacher and stop")
@@ -288,6 +290,8 @@ def main(argv=None) -> dict:
         log(f"after {stage.name}: dev acc {res['dev_acc']:.4f} ({res['seconds'] / 60:.1f} min, "
             f"{res['tokens']:,} tokens, loss {res['first_loss']:.4f} -> {res['final_loss']:.4f})")
     wall, cpu = clock.total, clock.cpu
+    if args.save_student is not None:
+        m2.save_pretrained(student, args.save_student, tokenizer=tokenizer)
 
     t_params, s_params = count_params(teacher), count_params(student)
     recovered = stage_out[-1]["dev_acc"] if stage_out else converted_acc

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import serialize  # noqa: F401  (its hook gives each converted model an m2convert save_pretrained)
 from .config import ConvertConfig
 from .layers.recurrent import to_recurrent
 from .loading import load_model

@@ -191,3 +191,25 @@ def load_sentence_transformer(name_or_path: str):
     except ImportError:
         return None
     return SentenceTransformer(source, device="cpu")
+
+
+def load_tokenizer(name_or_path):
+    """The tokenizer of a model folder or id (``resolve_source`` names), never running a folder's code.
+
+    ``AutoTokenizer.from_pretrained`` first reads the model's config through ``AutoConfig``; a converted
+    folder's config names m2convert's classes in a code file, so transformers would ask whether to run
+    it (an interactive ``[y/N]``, 15 s) only to learn the model type. A folder m2convert saved is read
+    with that config class from the installed package instead, which runs nothing from the folder.
+
+    Example:
+        >>> load_tokenizer("all-MiniLM-L6-v2")("a sentence")["input_ids"]
+        [101, 1037, 6251, 102]
+    """
+    from transformers import AutoTokenizer
+
+    from .auto_config import M2Config
+
+    source = resolve_source(name_or_path)
+    if (Path(source) / "m2convert.json").is_file():
+        return AutoTokenizer.from_pretrained(source, config=M2Config.from_pretrained(source))
+    return AutoTokenizer.from_pretrained(source)

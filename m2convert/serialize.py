@@ -47,6 +47,7 @@ from torch import nn
 from .auto_config import write_auto_files
 from .errors import CheckpointError, ConfigError
 from .layers.gemv import lay_out_for_decode
+from .layers.quantized import quantized_modules
 from .layers.recurrent import recurrent_fits
 from .passes.apply import CONVERTED_MODEL_HOOKS
 from .passes.plan import recurrent_plan
@@ -148,6 +149,8 @@ def _save(model: nn.Module, path, tokenizer=None, state: dict | None = None) -> 
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"cannot save to '{out}': it is a file; give a directory")
+    if quantized := quantized_modules(model):
+        raise CheckpointError(f"{quantized[0]} is quantized: save the float model, quantize after loading")
     out.mkdir(parents=True, exist_ok=True)
     groups = _alias_groups(model)
     tensors = _tensors_to_save(model, groups, state)

@@ -45,7 +45,7 @@ RANKS = [
     (1, r"m2convert\.(errors|config|hf)"),
     (2, r"m2convert\.layers(\..*)?"),
     (3, r"m2convert\.passes(\..*)?"),
-    (4, r"m2convert\.(recover|data)(\..*)?|m2convert\.(export|serialize|bench\w*)"),
+    (4, r"m2convert\.(recover|data|export)(\..*)?|m2convert\.(serialize|bench\w*)"),
     (5, r"m2convert\.api"),
     (6, r"m2convert(\.(cli(\..*)?|demo|__main__))?"),
 ]

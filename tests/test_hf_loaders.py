@@ -253,3 +253,25 @@ def test_without_trust_remote_code_every_loader_raises(gpt2, bert, loader):
     family, load = UNTRUSTED[loader]
     with pytest.raises(Exception, match="trust_remote_code=True"):
         load({"gpt2": gpt2, "bert": bert}[family][1])
+
+
+def test_the_tokenizer_of_a_converted_folder_loads_without_asking_to_run_its_code(bert, tokenizer, monkeypatch):
+    import transformers.models.auto.configuration_auto as configuration_auto
+
+    from m2convert.loading import load_tokenizer
+
+    asked = []
+
+    def ask(trust_remote_code, model_name, has_local_code, has_remote_code, *args, **kwargs):
+        if trust_remote_code is None and has_remote_code:
+            asked.append(str(model_name))             # transformers would prompt [y/N] in a terminal here
+            raise ValueError("asked")
+        return trust_remote_code
+
+    monkeypatch.setattr(configuration_auto, "resolve_trust_remote_code", ask)
+    _, folder = bert
+    transformers.AutoTokenizer.from_pretrained(folder)
+    assert asked == [str(folder)]                     # the plain Auto call asks first
+    loaded = load_tokenizer(folder)
+    assert asked == [str(folder)]                     # m2convert's loader does not
+    assert loaded(TEXTS)["input_ids"] == tokenizer(TEXTS)["input_ids"]

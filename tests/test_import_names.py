@@ -141,3 +141,25 @@ def test_hand_over_gives_the_next_module_or_none(tmp_path, other):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("site site" if other else "absent: No module named"), run.stdout
+
+
+LIGHT = textwrap.dedent("""
+    import contextlib, io, sys
+    import m2convert, m2convert.cli
+    assert "torch" not in sys.modules and "transformers" not in sys.modules, "import m2convert loaded torch"
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        m2convert.cli.main(["--help"])
+    assert "convert" in out.getvalue() and "torch" not in sys.modules, "m2convert --help loaded torch"
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        m2convert.cli.main(["convert", "--help"])
+    assert "--keep-heads" in out.getvalue() and "torch" not in sys.modules, "convert --help loaded torch"
+    assert callable(m2convert.export) and m2convert.export.export_onnx.__name__ == "export_onnx"
+    assert m2convert.convert.__module__ == "m2convert.api" and "torch" in sys.modules
+    print("light")
+""")
+
+
+def test_import_and_help_do_not_load_torch():
+    """``import m2convert`` and ``m2convert --help`` stay quick: the public names load on first use."""
+    done = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert done.returncode == 0 and done.stdout.strip().endswith("light"), done.stderr[-2000:]

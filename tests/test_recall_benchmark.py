@@ -49,11 +49,38 @@ def test_fit_stops_at_the_target_and_keeps_the_best_state(recall, tmp_path):
                                        n_embd=16, n_layer=2, n_head=1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data, held = recall.MQAR(args, seed=1), recall.eval_batches(args, seed=2)
-    history, steps = recall.fit(model, opt, data, held, args, steps=60, target=0.0, label="t")
+    history, steps = recall.fit(model, opt, data, held, args, steps=60, target=0.0, label="t",
+                                progress=recall.Progress(tmp_path / "a"))
     assert steps == args.eval_every and len(history) == 1            # target 0 is met at the first evaluation
-    history, steps = recall.fit(model, opt, data, held, args, steps=2 * args.eval_every, target=1.1, label="t")
+    history, steps = recall.fit(model, opt, data, held, args, steps=2 * args.eval_every, target=1.1, label="u",
+                                progress=recall.Progress(tmp_path / "a"))
     assert steps == 2 * args.eval_every and len(history) == 2
     assert recall.accuracy(model, held) == pytest.approx(max(h["held_out_acc"] for h in history))
+
+
+def test_stopped_teacher_training_goes_on_from_its_last_evaluation(recall, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    args = recall.parse_args(["--smoke"])
+
+    def fresh():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=1 + args.keys + args.values, n_positions=args.seq_len,
+                                           n_embd=16, n_layer=2, n_head=1))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    data, held = recall.MQAR(args, seed=1), recall.eval_batches(args, seed=2)
+    model, opt = fresh()
+    first, _ = recall.fit(model, opt, data, held, args, steps=args.eval_every, target=1.1, label="t",
+                          progress=recall.Progress(tmp_path))
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model, opt = fresh()                                    # a new process: fresh weights, same folder
+    history, steps = recall.fit(model, opt, data, held, args, steps=2 * args.eval_every, target=1.1, label="t",
+                                progress=recall.Progress(tmp_path))
+    assert steps == 2 * args.eval_every and history[0] == first[0] and len(history) == 2
+    assert any(not torch.equal(saved[k], v) for k, v in model.state_dict().items())      # it trained on
+    again, _ = recall.fit(*fresh(), data, held, args, steps=2 * args.eval_every, target=1.1, label="t",
+                          progress=recall.Progress(tmp_path))
+    assert again == history                                 # finished: nothing more to run
 
 
 def test_hybrid_students_keep_the_named_attention_layers(recall):

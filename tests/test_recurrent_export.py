@@ -13,7 +13,7 @@ import transformers
 
 import m2convert as m2
 from m2convert.errors import ConfigError
-from m2convert.export_decode import DecodeStep, decode_prefill, decode_step_program, state_names
+from m2convert.export.decode import DecodeStep, decode_prefill, decode_step_program, state_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NEW_TOKENS = 64

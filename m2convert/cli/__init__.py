@@ -103,16 +103,23 @@ def cli_wording(message: str) -> str:
     return message
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``m2convert`` argument parser with every registered subcommand."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``m2convert`` argument parser with every registered subcommand; with ``only``, the options of that
+    subcommand alone (``""``: none), since some options' setup imports torch (``m2convert --help`` does not)."""
     parser = _Parser(prog="m2convert", description="Convert pretrained Transformers into Monarch Mixer models.")
     parser.add_argument("--version", action="version", version=f"m2convert {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description)
-        cmd.add_arguments(p)
+        if only is None or cmd.name == only:
+            cmd.add_arguments(p)
         p.set_defaults(run=cmd.run)
     return parser
+
+
+def _named_command(argv: list[str]) -> str:
+    """The subcommand ``argv`` names (its first word that is not an option), or ``""``."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def _debug() -> bool:
@@ -121,7 +128,8 @@ def _debug() -> bool:
 
 def main(argv=None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 error, 2 bad arguments, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_named_command(argv)).parse_args(argv)
     try:
         return args.run(args) or 0
     except M2Error as exc:

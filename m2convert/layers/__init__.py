@@ -9,9 +9,10 @@ from .decode import RecurrentState
 from .experts import MonarchExperts
 from .filters import ImplicitFilter
 from .monarch import MonarchLinear, monarch_shape
+from .quantized import Int8MonarchLinear, quantize_int8
 from .recurrent import RecurrentFilter, RecurrentReport, to_recurrent
 from .sequence import M2SequenceMixer
 
-__all__ = ["ADAPTERS", "ImplicitFilter", "M2Attention", "M2Block", "M2CacheLayer", "M2PostNormAttention",
+__all__ = ["ADAPTERS", "ImplicitFilter", "Int8MonarchLinear", "M2Attention", "M2Block", "M2CacheLayer", "M2PostNormAttention",
            "M2SequenceMixer", "MonarchExperts", "MonarchLinear", "RecurrentFilter", "RecurrentReport", "RecurrentState",
-           "monarch_shape", "padding_mask", "to_recurrent"]
+           "monarch_shape", "padding_mask", "quantize_int8", "to_recurrent"]

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 import sympy
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from ..errors import ConfigError, ConversionError, ShapeError, check_choice, check_int
 from ..kernels.activations import ACTIVATIONS
@@ -27,6 +26,7 @@ from ..kernels.monarch.reference import monarch_matmul, monarch_to_dense
 from .base import M2Block, hooked, traced
 from .chained import DeferredOutput, chain_rows, run_chained
 from .cost import B, N, substitute
+from .dense_view import DenseView
 
 
 # The CPU fast paths by name: "monarch" (MonarchLinear's BLAS layout, kernels/monarch/cpu.py) and "mixer"
@@ -66,10 +66,9 @@ def fast_paths(**enabled: bool):
 
 def eager_inference(*tensors: torch.Tensor | None, path: str = "monarch") -> bool:
     """True when the CPU fast path ``path`` may replace the reference: enabled (see :func:`fast_paths`),
-    eager, no autograd graph, plain CPU tensors.
-
-    Tracers (torch.compile, torch.export; see :func:`~m2convert.layers.base.traced`) keep the reference,
-    whose graph the lowering pass rewrites.
+    eager, no autograd graph, plain CPU tensors (not a quantized or other tensor subclass). Tracers
+    (torch.compile, torch.export; see :func:`~m2convert.layers.base.traced`) keep the reference, whose
+    graph the lowering pass rewrites.
     """
     if path in _disabled:
         return False
@@ -77,16 +76,15 @@ def eager_inference(*tensors: torch.Tensor | None, path: str = "monarch") -> boo
     for t in tensors:
         if t is None:
             continue
-        if traced(t) or t.device.type != "cpu" or (need_grad and t.requires_grad):
+        plain = type(t) in (torch.Tensor, nn.Parameter)
+        if not plain or traced(t) or t.device.type != "cpu" or (need_grad and t.requires_grad):
             return False
     return True
 
 
 @contextmanager
 def single_thread():
-    """Run the block on one intra-op thread (restored after).
-
-    Batched float64 SVDs of small blocks are many tiny LAPACK calls; with two OpenMP threads on a
+    """Run the block on one intra-op thread (restored after). Batched float64 SVDs of small blocks are many tiny LAPACK calls; with two OpenMP threads on a
     shared machine each call can wait a scheduler time slice for the second thread (measured: 20 s
     on two busy cores against 0.3 s on one, for the 16 blocks of a 768 x 3072 projection).
     """
@@ -119,69 +117,6 @@ def monarch_shape(in_features: int, out_features: int, nblocks: int, rank: int) 
     full = min(p, s)
     rho = min(rank * math.ceil(full / nblocks), full)
     return p, s, rho
-
-
-class DenseView(torch.Tensor):
-    """The dense (out, in) matrix of a :class:`MonarchLinear`, read-only: what ``layer.weight`` returns.
-
-    Shape, dtype and device come without computing anything; an op that reads the values gets the
-    matrix built from the layer's current factors (``MonarchLinear.to_dense``, out * in * rho
-    multiply-adds) and returns a plain tensor. The matrix is never stored, so a write could not reach the
-    layer: writes (in-place ops, ``out=`` it, ``.data = ...``) raise ConversionError instead of being lost.
-    """
-
-    # transformers' weight init skips tensors flagged initialized; the layer initializes its own factors
-    # (MonarchLinear.reset_parameters), so there is nothing here to initialize.
-    _is_hf_initialized = True
-
-    @staticmethod
-    def __new__(cls, layer: "MonarchLinear"):
-        # Metadata only (no storage): the values are made when an op needs them.
-        view = torch.Tensor._make_wrapper_subclass(cls, (layer.out_features, layer.in_features),
-                                                   dtype=layer.w1.dtype, device=layer.w1.device)
-        view._layer = layer
-        return view
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        # ``.data`` is a Python-level accessor, seen here and not by __torch_dispatch__.
-        if _is_data(func, "__set__"):
-            _refuse(".data = ...", args[0])
-        if _is_data(func, "__get__"):
-            return args[0]                              # ``weight.data`` is the same read-only view
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **(kwargs or {}))
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for i, arg in enumerate(func._schema.arguments):               # arguments the op writes into
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                value = kwargs.get(arg.name, args[i] if i < len(args) else None)
-                if isinstance(value, DenseView):
-                    _refuse(func.overloadpacket.__name__, value)      # "add_", not "add_.Tensor"
-        with torch.no_grad():
-            args, kwargs = tree_map(_values, (args, kwargs))
-        return func(*args, **kwargs)
-
-
-def _values(t):
-    """A DenseView's (out, in) matrix from its layer's current factors; anything else as it is."""
-    return t._layer.to_dense() if isinstance(t, DenseView) else t
-
-
-def _is_data(func, accessor: str) -> bool:
-    """``func`` is the getter (``"__get__"``) or setter (``"__set__"``) of ``Tensor.data``."""
-    return getattr(func, "__name__", "") == accessor and getattr(func, "__self__", None) is torch.Tensor.data
-
-
-def _refuse(what: str, view: DenseView):
-    raise ConversionError(
-        f"MonarchLinear.weight is a read-only dense view {tuple(view.shape)} of the Monarch factors w1, w2; "
-        f"{what} cannot change the layer. A dense or low-rank update (a LoRA merge_and_unload, a weight init) "
-        "is not Monarch-structured in general, so it has no exact MonarchLinear form: keep the adapter unmerged "
-        "(the PeftModel runs and saves as is), or project the updated matrix with "
-        "MonarchLinear.from_weight(weight, bias, nblocks) (approximate)")
 
 
 class MonarchLinear(M2Block, nn.Linear):
@@ -256,7 +191,13 @@ class MonarchLinear(M2Block, nn.Linear):
     @weight.setter
     def weight(self, value) -> None:
         raise ConversionError("MonarchLinear.weight is computed from the factors w1, w2 and cannot be set; build a "
-                              "new layer with MonarchLinear.from_weight(weight, bias, nblocks) (a projection)")
+                              "new layer with MonarchLinear.from_weight(weight, bias, nblocks); to quantize, "
+                              "m2convert.quantize_int8(model) stores the factors in int8")
+
+    def register_parameter(self, name: str, param) -> None:
+        if name == "weight":                            # ``layer.weight = nn.Parameter(...)`` (quantizers)
+            MonarchLinear.weight.fset(self, param)      # the setter's ConversionError
+        super().register_parameter(name, param)
 
     @property
     def block_sizes(self) -> tuple[int, int, int]:

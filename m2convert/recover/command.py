@@ -151,9 +151,9 @@ def run_distill_cli(args: argparse.Namespace, *, load_teacher, load_student, sav
     config = config_from_args(args)
     tokenizer = None
     if Path(args.teacher).is_dir():
-        from transformers import AutoTokenizer
+        from ..loading import load_tokenizer
         try:
-            tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+            tokenizer = load_tokenizer(args.teacher)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load the teacher's tokenizer from {args.teacher}: {e}") from None
     result = distill(student, teacher, args.data, config, tokenizer=tokenizer)

@@ -101,8 +101,8 @@ def _resolve_tokenizer(tokenizer, teacher, data):
         return tokenizer
     source = getattr(getattr(teacher, "config", None), "_name_or_path", "")
     if source and Path(source).is_dir():
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(source)
+        from ..loading import load_tokenizer
+        return load_tokenizer(source)
     raise ConfigError("reading files needs the teacher's tokenizer: pass tokenizer= to distill "
                       "(the teacher's config does not name a local folder to load it from)")
 

@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
-from m2convert.selection.budget import Budget, choose, kv_bytes_per_token, select_attention
-from m2convert.selection.scores import SCORERS, register_scorer
+from m2convert.lazy import lazy_names
 
-__all__ = ["SCORERS", "Budget", "choose", "kv_bytes_per_token", "register_scorer", "select_attention"]
+_WHERE = {"Budget": "budget", "choose": "budget", "kv_bytes_per_token": "budget", "select_attention": "budget",
+          "SCORERS": "scores", "register_scorer": "scores"}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)      # the command line reads .command without torch

@@ -48,12 +48,10 @@ def calibration_arguments(args: argparse.Namespace, model_source: str) -> dict:
     path = Path(args.calibration)
     if not path.is_file():
         raise ConfigError(f"--calibration {args.calibration}: no such file; give a text, TSV or JSONL file")
-    from transformers import AutoTokenizer
-
-    from m2convert.loading import resolve_source
+    from m2convert.loading import load_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_source(model_source))
+        tokenizer = load_tokenizer(model_source)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--calibration needs the model's tokenizer, which {model_source} does not load: "
                           f"{exc}") from None

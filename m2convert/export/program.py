@@ -8,7 +8,7 @@ causal LM, which is exported without a KV cache). A flat tuple needs no transfor
 
 Loading:
     .pt2 program   ``torch.export.load(path).module()(**inputs)``; a program holding ``m2::`` ops (a
-                   lowered model) needs ``import m2convert`` first so the ops are registered.
+                   lowered model) needs ``import m2convert.kernels.ops`` first, which registers them.
     AOTInductor    ``torch._inductor.aoti_load_package(path)(**inputs)``: compiled C++, needs torch only,
                    also for lowered models (the ops' implementations are compiled in). It expects
                    contiguous inputs.
@@ -36,9 +36,9 @@ import torch
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from .errors import CaptureError, ConfigError
-from .passes.inputs import VARYING_DIMS, disable_cache, first_tensor, signed, split_inputs, unmarked
-from .passes.inputs import dynamic_shapes as shape_spec        # export()'s parameter takes the plain name
+from ..errors import CaptureError, ConfigError
+from ..passes.inputs import VARYING_DIMS, disable_cache, first_tensor, signed, split_inputs, unmarked
+from ..passes.inputs import dynamic_shapes as shape_spec        # export()'s parameter takes the plain name
 
 aten = torch.ops.aten
 
@@ -177,7 +177,7 @@ class _ComplexSubAsAdd(CustomGraphPass):
 def _export_advice(model: nn.Module, shapes) -> str:
     """What to do after a failed export: a dynamic length cannot pass a causal-monarch mixer, whose Monarch
     DFT is built for one length; otherwise check the inputs, or fix the shapes."""
-    from .layers.sequence import M2SequenceMixer
+    from ..layers.sequence import M2SequenceMixer
 
     monarch = any(isinstance(m, M2SequenceMixer) and m.mode == "causal-monarch" for m in model.modules())
     if monarch and shapes is not None:

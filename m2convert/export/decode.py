@@ -45,12 +45,12 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .errors import CaptureError, ConfigError
-from .export import write_program
-from .layers.attention import M2Attention
-from .layers.cache import M2CacheLayer
-from .layers.decode import RecurrentState, is_recurrent
-from .passes.inputs import signed
+from ..errors import CaptureError, ConfigError
+from ..layers.attention import M2Attention
+from ..layers.cache import M2CacheLayer
+from ..layers.decode import RecurrentState, is_recurrent
+from ..passes.inputs import signed
+from .program import write_program
 
 
 @dataclass(frozen=True)
