@@ -245,7 +245,7 @@ class Progress:
     def __init__(self, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "progress.pt"
-        self.state = torch.load(self.path, weights_only=False) if self.path.exists() else {"done": {}}
+        self.state = torch.load(self.path, weights_only=True) if self.path.exists() else {"done": {}}
         self.clock, self.before = Clock(), self.state.get("spent", (0.0, 0.0))
         if self.path.exists():
             log(f"teacher training goes on from {self.path}: stage {self.state.get('label')} "

@@ -19,6 +19,9 @@ CAUSAL_MODES = ("causal", "causal-monarch")
 # How the attention layers a budget keeps are chosen (m2convert.selection): "auto" is "kl" when calibration
 # batches are given, else "uniform".
 SELECTIONS = ("auto", "kl", "offset-fit", "uniform")
+# Sliding-window attention: converted, kept, or "auto": converted when its span passes LOCAL_KEEP_TOKENS.
+LOCAL_ATTENTION = ("auto", "convert", "keep")
+LOCAL_KEEP_TOKENS = 128
 
 # Settings a per-path override may change, with the validator of each.
 SITE_SETTINGS = ("nblocks", "rank", "causal_mode", "filter_order", "filter_emb_dim", "projection_nblocks")
@@ -111,6 +114,10 @@ class ConvertConfig:
             batches, else "uniform".
         selection_steps: layer-wise transfer steps that align the fully converted model before the
             "kl" scores are measured, 0 to 100000.
+        local_attention: sliding-window attention layers: "convert" (a mixer whose filters hold only the
+            window's offsets, so each token still sees exactly its window), "keep" (stay attention), or
+            "auto": convert windows wider than LOCAL_KEEP_TOKENS tokens (a KV cache of the window's size
+            and quadratic work within it) and keep narrower ones, already cheap and exact.
 
     Example:
         >>> ConvertConfig(nblocks=2, dimension=False).nblocks
@@ -137,6 +144,7 @@ class ConvertConfig:
     keep_heads: float = 0.0
     selection: str = "auto"
     selection_steps: int = 50
+    local_attention: str = "auto"
 
     def __post_init__(self):
         check_site_settings("", {k: getattr(self, k) for k in SITE_SETTINGS})
@@ -149,6 +157,7 @@ class ConvertConfig:
         check_int("keep_kv_bytes", self.keep_kv_bytes, low=0, high=1 << 40)
         check_choice("selection", self.selection, SELECTIONS)
         check_int("selection_steps", self.selection_steps, low=0, high=100000)
+        check_choice("local_attention", self.local_attention, LOCAL_ATTENTION)
         if isinstance(self.keep_heads, bool) or not isinstance(self.keep_heads, (int, float)) \
                 or not 0 <= self.keep_heads <= 1:
             raise ConfigError(f"keep_heads={self.keep_heads!r} must be a fraction of the heads in [0, 1], "

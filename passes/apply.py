@@ -84,7 +84,7 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
                   filter_order=settings["filter_order"], filter_emb_dim=settings["filter_emb_dim"],
                   # Plans saved before projection_nblocks existed mean dense projections.
                   projection_nblocks=settings.get("projection_nblocks", 0), projection_rank=settings.get("rank", 1),
-                  device=device or ref.device, dtype=ref.dtype)
+                  filter_window=settings.get("filter_window"), device=device or ref.device, dtype=ref.dtype)
     norm = layout.norm
     if norm is not None:
         kwargs.update(norm_eps=norm.eps, norm_affine=norm.affine, norm_bias=norm.bias)

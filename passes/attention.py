@@ -72,33 +72,34 @@ def _allowed(index: GraphIndex, core: AttentionCore):
     return (value if value.dtype == torch.bool else value > torch.finfo(value.dtype).min / 2), None
 
 
-def _causality(index: GraphIndex, core: AttentionCore) -> tuple[bool | None, str | None]:
-    """Read causal vs bidirectional from is_causal or from which keys each query may see."""
+def _causality(index: GraphIndex, core: AttentionCore) -> tuple[bool | None, int | None, str | None]:
+    """Read causal vs bidirectional from is_causal or from which keys each query may see: ``(causal,
+    window, why)``, window the offsets each query sees per direction in a sliding-window mask (else None)."""
     if core.mask is None and core.scores is None and core.allowed is None:
-        return core.is_causal, None
+        return core.is_causal, None, None
     allowed, why = _allowed(index, core)
     if why:
-        return None, why
+        return None, None, why
     grids = allowed.reshape(-1, *allowed.shape[-2:])                     # (B * heads, Nq, Nk)
     shapes = {_mask_shape(g) for g in grids[:64]}
     if shapes <= {"full", "one"}:
-        return core.is_causal, None
+        return core.is_causal, None, None
     if shapes <= {"causal", "one"}:
-        return True, None
-    bands = {s for s in shapes if s.startswith("band ")}
-    if len(bands) == 1 and shapes <= bands | {"one", "causal"}:
-        window = int(bands.pop().split()[1])
-        return None, (f"sliding-window attention (window of {window} tokens in the attention mask: each query "
-                      f"sees only the last {window} keys); the M2 mixers model only full or causal attention, "
-                      "so converting would make it global; exclude the site with overrides")
-    return None, ("the attention mask is neither full nor causal (sliding window, prefix-LM or a custom "
-                  "pattern); the M2 mixers model only these two; exclude the site with overrides")
+        return True, None, None
+    for kind, causal, fits in (("band", True, {"one", "causal"}), ("sym", False, {"one", "full"})):
+        bands = {s for s in shapes if s.startswith(kind + " ")}
+        if len(bands) == 1 and shapes <= bands | fits:
+            return causal, int(bands.pop().split()[1]), None
+    return None, None, ("the attention mask is neither full, causal nor a sliding window (prefix-LM or a "
+                        "custom pattern); the M2 mixers model only these; exclude the site with overrides")
 
 
 def _mask_shape(grid: torch.Tensor) -> str:
-    """'full', 'causal', 'band W', 'one' (a single real token) or 'other' for an (Nq, Nk) grid of allowed keys.
+    """'full', 'causal', 'band W', 'sym W', 'one' (a single real token) or 'other' for an (Nq, Nk) grid of
+    allowed keys.
 
-    'band W': causal with each query seeing only itself and the W - 1 keys before it (a sliding window).
+    'band W': causal with each query seeing only itself and the W - 1 keys before it (a sliding window);
+    'sym W': each query seeing the keys less than W positions away on either side (an encoder's window).
 
     Padding is left out first: keys no query sees and queries that see no key. A sliding window keeps
     every key (each one sees itself), so it stays a band and reads as 'other', never as padding.
@@ -118,7 +119,9 @@ def _mask_shape(grid: torch.Tensor) -> str:
     lag = pos[:, None] - pos[None, :]                                    # query - key
     window = int(lag[sub].max()) + 1 if bool(sub.any()) else 0
     band = (lag >= 0) & (lag < window)
-    return f"band {window}" if window > 0 and torch.equal(sub, band) else "other"
+    if window > 0 and torch.equal(sub, band):
+        return f"band {window}"
+    return f"sym {window}" if window > 0 and torch.equal(sub, lag.abs() < window) else "other"
 
 
 def sliding_window(module: nn.Module | None, model: nn.Module | None = None) -> int | None:
@@ -278,20 +281,19 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
                 return site.skip(f"fused projection '{projs[role].fqn}': cannot tell which outputs feed "
                                  f"{role.upper()} (they do not reach it through reshapes, splits and selects)")
             site.roles[role].rows = feature_ranges(order)
-    causal, why = _causality(index, core)
+    causal, window, why = _causality(index, core)
     site.causal = causal
     if why:
         return site.skip(why)
-    window = sliding_window(cap.modules.get(owner), cap.model)
-    if window:                     # wider than the capture (or not in its mask): read from the config
-        site.causal = None
-        return site.skip(f"sliding-window attention (window of {window} tokens in the model config); the "
-                         "M2 mixers model only full or causal attention, so converting would make it global; "
-                         "exclude the site with overrides")
+    # A window wider than the capture is not in its mask: the module or config names it.
+    window = window or sliding_window(cap.modules.get(owner), cap.model)
     after = _after_output(index, fqn, projs, o)
     if isinstance(after, str):
         return site.skip(after)
-    return _fill_layout(site, index, core, projs, *after)
+    site = _fill_layout(site, index, core, projs, *after)
+    if site.layout is not None:
+        site.layout.window = window
+    return site
 
 
 def _after_output(index: GraphIndex, fqn: str, projs: dict, o):

@@ -120,7 +120,8 @@ class RewritePlan:
             fb, fa = self.flops(s.flops_before), self.flops(s.flops_after)
             out.append({
                 "#": str(i), "module": s.fqn or "(model)", "kind": s.kind, "pattern": s.pattern,
-                "mask": "-" if s.kind != "sequence" else {True: "causal", False: "bidirectional"}.get(s.causal, "?"),
+                "mask": "-" if s.kind != "sequence" else {True: "causal", False: "bidirectional"}.get(s.causal, "?")
+                + (f", window {s.layout.window}" if getattr(s.layout, "window", None) else ""),
                 "status": s.status, "replacement": s.replacement or "-",
                 "params": (f"{s.params_before:,} -> {s.params_after:,} ({change(s.params_before, s.params_after)})"
                            if s.status == CONVERT else f"{s.params_before:,}" if s.params_before else "-"),

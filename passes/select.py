@@ -6,8 +6,34 @@ sites convert and with which settings.
 
 from __future__ import annotations
 
+from m2convert.config import LOCAL_KEEP_TOKENS
 from m2convert.errors import ConfigError
 from m2convert.passes.site import CONVERT, DIMENSION, EXCLUDE, SEQUENCE, Site
+
+SHORT_KERNEL = 3              # the mixers' short convolution: its taps widen what a token sees by 2
+
+
+def local_window(site: Site, policy: str) -> str | None:
+    """Settle a sliding-window site under ``ConvertConfig.local_attention``: set its filters' window
+    (``settings["filter_window"]``: offsets per direction, the window less the short convolution's
+    reach, so each output still sees only its window's tokens) and return None, or return why it is kept."""
+    window = getattr(site.layout, "window", None)
+    if window is None:
+        return None
+    span = window if site.causal else 2 * window - 1
+    what = (f"local attention (each query sees {span} tokens: " +
+            (f"itself and the {window - 1} before it)" if site.causal else f"up to {window - 1} on either side)"))
+    if policy == "keep":
+        return f"{what}; local_attention='keep'"
+    if policy == "auto" and span <= LOCAL_KEEP_TOKENS:
+        return (f"{what}: kept, already cheap and exact (local_attention='auto' converts windows wider than "
+                f"{LOCAL_KEEP_TOKENS} tokens; 'convert' converts this one)")
+    taps = window - (SHORT_KERNEL - 1)
+    if taps < 1:
+        return (f"{what}: narrower than the mixer's short convolution ({SHORT_KERNEL} taps), which would "
+                "see past it; kept")
+    site.settings["filter_window"] = taps
+    return None
 
 
 def _site_settings(site: Site, settings: dict) -> dict:
@@ -38,6 +64,8 @@ def select_sites(ctx) -> int:
             site.exclude("dimension=False: dense MLPs are kept")
         elif settings is None:
             site.exclude(f"excluded by override '{pattern}'")
+        elif site.kind == SEQUENCE and (kept := local_window(site, cfg.local_attention)):
+            site.exclude(kept)
         elif cfg.filter_fn is not None:
             for path in site.replaces:
                 try:

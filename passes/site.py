@@ -155,6 +155,8 @@ class AttentionLayout(SiteLayout):
             ``residual``: the block's residual connection made inside the attention module), or None.
         offset_bias: the score bias that depends only on the key-query offset (ALiBi), which seeds
             the mixer's filters, or None.
+        window: local (sliding-window) attention: each query sees the keys at offsets 0..window-1 (before
+            it when causal, on either side when not), read from the captured mask or the config; None: global.
     """
 
     type: ClassVar[str] = "attention"
@@ -172,6 +174,7 @@ class AttentionLayout(SiteLayout):
     norm: NormLayout | None = None
     residual: str | None = None
     offset_bias: OffsetBias | None = None
+    window: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "AttentionLayout":

@@ -276,10 +276,12 @@ def test_small_sliding_window_is_captured_long_enough_to_show_in_the_mask(window
     plan = m2.plan(model, SMALL)
     assert plan.captured.kwargs["input_ids"].shape[1] == window + 8
     [site] = _sequence_sites(plan)
-    assert (site.status, site.causal) == ("skip", None)
-    assert site.reason.startswith(f"sliding-window attention (window of {window} tokens in the attention mask: "
-                                  f"each query sees only the last {window} keys)")
+    assert (site.status, site.causal, site.layout.window) == ("exclude", True, window)   # narrow: kept by default
+    assert site.reason.startswith(f"local attention (each query sees {window} tokens: itself and the "
+                                  f"{window - 1} before it): kept")
     assert [s.status for s in plan.sites if s.kind == "dimension"] == ["convert"]
+    [site] = _sequence_sites(m2.plan(model, SMALL.replace(local_attention="convert")))
+    assert (site.status, site.layout.window, site.settings["filter_window"]) == ("convert", window, window - 2)
 
 
 # --- flex-attention ------------------------------------------------------------------------------------

@@ -95,17 +95,17 @@ def test_sliding_window_mask_is_not_read_as_padding():
     # each query sees its last 3 keys: no key is masked for every query, so nothing is padding
     model = nn.Sequential(Scores(lambda s: s.masked_fill(~_band(s), float("-inf")).softmax(-1)))
     plan = m2.plan(model, example_inputs=(torch.randn(2, N, HIDDEN),))
-    assert [s.status for s in plan.sites] == ["skip"]
-    assert plan.sites[0].reason.startswith("sliding-window attention (window of 3 tokens in the attention mask")
+    assert [(s.status, s.causal, s.layout.window) for s in plan.sites] == [("exclude", True, 3)]
+    assert plan.sites[0].reason.startswith("local attention (each query sees 3 tokens")
 
 
-def test_sliding_window_from_config_is_skipped_even_when_wider_than_the_capture():
+def test_sliding_window_from_config_is_read_even_when_wider_than_the_capture():
     # Gemma2 alternates sliding (window 4096, longer than any capture) and global layers
     torch.manual_seed(0)
     model = T.Gemma2Model(T.Gemma2Config(**{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2, head_dim=8))
     sites = [s for s in m2.plan(model.eval()).sites if s.kind == "sequence"]
-    assert [(s.status, s.causal) for s in sites] == [("skip", None), ("convert", True)]
-    assert sites[0].reason.startswith("sliding-window attention (window of 4096 tokens")
+    assert [(s.status, s.causal, s.layout.window) for s in sites] == [("convert", True, 4096), ("convert", True, None)]
+    assert sites[0].settings["filter_window"] == 4094 and "filter_window" not in sites[1].settings
 
 
 @pytest.mark.parametrize("product", ["einsum", "baddbmm"])

@@ -20,7 +20,8 @@ from m2convert.passes.graph import GraphIndex, module_path, op_name, users, with
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = m2.ConvertConfig(filter_order=16)
+# Local attention converts at every width, so the windows of 8 are converted and tested past the window.
+SMALL = m2.ConvertConfig(filter_order=16, local_attention="convert")
 TEXT = dict(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
 SEQ2SEQ = dict(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
@@ -99,7 +100,7 @@ FAMILIES = {
 # Decoders: their causal LM (AutoModelForCausalLM on the same config) generates the same tokens with the
 # decoding cache as without it. Encoders: a padded row's outputs equal the row run alone (ESM is left out: a
 # LayerNorm inside its attention module computes Q's input, so its attention rightly stays dense).
-DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "falcon", "gpt-bigcode", "phi3", "mixtral",
+DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "falcon", "gpt-bigcode", "phi3", "mixtral",
             "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe")
 ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "t5", "albert", "roberta", "distilbert", "electra",
             "roformer", "deberta")
@@ -213,12 +214,12 @@ def _reason_is_true(site, index: GraphIndex, plan) -> bool:
         q_val = _proj_input(index, site.roles["q"].path).meta["val"]
         batch = next(n for n in index.nodes if n.op == "placeholder" and not index.is_const(n)).meta["val"].shape[0]
         return q_val.shape[0] == int(rows[2]) and int(rows[2]) != int(rows[4]) == batch
-    window = re.match(r"sliding-window attention \(window of (\d+) tokens", reason)
+    window = re.match(r"local attention \(each query sees (\d+) tokens", reason)
     if window:
         config = plan.captured.model.config
         layer = int(re.search(r"layers\.(\d+)\.", site.fqn)[1])
         kinds = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
-        return kinds[layer] == "sliding_attention" and int(window[1]) == config.sliding_window
+        return kinds[layer] == "sliding_attention" and site.layout.window == config.sliding_window
     found = re.match(r"the output projection '(.+)' is followed inside '(.+)' by \[(.+)\]", reason)
     if found:
         out = next(p.output for p in index.projections if p.fqn == found[1])
@@ -246,6 +247,9 @@ def test_every_core_and_mlp_is_converted_or_truly_skipped(family):
     assert len(dense) == mlps, [(s.fqn, s.pattern) for s in dense]
     for site in plan.sites:
         assert site.status == "convert" or _reason_is_true(site, index, plan), (site.fqn, site.reason)
+        if getattr(site.layout, "window", None):                 # a local layer: its window, from mask or config
+            config = plan.captured.model.config
+            assert site.layout.window in (config.sliding_window, config.sliding_window + 1), site.fqn
     assert plan.converted, "nothing converts"
     converted = plan.apply()
     with torch.no_grad():

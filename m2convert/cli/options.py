@@ -7,7 +7,7 @@ import argparse
 import re
 import sys
 
-from ..config import CAUSAL_MODES, ConvertConfig
+from ..config import CAUSAL_MODES, LOCAL_ATTENTION, LOCAL_KEEP_TOKENS, ConvertConfig
 from ..errors import ConfigError, ConversionError
 from ..selection.command import add_selection_arguments, selection_settings
 
@@ -31,6 +31,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip", action="append", default=[], metavar="REGEX",
                    help="leave sites whose module path matches REGEX (repeatable)")
     g.add_argument("--strict", action="store_true", help="fail if any site cannot be converted")
+    g.add_argument("--local-attention", default=d.local_attention, choices=LOCAL_ATTENTION,
+                   help=f"sliding-window attention: convert to window-limited mixers, keep, or auto (convert "
+                        f"windows wider than {LOCAL_KEEP_TOKENS} tokens; default {d.local_attention})")
     add_selection_arguments(p.add_argument_group("attention to keep (ConvertConfig.keep_layers, keep_kv_bytes)"))
 
 
@@ -40,7 +43,7 @@ def config_from_args(args) -> ConvertConfig:
                          projection_nblocks=args.projection_nblocks,
                          sequence=not args.no_sequence, dimension=not args.no_dimension,
                          overrides={r: None for r in args.skip}, strict=args.strict, seq_len=args.seq_len,
-                         **selection_settings(args))
+                         local_attention=args.local_attention, **selection_settings(args))
 
 
 def input_spec(text: str):

@@ -30,9 +30,10 @@ def padding_mask(mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.T
     """(B, N) bool keep-mask (True = real token) from an HF attention mask, or None.
 
     Accepts (B, N) 0/1 or bool, (B, Nq, Nk) and (B, heads, Nq, Nk) bool (True = attend) or additive float
-    (0 = attend, a large negative = masked). The last query row of a causal or bidirectional mask holds
-    the padding of every key (when that query is padding itself and sees nothing, the keys any query
-    sees); with a KV cache only the last ``seq_len`` keys belong to this input.
+    (0 = attend, a large negative = masked). A token is real when its own query may see its own key
+    (the diagonal of the queries' block); a single query row holds the padding of every key (when that
+    query is padding itself and sees nothing, the keys any query sees); with a KV cache only the last
+    ``seq_len`` keys belong to this input.
 
     Example:
         >>> m = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
@@ -52,7 +53,12 @@ def padding_mask(mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.T
         keep = grid > torch.finfo(grid.dtype).min / 2                      # additive: 0 keeps, -inf drops
     else:
         keep = grid != 0
-    if keep.dim() == 3:
+    if keep.dim() == 3 and 1 < keep.shape[1] <= keep.shape[2]:
+        # Each query's own key: a real token sees itself under causal, bidirectional and sliding-window
+        # masks, and padding is masked as a key in every row, its own included.
+        nq, nk = keep.shape[1:]
+        keep = torch.diagonal(keep[:, :, nk - nq:], dim1=1, dim2=2)     # (B, Nq)
+    elif keep.dim() == 3:
         # The last query's keys; a padded last query (a mask made as the outer product of the padding,
         # HF DeBERTa) sees none: then the keys any query sees.
         last = keep[:, -1]                                                # (B, Nk)
@@ -103,11 +109,13 @@ class M2Attention(M2Block):
 
     def __init__(self, d_model: int, mode: str, arg_names, num_outputs: int = 0, dropout: float = 0.0,
                  filter_order: int = 128, filter_emb_dim: int = 5, projection_nblocks: int = 0,
-                 projection_rank: int = 1, residual: str | None = None, device=None, dtype=None):
+                 projection_rank: int = 1, residual: str | None = None, filter_window: int | None = None,
+                 device=None, dtype=None):
         super().__init__()
         self.mixer = M2SequenceMixer(d_model, mode=mode, filter_order=filter_order,
                                      filter_emb_dim=filter_emb_dim, projection_nblocks=projection_nblocks,
-                                     projection_rank=projection_rank, device=device, dtype=dtype)
+                                     projection_rank=projection_rank, filter_window=filter_window,
+                                     device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
         self.arg_names = tuple(arg_names)
         self.num_outputs = int(num_outputs)
@@ -212,10 +220,10 @@ class M2PostNormAttention(M2Attention):
     def __init__(self, d_model: int, mode: str, arg_names, num_outputs: int = 0, dropout: float = 0.0,
                  filter_order: int = 128, filter_emb_dim: int = 5, norm_eps: float = 1e-12,
                  norm_affine: bool = True, norm_bias: bool = True, projection_nblocks: int = 0,
-                 projection_rank: int = 1, device=None, dtype=None):
+                 projection_rank: int = 1, filter_window: int | None = None, device=None, dtype=None):
         super().__init__(d_model, mode, arg_names, num_outputs, dropout, filter_order, filter_emb_dim,
                          projection_nblocks=projection_nblocks, projection_rank=projection_rank,
-                         device=device, dtype=dtype)
+                         filter_window=filter_window, device=device, dtype=dtype)
         self.norm = nn.LayerNorm(d_model, eps=norm_eps, elementwise_affine=norm_affine,
                                  bias=norm_bias, device=device, dtype=dtype)
 

@@ -72,6 +72,8 @@ class ImplicitFilter(nn.Module):
         emb_dim: positional features: t = k / scale plus (emb_dim - 1) / 2 sin/cos bands; odd, >= 3.
         scale: offsets are measured in units of ``scale`` tokens (fixes frequencies and decay rates).
         fast_decay, slow_decay: the fastest / slowest channel decays to 1% after this many ``scale``s.
+        window: keep only the taps of offsets 0..window-1 (zero past them, at every N): the filter of a
+            local attention layer, which sees exactly what its window saw. None: every offset.
 
     Shapes: forward(n) -> (heads, channels, n) = taps(trunk(n)); trunk(n) -> (n, order) and
     taps(trunk, start, stop) -> (heads, stop - start, n) build it a block of channels at a time.
@@ -83,9 +85,12 @@ class ImplicitFilter(nn.Module):
 
     def __init__(self, channels: int, heads: int = 1, order: int = 128, emb_dim: int = 5,
                  scale: float = 512.0, fast_decay: float = 0.3, slow_decay: float = 1.5,
-                 sin_freq: float = 1.0, out_std: float = 0.02):
+                 sin_freq: float = 1.0, out_std: float = 0.02, window: int | None = None):
         super().__init__()
         check_int("channels", channels, low=1)
+        if window is not None:
+            check_int("window", window, low=1)
+        self.window = window
         check_int("heads", heads, low=1)
         check_int("filter_order", order, low=1)
         check_int("filter_emb_dim", emb_dim, low=3)
@@ -154,12 +159,16 @@ class ImplicitFilter(nn.Module):
         rates = self.decay_rates[start:stop].to(dtype)[:, None] / self.scale          # (c, 1)
         if traced(rates):
             t = torch.arange(n, device=rates.device, dtype=dtype)                      # (n,)
-            return torch.exp(-rates * t[None, :])                                       # (c, n)
+            d = torch.exp(-rates * t[None, :])                                          # (c, n)
+            return d if self.window is None else d * (t < self.window).to(dtype)       # zero past the window
         block = 128
         q = -(-n // block)
         hi = torch.exp(rates * -(torch.arange(q, device=rates.device, dtype=dtype) * block))   # (c, q)
         lo = torch.exp(rates * -torch.arange(block, device=rates.device, dtype=dtype))         # (c, B)
-        return (hi[:, :, None] * lo[:, None, :]).view(rates.shape[0], q * block)[:, :n]        # (c, n)
+        d = (hi[:, :, None] * lo[:, None, :]).view(rates.shape[0], q * block)[:, :n]           # (c, n)
+        if self.window is not None and n > self.window:
+            d[:, self.window:] = 0                                                               # zero past the window
+        return d
 
     def forward(self, n: int) -> torch.Tensor:
         return self.taps(self.trunk(n))                                                 # (heads, H, n)
@@ -194,7 +203,8 @@ class ImplicitFilter(nn.Module):
         if not bool((torch.isfinite(rate) & (rate > 0)).all()):
             return None
         k = (math.log(1 / tol) - torch.log(-torch.expm1(-rate))) / rate
-        return k.ceil().long().tolist()
+        k = k.ceil().long()
+        return (k if self.window is None else k.clamp(max=self.window)).tolist()
 
     def fit_taps(self, target: torch.Tensor, weight: torch.Tensor | None = None, steps: int = 100,
                  lr: float = 1e-2) -> dict:

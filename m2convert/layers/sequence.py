@@ -58,6 +58,9 @@ class M2SequenceMixer(M2Block):
         residual_conv: add the residual long convolution of the input with its skip D.
         projection_nblocks: 0 (default) for dense nn.Linear in/out projections; n >= 1 for MonarchLinear
             ones with n blocks per factor (n <= d_model) and rank ``projection_rank``.
+        filter_window: keep only the long filters' offsets 0..filter_window-1 per direction (a converted
+            local attention layer: each output then sees at most filter_window + short_kernel - 1 tokens
+            back, and filter_window ahead when bidirectional). None: every offset.
 
     Shapes: forward(x: (B, N, H), mask: (B, N) with 1 = token, 0 = padding, or None) -> (B, N, H).
     Positions where mask == 0 are zeroed before every convolution, so real positions never see
@@ -90,7 +93,7 @@ class M2SequenceMixer(M2Block):
     def __init__(self, d_model: int, mode: str = "bidirectional", filter_order: int = 128,
                  filter_emb_dim: int = 5, filter_scale: float = 512.0, short_kernel: int = 3,
                  residual_conv: bool = True, projection_nblocks: int = 0, projection_rank: int = 1,
-                 device=None, dtype=None):
+                 filter_window: int | None = None, device=None, dtype=None):
         super().__init__()
         check_int("d_model", d_model, low=1)
         check_int("projection_nblocks", projection_nblocks, low=0)
@@ -102,12 +105,13 @@ class M2SequenceMixer(M2Block):
         self.in_proj = _projection(d_model, 3 * d_model, projection_nblocks, projection_rank, factory)
         self.short_conv = nn.Conv1d(3 * d_model, 3 * d_model, short_kernel, groups=3 * d_model,
                                     padding=short_kernel - 1, **factory)
-        self.filter = ImplicitFilter(d_model, heads, filter_order, filter_emb_dim, filter_scale).to(**factory)
+        local = {"window": filter_window}                            # a local attention layer's offsets
+        self.filter = ImplicitFilter(d_model, heads, filter_order, filter_emb_dim, filter_scale, **local).to(**factory)
         self.D = nn.Parameter(torch.ones(d_model, **factory))
         self.residual_filter = None
         if residual_conv:
             self.residual_filter = ImplicitFilter(d_model, heads, filter_order, filter_emb_dim,
-                                                  filter_scale).to(**factory)
+                                                  filter_scale, **local).to(**factory)
             self.D_res = nn.Parameter(torch.zeros(d_model, **factory))
         self.out_proj = _projection(d_model, d_model, projection_nblocks, projection_rank, factory)
         self._spectrum_cache = None                                   # (key, (G, H, F) complex)
