@@ -91,7 +91,8 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
     if layout.residual is not None:
         kwargs["residual"] = layout.residual
     new = ADAPTERS[layout.adapter](**kwargs)
-    new.layer_idx = getattr(original, "layer_idx", None)                   # its slot in a generation cache
+    # Its slot in a generation cache (GPT-Neo names it layer_id).
+    new.layer_idx = getattr(original, "layer_idx", getattr(original, "layer_id", None))
     if seed:
         hidden, head_dim = layout.hidden, layout.head_dim
         q, o = _role_weight(model, site, "q"), _role_weight(model, site, "o")

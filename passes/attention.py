@@ -129,7 +129,8 @@ def sliding_window(module: nn.Module | None, model: nn.Module | None = None) -> 
 
     HF Gemma2, Qwen2, ModernBERT set ``sliding_window`` on each attention module (None on global layers);
     Mistral, Phi3, Mixtral read ``config.sliding_window`` for every layer; ``layer_types`` names the
-    sliding layers where a config mixes both. None for full attention.
+    sliding layers where a config mixes both; GPT-Neo's local layers (``attention_type == "local"``)
+    read ``config.window_size``. None for full attention.
 
     Example:
         >>> config = transformers.MistralConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
@@ -139,6 +140,9 @@ def sliding_window(module: nn.Module | None, model: nn.Module | None = None) -> 
     """
     if module is None:
         return None
+    if getattr(module, "attention_type", None) == "local":          # GPT-Neo: config.window_size
+        window = getattr(getattr(module, "config", None) or getattr(model, "config", None), "window_size", None)
+        return window if isinstance(window, int) and window > 0 else None
     if hasattr(module, "sliding_window"):
         window = module.sliding_window
         return window if isinstance(window, int) and window > 0 else None

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = m2.ConvertConfig(filter_order=16, local_attention="convert")
 TEXT = dict(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+LOCAL_GLOBAL = dict(layer_types=["sliding_attention", "full_attention"])
 SEQ2SEQ = dict(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0, bos_token_id=0,
                eos_token_id=0, decoder_start_token_id=0)
@@ -95,14 +96,32 @@ FAMILIES = {
     "deit": (lambda: T.DeiTModel(T.DeiTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                               intermediate_size=64, image_size=16, patch_size=4, **EAGER)), 1),
     "marian": (lambda: T.MarianModel(T.MarianConfig(**SEQ2SEQ, max_position_embeddings=64, **EAGER)), 2),
+    # Local attention with the windows of released models (wider than the capture: read from the config).
+    "mistral-w512": (lambda: T.MistralModel(T.MistralConfig(**TEXT, num_key_value_heads=2, sliding_window=512,
+                                                            **EAGER)), 1),
+    "mistral-w4096": (lambda: T.MistralModel(T.MistralConfig(**TEXT, num_key_value_heads=2, sliding_window=4096,
+                                                             **EAGER)), 1),
+    "gemma3": (lambda: T.Gemma3TextModel(T.Gemma3TextConfig(**{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2,
+                                                            head_dim=8, sliding_window=512, **LOCAL_GLOBAL, **EAGER)), 2),
+    "cohere2": (lambda: T.Cohere2Model(T.Cohere2Config(**{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2,
+                                                       sliding_window=4096, **LOCAL_GLOBAL, **EAGER)), 2),
+    "gpt-neo": (lambda: T.GPTNeoModel(T.GPTNeoConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
+                                                     attention_types=[[["local", "global"], 1]], window_size=256,
+                                                     max_position_embeddings=512, intermediate_size=64,
+                                                     bos_token_id=0, eos_token_id=0, **EAGER)), 2),
+    "modernbert-w512": (lambda: T.ModernBertModel(T.ModernBertConfig(**{**TEXT, "num_hidden_layers": 2},
+                                                                     cls_token_id=0, sep_token_id=0, local_attention=512,
+                                                                     global_attn_every_n_layers=2, **EAGER)), 2),
 }
+LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2", "gpt-neo", "modernbert-w512")
 
 # Decoders: their causal LM (AutoModelForCausalLM on the same config) generates the same tokens with the
 # decoding cache as without it. Encoders: a padded row's outputs equal the row run alone (ESM is left out: a
 # LayerNorm inside its attention module computes Q's input, so its attention rightly stays dense).
-DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "falcon", "gpt-bigcode", "phi3", "mixtral",
+DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "mistral-w512", "gemma3", "cohere2", "gpt-neo",
+            "falcon", "gpt-bigcode", "phi3", "mixtral",
             "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe")
-ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "t5", "albert", "roberta", "distilbert", "electra",
+ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "modernbert-w512", "t5", "albert", "roberta", "distilbert", "electra",
             "roformer", "deberta")
 
 # family -> the true cause, for families that cannot pass yet (none today)
@@ -249,7 +268,8 @@ def test_every_core_and_mlp_is_converted_or_truly_skipped(family):
         assert site.status == "convert" or _reason_is_true(site, index, plan), (site.fqn, site.reason)
         if getattr(site.layout, "window", None):                 # a local layer: its window, from mask or config
             config = plan.captured.model.config
-            assert site.layout.window in (config.sliding_window, config.sliding_window + 1), site.fqn
+            window = getattr(config, "sliding_window", None) or config.window_size          # GPT-Neo: window_size
+            assert site.layout.window in (window, window + 1), site.fqn                     # ModernBERT: + 1
     assert plan.converted, "nothing converts"
     converted = plan.apply()
     with torch.no_grad():
@@ -289,3 +309,14 @@ def test_encoders_are_padding_invariant(family):
         batched = converted(**padded)[0]                      # (2, N, H)
         single = converted(**alone)[0]                        # (1, 7, H)
     torch.testing.assert_close(batched[1, :7], single[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", LOCAL_FAMILIES)
+def test_local_attention_of_released_widths_converts_by_default(family):
+    """Windows of 256 tokens and more convert under the default local_attention="auto", every layer."""
+    torch.manual_seed(0)
+    plan = m2.plan(FAMILIES[family][0]().eval(), m2.ConvertConfig(filter_order=16))
+    attention = [s for s in plan.sites if s.kind == "sequence"]
+    assert all(s.status == "convert" for s in attention), [(s.fqn, s.reason) for s in attention]
+    assert any(s.layout.window for s in attention) and any(s.settings.get("filter_window") for s in attention)
+
