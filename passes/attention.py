@@ -140,21 +140,24 @@ def sliding_window(module: nn.Module | None, model: nn.Module | None = None) -> 
     """
     if module is None:
         return None
-    if getattr(module, "attention_type", None) == "local":          # GPT-Neo: config.window_size
-        window = getattr(getattr(module, "config", None) or getattr(model, "config", None), "window_size", None)
-        return window if isinstance(window, int) and window > 0 else None
-    if hasattr(module, "sliding_window"):
-        window = module.sliding_window
-        return window if isinstance(window, int) and window > 0 else None
     config = getattr(module, "config", None) or getattr(model, "config", None)
-    if config is None:
-        return None
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    if getattr(module, "attention_type", None) == "local":          # GPT-Neo: config.window_size
+        window = getattr(config, "window_size", None)
+        return window if isinstance(window, int) and window > 0 else None
+    # A layer the config types as full attention, or the module as not sliding (EXAONE 4 sets both a
+    # window and is_sliding), is global whatever window the module also holds.
     layer_types, layer = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
     if layer_types and isinstance(layer, int) and layer < len(layer_types):
         if layer_types[layer] != "sliding_attention":
             return None
-    if getattr(config, "use_sliding_window", True) is False:
+    if getattr(module, "is_sliding", True) is False:
+        return None
+    if hasattr(module, "sliding_window"):
+        window = module.sliding_window
+        return window if isinstance(window, int) and window > 0 else None
+    if config is None or getattr(config, "use_sliding_window", True) is False:
         return None
     window = getattr(config, "sliding_window", None)
     return window if isinstance(window, int) and window > 0 else None

@@ -212,6 +212,9 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
     # submodules the user had put in another mode (e.g. a frozen encoder layer in eval mode).
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
+    config, use_cache = getattr(model, "config", None), getattr(getattr(model, "config", None), "use_cache", None)
+    if use_cache:                 # a forward without use_cache (GraniteMoE's LM) reads the config's
+        config.use_cache = False
     try:
         try:
             hooks = _Hooks(model)
@@ -231,6 +234,8 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
         hooks.remove()
         for module, mode in modes:
             module.training = mode
+        if use_cache:
+            config.use_cache = use_cache
     modules = dict(model.named_modules(remove_duplicate=False))
     return Captured(model, exported, args, kwargs, modules, hooks.calls, hooks.outputs, shared_modules(model))
 

@@ -112,6 +112,12 @@ FAMILIES = {
     "modernbert-w512": (lambda: T.ModernBertModel(T.ModernBertConfig(**{**TEXT, "num_hidden_layers": 2},
                                                                      cls_token_id=0, sep_token_id=0, local_attention=512,
                                                                      global_attn_every_n_layers=2, **EAGER)), 2),
+    # A language model whose forward has no use_cache (capture reads the config's); EXAONE 4 sets a window
+    # on every layer and marks the full ones with layer_types / is_sliding.
+    "granitemoe": (lambda: T.GraniteMoeModel(T.GraniteMoeConfig(**TEXT, num_key_value_heads=2, num_local_experts=4,
+                                                                num_experts_per_tok=2, **EAGER)), 1),
+    "exaone4": (lambda: T.Exaone4Model(T.Exaone4Config(**{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2,
+                                                       sliding_window=4, **LOCAL_GLOBAL, **EAGER)), 2),
 }
 LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2", "gpt-neo", "modernbert-w512")
 
@@ -119,7 +125,7 @@ LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2"
 # decoding cache as without it. Encoders: a padded row's outputs equal the row run alone (ESM is left out: a
 # LayerNorm inside its attention module computes Q's input, so its attention rightly stays dense).
 DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "mistral-w512", "gemma3", "cohere2", "gpt-neo",
-            "falcon", "gpt-bigcode", "phi3", "mixtral",
+            "granitemoe", "exaone4", "falcon", "gpt-bigcode", "phi3", "mixtral",
             "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe")
 ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "modernbert-w512", "t5", "albert", "roberta", "distilbert", "electra",
             "roformer", "deberta")
@@ -319,4 +325,10 @@ def test_local_attention_of_released_widths_converts_by_default(family):
     attention = [s for s in plan.sites if s.kind == "sequence"]
     assert all(s.status == "convert" for s in attention), [(s.fqn, s.reason) for s in attention]
     assert any(s.layout.window for s in attention) and any(s.settings.get("filter_window") for s in attention)
+
+
+def test_a_layer_typed_full_attention_is_global_though_its_module_holds_a_window():
+    torch.manual_seed(0)
+    plan = m2.plan(FAMILIES["exaone4"][0]().eval(), SMALL)
+    assert [s.layout.window for s in plan.sites if s.kind == "sequence"] == [4, None]
 
