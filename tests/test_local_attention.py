@@ -137,3 +137,20 @@ def test_the_command_line_converts_local_attention_when_asked(tmp_path, capsys):
     assert main(["plan", str(folder), "--json", "--local-attention", "convert"]) == 0
     converted = capsys.readouterr().out
     assert '"filter_window": 6' in converted and '"filter_window"' not in default
+
+
+def test_a_local_decoder_decodes_from_a_fixed_window_of_inputs():
+    from m2convert.layers.recurrent import window_state_bytes
+
+    converted = m2.convert(_mistral(8, layers=2, lm=True), CONVERT, progress=False)
+    ids = torch.randint(1, 96, (2, 3))                        # a prompt shorter than the window, then past it
+    out = converted.generate(ids, max_new_tokens=30, do_sample=False, use_cache=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, converted.generate(ids, max_new_tokens=30, do_sample=False, use_cache=False))
+    states = [layer.state for layer in out.past_key_values.layers]
+    assert all(s.w.shape[-1] == 6 and s.length == 32 for s in states)     # 6 inputs held after 32 tokens
+    report = m2.to_recurrent(converted, state_size=8, horizon=512)
+    mixer = converted.model.layers[0].self_attn.mixer
+    assert [f.status for f in report.layers] == ["window", "window"]
+    assert report.layers[0].state_bytes == window_state_bytes(mixer) < 2 * 32 * 8 * 2 * 4
+    with pytest.raises(m2.M2Error, match="decodes exactly from its last 6 inputs"):
+        m2.export_decode_step(report.model, "step.pt2")

@@ -84,6 +84,10 @@ def _slots(model: nn.Module) -> list[_Slot]:
         if not isinstance(module, M2Attention) or module.mixer.mode == "bidirectional":
             continue
         mixer = module.mixer
+        if getattr(mixer.filter, "window", None) is not None and not is_recurrent(mixer):
+            raise ConfigError(f"{where}: the local mixer at '{path}' decodes exactly from its last "
+                              f"{mixer.filter.window} inputs (to_recurrent keeps it so), a state "
+                              "export_decode_step does not lay out; export the model with m2.export instead")
         if not is_recurrent(mixer) or module.layer_idx is None:
             plain.append(path)
             continue

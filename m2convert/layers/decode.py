@@ -84,9 +84,15 @@ def _grow(buf: torch.Tensor, capacity: int) -> torch.Tensor:
     return out
 
 
+def window_taps(mixer) -> int | None:
+    """The offsets a local mixer's filters keep (``filter_window``), or None: decoding then keeps only
+    that many past inputs, a fixed-size state that gives the same outputs."""
+    return getattr(mixer.filter, "window", None)
+
+
 def _ensure_capacity(mixer, state: DecodeState, needed: int) -> None:
     capacity = state.w.shape[-1]
-    if needed <= capacity:
+    if needed <= capacity or window_taps(mixer) is not None:
         return
     capacity = max(needed, 2 * capacity)
     state.w = _grow(state.w, capacity)
@@ -129,6 +135,9 @@ def prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, capacity: 
     n = x.shape[1]
     z_tail, w, u = _prompt_inputs(mixer, x, mask)
     cap = max(capacity or 0, n, 1)
+    if window_taps(mixer) is not None:                      # the window's last inputs, left-aligned
+        cap = window_taps(mixer)
+        w, u = w[..., -cap:], None if u is None else u[..., -cap:]
     state = DecodeState(z_tail=z_tail, w=_grow(w, cap), u=None if u is None else _grow(u, cap),
                         taps=mixer.filter(cap)[0].flip(-1),
                         res_taps=None if mixer.residual_filter is None else mixer.residual_filter(cap)[0].flip(-1),
@@ -153,6 +162,10 @@ def decode_step(mixer, x_t: torch.Tensor, state: DecodeState) -> torch.Tensor:
         raise ShapeError(f"decode_step expects x_t of shape (B, 1, {mixer.d_model}), got {tuple(x_t.shape)}")
     h, t = mixer.d_model, state.length
     _ensure_capacity(mixer, state, t + 1)
+    if state.w.shape[-1] <= t:                              # a full window: drop the oldest input
+        state.w = torch.roll(state.w, -1, dims=-1)
+        state.u = None if state.u is None else torch.roll(state.u, -1, dims=-1)
+    n, t = t, min(t, state.w.shape[-1] - 1)                 # tokens seen; the slot of this one
     z = mixer.in_proj(x)                                                       # (B, 3H)
     window = torch.cat([state.z_tail, z[..., None]], dim=-1)                   # (B, 3H, kernel)
     c = (window * mixer.short_conv.weight[:, 0, :]).sum(-1) + mixer.short_conv.bias   # (B, 3H)
@@ -166,7 +179,7 @@ def decode_step(mixer, x_t: torch.Tensor, state: DecodeState) -> torch.Tensor:
         state.u.narrow(-1, t, 1).copy_(x[..., None])
         y = (y + torch.einsum("bhs,hs->bh", state.u[..., : t + 1], state.res_taps[:, offsets])
              + mixer.D_res * x)
-    state.length = t + 1
+    state.length = n + 1
     out = mixer.out_proj(y)                                                    # (B, H)
     return out if squeeze else out[:, None]
 

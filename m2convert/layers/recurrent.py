@@ -124,10 +124,27 @@ def state_bytes(mixer: M2SequenceMixer, state_size: int, dtype: torch.dtype = to
     return filters * mixer.d_model * state_size * 2 * size + 3 * mixer.d_model * (mixer.short_kernel - 1) * size
 
 
+def window_state_bytes(mixer: M2SequenceMixer, dtype: torch.dtype = torch.float32) -> int | None:
+    """Bytes of one sequence's decoding state of a local mixer (filters limited to ``window`` offsets):
+    its last ``window`` gated (and residual) inputs and the short conv's last inputs; None without a window.
+
+    Example:
+        >>> window_state_bytes(M2SequenceMixer(32, mode="causal", filter_window=6))   # 2 * 32 * 6 * 4 + 96 * 2 * 4
+        2304
+    """
+    window = getattr(mixer.filter, "window", None)
+    if window is None:
+        return None
+    size = torch.tensor([], dtype=dtype).element_size()
+    filters = 2 if mixer.residual_filter is not None else 1
+    return filters * mixer.d_model * window * size + 3 * mixer.d_model * (mixer.short_kernel - 1) * size
+
+
 @dataclass
 class LayerFit:
     """One mixer of :func:`to_recurrent`: status "recurrent" (fit errors: relative L2 of all channels'
-    taps, and the worst channel's) or "skip" with its reason; state bytes per sequence."""
+    taps, and the worst channel's), "window" (a local mixer kept exact: its window of past inputs is the
+    smaller state) or "skip" with its reason; state bytes per sequence."""
 
     name: str
     status: str
@@ -187,7 +204,9 @@ def to_recurrent(model: nn.Module, state_size: int = STATE_SIZE, horizon: int = 
     ``inplace`` (as in ``m2.convert``), and returned as ``report.model``. The full forward then uses the
     fitted taps, and ``generate()`` decodes with a fixed-size state (O(1) per token in the context); the
     converted weight matrices are stored for one-token products (:mod:`m2convert.layers.gemv`).
-    Bidirectional mixers are listed as skipped, with the reason. Fitting again refits the current taps.
+    Bidirectional mixers are listed as skipped, with the reason. A local mixer (filters limited to a
+    window) keeps its exact filters where its window of past inputs is no larger than the modal state
+    (status "window"). Fitting again refits the current taps.
 
     Raises:
         ConfigError: ``state_size`` < 1, ``horizon`` < 8 S + 41, or no causal mixer in ``model``.
@@ -213,6 +232,12 @@ def to_recurrent(model: nn.Module, state_size: int = STATE_SIZE, horizon: int = 
         if mixer.mode not in CAUSAL_MODES:
             report.layers.append(LayerFit(name, "skip", reason=f"mode={mixer.mode!r}: a bidirectional "
                                           "filter sees future tokens and has no recurrent form"))
+            continue
+        window = getattr(mixer.filter, "window", None)
+        kept = window_state_bytes(mixer, mixer.D.dtype)
+        if window is not None and kept <= state_bytes(mixer, state_size, mixer.D.dtype):
+            report.layers.append(LayerFit(name, "window", state_bytes=kept, reason=(
+                f"a local mixer: decodes exactly from its last {window} inputs, no larger than the modal state")))
             continue
         report.layers.append(_make_recurrent(name, mixer, state_size, horizon))
     lay_out_for_decode(target)
