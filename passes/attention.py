@@ -297,9 +297,10 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
     after = _after_output(index, fqn, projs, o)
     if isinstance(after, str):
         return site.skip(after)
+    *after, feeds = after
     site = _fill_layout(site, index, core, projs, *after)
     if site.layout is not None:
-        site.layout.window = window
+        site.layout.window, site.layout.feeds = window, feeds
     return site
 
 
@@ -319,12 +320,12 @@ def _after_output(index: GraphIndex, fqn: str, projs: dict, o):
         if why:
             return why
     reused = [n for n in outputs if n is not final]
-    if reused:
+    feeds = sorted({module_path(u) or "the model output" for n in reused for u in users(n) if u not in site_nodes})
+    if reused and "the model output" in feeds:
         n = reused[0]
-        readers = sorted({module_path(u) or "the model output" for u in users(n) if u not in site_nodes})
         return (f"'{n.name}' ({op_name(n)} in '{module_path(n)}') is also used outside the site by "
-                f"{readers}; converting would change that value")
-    return kind, dropout, norm, residual
+                f"{feeds}; converting would change that value")
+    return kind, dropout, norm, residual, feeds
 
 
 def _fill_layout(site: Site, index: GraphIndex, core, projs, kind, dropout, norm, residual=None) -> Site:

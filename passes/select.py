@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from m2convert.config import LOCAL_KEEP_TOKENS
 from m2convert.errors import ConfigError
+from m2convert.passes.graph import within
 from m2convert.passes.site import CONVERT, DIMENSION, EXCLUDE, SEQUENCE, Site
 
 SHORT_KERNEL = 3              # the mixers' short convolution: its taps widen what a token sees by 2
@@ -47,6 +48,23 @@ def _site_settings(site: Site, settings: dict) -> dict:
     return {"nblocks": settings["nblocks"], "rank": settings["rank"]}
 
 
+def check_feeds(sites: list[Site]) -> None:
+    """Skip each converting attention site that computes a value another module reads (``layout.feeds``)
+    unless every such reader is a converting site too (it then reads nothing the site made), until no
+    more change: a converted T5 layer 0 no longer makes the position bias its kept successors need."""
+    changed = True
+    while changed:
+        converting = [s.fqn for s in sites if s.status == CONVERT and s.kind == SEQUENCE]
+        changed = False
+        for site in sites:
+            feeds = getattr(site.layout, "feeds", None) or []
+            missing = [f for f in feeds if not any(within(f, c) for c in converting)]
+            if site.status == CONVERT and missing:
+                site.skip(f"it computes a value {missing} also read (T5's position bias, a shared mask): they "
+                          "keep running the original code, so the site converts only together with them")
+                changed = True
+
+
 def select_sites(ctx) -> int:
     """Pass: settings per site from the config; exclude what the user left out. Returns sites kept.
 
@@ -75,4 +93,5 @@ def select_sites(ctx) -> int:
                 if not keep:
                     site.exclude(f"filter_fn returned False for '{path}'")
                     break
+    check_feeds(ctx.sites)
     return sum(s.status == CONVERT for s in ctx.sites)

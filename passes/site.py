@@ -157,6 +157,8 @@ class AttentionLayout(SiteLayout):
             the mixer's filters, or None.
         window: local (sliding-window) attention: each query sees the keys at offsets 0..window-1 (before
             it when causal, on either side when not), read from the captured mask or the config; None: global.
+        feeds: modules outside the site that read a value it computes besides its output (T5's position
+            bias, computed by the first layer); the site converts only when each of them converts too.
     """
 
     type: ClassVar[str] = "attention"
@@ -175,6 +177,7 @@ class AttentionLayout(SiteLayout):
     residual: str | None = None
     offset_bias: OffsetBias | None = None
     window: int | None = None
+    feeds: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict) -> "AttentionLayout":

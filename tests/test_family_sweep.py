@@ -59,8 +59,9 @@ FAMILIES = {
     "phi3": (lambda: T.Phi3Model(T.Phi3Config(**TEXT, num_key_value_heads=2, **EAGER)), 1),
     "mixtral": (lambda: T.MixtralModel(T.MixtralConfig(**TEXT, num_key_value_heads=2, num_local_experts=4,
                                                        num_experts_per_tok=2, **EAGER)), 1),
-    "t5": (lambda: T.T5EncoderModel(T.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                               num_heads=4, pad_token_id=0, eos_token_id=0)), 1),
+    # Two layers: the first computes the relative position bias the second reads.
+    "t5": (lambda: T.T5EncoderModel(T.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_heads=4, pad_token_id=0, eos_token_id=0)), 2),
     "bart": (lambda: T.BartModel(T.BartConfig(**SEQ2SEQ, max_position_embeddings=64, **EAGER)), 2),
     "swin": (lambda: T.SwinModel(T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1],
                                               num_heads=[2], window_size=4, **EAGER)), 1),
@@ -331,4 +332,15 @@ def test_a_layer_typed_full_attention_is_global_though_its_module_holds_a_window
     torch.manual_seed(0)
     plan = m2.plan(FAMILIES["exaone4"][0]().eval(), SMALL)
     assert [s.layout.window for s in plan.sites if s.kind == "sequence"] == [4, None]
+
+
+def test_t5s_first_layer_converts_only_with_the_layers_reading_its_position_bias():
+    torch.manual_seed(0)
+    model = FAMILIES["t5"][0]().eval()
+    sites = [s for s in m2.plan(model, SMALL).sites if s.kind == "sequence"]
+    assert [s.status for s in sites] == ["convert", "convert"]
+    assert sites[0].layout.feeds == ["encoder.block.1.layer.0.SelfAttention"] and not sites[1].layout.feeds
+    kept = SMALL.replace(overrides={r"block\.1\.layer\.0": None})
+    sites = [s for s in m2.plan(model, kept).sites if s.kind == "sequence"]
+    assert [s.status for s in sites] == ["skip", "exclude"] and "position bias" in sites[0].reason
 

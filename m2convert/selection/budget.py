@@ -14,6 +14,7 @@ import torch
 
 from m2convert.errors import ConfigError
 from m2convert.layers.heads import kept_cost
+from m2convert.passes.select import check_feeds
 from m2convert.passes.site import CONVERT, SEQUENCE, AttentionLayout, Selection, Site
 from m2convert.selection.scores import SCORERS, Candidates, Unit
 
@@ -194,6 +195,7 @@ def select_attention(plan, calibration=None, *, tokenizer=None, progress: bool =
         scores = scorer.score(Candidates(plan, units, calibration, tokenizer, progress))
     kept = choose(scores, costs, capacity)
     _mark(sites, units, scores, kept, method, budget, itemsize)
+    check_feeds(plan.sites)                       # a kept layer may read what a converted one made
     if budget.layers > len(sites):
         plan.notes.append(f"keep_layers={budget.layers} but only {len(sites)} attention site(s) would convert: "
                           "every one keeps its attention")
