@@ -150,3 +150,13 @@ def test_converting_nothing_fails_with_the_reasons(skip_dirs, tmp_path, capsys):
     assert main(["convert", str(skip_dirs / "bart"), "--out", str(out), "--no-dimension", "--skip", "self_attn"]) == 1
     line = _one_line_error(capsys.readouterr().err)
     assert "1 site(s) cannot be converted (cross-attention: 1 site); 4 site(s) are left out by --skip" in line, line
+
+
+def test_the_command_line_shows_no_import_noise_of_other_libraries():
+    """torchao (which transformers imports where installed) logs C extensions built for another torch, and
+    torch's pytree that torchao's registrations are deprecated: nothing about the user's command."""
+    done = subprocess.run([sys.executable, "-m", "m2convert", "plan", "all-MiniLM-L6-v2"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Failed to load" not in done.stderr and "register_constant" not in done.stderr, done.stderr[:2000]
+    assert "RewritePlan for BertModel" in done.stdout

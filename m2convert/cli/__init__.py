@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -126,8 +127,17 @@ def _debug() -> bool:
     return os.environ.get("M2_DEBUG", "") not in ("", "0")
 
 
+# Loggers of other libraries whose import-time warnings say nothing about the user's command: torchao
+# (imported by transformers where installed) reports C extensions built for another torch, which
+# registers its enums with torch's pytree and is told that is deprecated.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv=None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 error, 2 bad arguments, 130 interrupted)."""
+    if not _debug():
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_named_command(argv)).parse_args(argv)
     try:
