@@ -18,7 +18,8 @@ from m2convert.passes.site import CONVERT, SEQUENCE, SKIP, AttentionLayout, Expe
 
 
 def flops_before(site: Site, model) -> sympy.Expr:
-    """Dense cost of a site: its projections (fused ones once) plus the O(N^2) attention core."""
+    """Dense cost of a site: its projections (fused ones once) plus the attention core (O(N^2), or O(N W)
+    under a sliding window of W keys)."""
     if isinstance(site.layout, ExpertsLayout):                  # stacked experts: no projection modules
         return site.layout.dense_flops()
     total, seen = sympy.Integer(0), set()
@@ -29,8 +30,11 @@ def flops_before(site: Site, model) -> sympy.Expr:
         module = model.get_submodule(role.path)
         total += linear_flops(*projection_dims(module), bias=getattr(module, "bias", None) is not None)
     if site.kind == SEQUENCE and "q" in site.roles:
-        hidden = site.layout.hidden if isinstance(site.layout, AttentionLayout) else None
-        total += attention_flops(hidden or projection_dims(model.get_submodule(site.roles["q"].path))[0])
+        layout = site.layout if isinstance(site.layout, AttentionLayout) else None
+        hidden = layout.hidden if layout is not None else None
+        window = layout.window if layout is not None else None
+        keys = None if window is None else window if site.causal else 2 * window - 1    # a sliding window's keys
+        total += attention_flops(hidden or projection_dims(model.get_submodule(site.roles["q"].path))[0], keys)
     return total
 
 

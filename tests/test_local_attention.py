@@ -154,3 +154,12 @@ def test_a_local_decoder_decodes_from_a_fixed_window_of_inputs():
     assert report.layers[0].state_bytes == window_state_bytes(mixer) < 2 * 32 * 8 * 2 * 4
     with pytest.raises(m2.M2Error, match="decodes exactly from its last 6 inputs"):
         m2.export_decode_step(report.model, "step.pt2")
+
+
+def test_the_plan_prices_local_attention_by_its_window():
+    narrow, wide = (_attention_sites(m2.plan(_mistral(w), CONVERT))[0] for w in (8, 4096))
+    n = 4096
+    from m2convert.layers.cost import B, N
+    before = {w: s.flops_before.subs({B: 1, N: n}) for w, s in ((8, narrow), (4096, wide))}
+    assert before[8] < before[4096] / 50                        # 8 keys a query against 4096
+    assert narrow.flops_after.subs({B: 1, N: n}) > before[8]    # a mixer costs more than a window of 8

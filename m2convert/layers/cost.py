@@ -21,9 +21,17 @@ def linear_flops(in_features: int, out_features: int, bias: bool = True) -> symp
     return B * N * (2 * in_features * out_features + (out_features if bias else 0))
 
 
-def attention_flops(hidden: int) -> sympy.Expr:
-    """The quadratic core of softmax attention (scores Q K^T and the weighted sum of V), O(N^2)."""
-    return B * 4 * N**2 * hidden
+def attention_flops(hidden: int, keys: int | None = None) -> sympy.Expr:
+    """The core of softmax attention (scores Q K^T and the weighted sum of V): O(N^2), or O(N keys) when
+    each query sees at most ``keys`` keys (a sliding window).
+
+    Example:
+        >>> attention_flops(64, keys=128).subs({B: 1, N: 1024}) / attention_flops(64).subs({B: 1, N: 1024})
+        1/8
+    """
+    if keys is None:
+        return B * 4 * N**2 * hidden
+    return B * 4 * N * sympy.Min(N, keys) * hidden
 
 
 def fft_conv_flops(channels: int, bidirectional: bool = False) -> sympy.Expr:
