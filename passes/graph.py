@@ -21,7 +21,18 @@ ELEMENTWISE = frozenset(
         "exp", "erf", "sqrt", "rsqrt", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "dropout",
         "clone", "alias", "contiguous", "to", "_to_copy", "type_as", "hardtanh", "leaky_relu", "elu",
         "softplus", "mish", "hardswish", "hardsigmoid", "square", "log1p", "abs", "sign", "reciprocal",
-        "gelu_", "silu_", "relu_", "sigmoid_", "tanh_"))
+        "gelu_", "silu_", "relu_", "sigmoid_", "tanh_", "expm1", "log", "where", "gt", "lt", "ge", "le",
+        "eq", "ne", "logical_and", "logical_or", "logical_not", "masked_fill"))
+# Binary forms of ops whose other overloads reduce (torch.min(x, y) is aten.min.other; torch.min(x) is not).
+BINARY_ELEMENTWISE = frozenset(("aten.min", "aten.max"))
+
+
+def elementwise(node: fx.Node) -> bool:
+    """Whether ``node`` computes each output element from the same element of its inputs."""
+    name = op_name(node)
+    if name in BINARY_ELEMENTWISE:
+        return len(node.args) == 2 and isinstance(node.args[1], fx.Node) and not node.kwargs
+    return name in ELEMENTWISE
 
 # Activation ops that name an MLP pattern (tanh/sigmoid also appear inside composite GELUs).
 ACTIVATIONS = {"aten.gelu": "gelu", "aten.silu": "silu", "aten.relu": "relu", "aten.relu6": "relu",

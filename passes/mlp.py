@@ -25,7 +25,7 @@ from torch import fx
 from m2convert.layers.monarch import ACTIVATIONS as FOLDABLE
 
 from m2convert.passes.experts import expert_sites
-from m2convert.passes.graph import (ACTIVATIONS, ELEMENTWISE, GraphIndex, common_prefix, feature_ranges, within,
+from m2convert.passes.graph import (ACTIVATIONS, GraphIndex, elementwise, common_prefix, feature_ranges, within,
                                    module_entry, op_name, projection_dims, users)
 from m2convert.passes.site import DIMENSION, MLPLayout, Role, Site
 
@@ -84,7 +84,7 @@ def _region(index: GraphIndex, down) -> tuple[set, list, bool]:
             if proj not in sources:
                 sources.append(proj)
             continue
-        if node.op != "call_function" or op_name(node) not in ELEMENTWISE | SPLITS:
+        if node.op != "call_function" or not (elementwise(node) or op_name(node) in SPLITS):
             return region, sources, False
         region.add(node)
         stack.extend(index.data_inputs(node))
@@ -103,13 +103,24 @@ def _forward_reach(start: fx.Node, region: set) -> set:
 
 
 def activation_name(index: GraphIndex, nodes) -> str | None:
-    """'gelu', 'silu', 'relu'... for the activation among ``nodes`` (module class names win), else None."""
+    """'gelu', 'silu', 'relu'... for the activation among ``nodes`` (module class names win); for another
+    nonlinear elementwise function, its activation module's class name ('xielu' for XIELUActivation, else
+    'elementwise'); None when ``nodes`` compute nothing nonlinear."""
     classes = " ".join((module_entry(n) or ("", "", 0))[1].lower() for n in nodes)
     for name in ("gelu", "silu", "swish", "relu", "mish"):
         if name in classes:
             return "silu" if name == "swish" else name
     names = [ACTIVATIONS[op_name(n)] for n in nodes if op_name(n) in ACTIVATIONS]
+    owners = [e[1].lower().removesuffix("activation") for e in map(module_entry, nodes)
+              if e and e[1].lower().endswith("activation")]
+    if owners and owners[0]:
+        return owners[0]                          # an activation module of its own kind: XIELUActivation
     return names[0] if names else None
+
+
+# Ops that make an elementwise region a nonlinear activation (not just a scale, a cast or dropout).
+NONLINEAR = frozenset(f"aten.{op}" for op in ("where", "expm1", "exp", "log", "min", "max", "minimum", "maximum",
+                                                "clamp", "clamp_min", "clamp_max", "abs", "pow", "square"))
 
 
 # Ops that cut a fused projection's output into its parts (HF Phi3's gate_up_proj, ModernBERT's Wi).
@@ -162,12 +173,21 @@ def match_gated_mlp(index: GraphIndex, down, region, sources) -> MLPMatch | None
                     act_nodes=tuple(reach[gate] - reach[1 - gate]), act_role="gate")
 
 
+def match_elementwise_mlp(index: GraphIndex, down, region, sources) -> MLPMatch | None:
+    """The fallback after every registered pattern: fc1 -> a nonlinear elementwise function no pattern
+    names (a where / expm1 / min chain, an unnamed product like h * |h|) -> fc2, as "elementwise-mlp"."""
+    if len(sources) != 1 or not any(op_name(n) in NONLINEAR for n in region):
+        return None
+    return MLPMatch({"fc1": sources[0], "fc2": down}, None, "elementwise-mlp", act_nodes=tuple(region), act_role="fc1")
+
+
 def mlp_site(index: GraphIndex, down) -> Site | None:
     """The MLP site ending at projection ``down``, or None if ``down`` does not end an MLP."""
     region, sources, clean = _region(index, down)
     if not clean or not region or not sources:
         return None
     found = next((m for p in MLP_PATTERNS if (m := p.match(index, down, region, sources)) is not None), None)
+    found = found or match_elementwise_mlp(index, down, region, sources)
     if found is None:
         return None
     roles = found.roles
