@@ -205,6 +205,46 @@ def match_softmax(index: GraphIndex) -> list[AttentionCore]:
     return cores
 
 
+def _sink_scores(index: GraphIndex, node) -> fx.Node | None:
+    """The scores S of softmax input ``cat([S, sinks], -1)`` (less its row max), else None: S carries the
+    QK product, the columns after it are a learned per-head sink logit."""
+    while op_name(node) in ("aten.sub", "aten.to", "aten._to_copy"):         # - max(dim=-1), casts
+        node = node.args[0]
+    if op_name(node) != "aten.cat" or not _last_dim_of(node) or len(node.args[0]) < 2:
+        return None
+    scores = node.args[0][0]
+    return scores if _carries_scores(index, scores, {}) else None
+
+
+def _last_dim_of(cat: fx.Node) -> bool:
+    dim, val = _arg(cat, 1, "dim", 0), cat.meta.get("val")
+    return val is not None and dim in (-1, val.dim() - 1)
+
+
+@register_attention_pattern("sink-attention")
+def match_sink_softmax(index: GraphIndex) -> list[AttentionCore]:
+    # HF GPT-OSS: softmax(cat([scores, sinks], -1) - max)[..., :-1] @ V (a learned logit per head that takes
+    # probability mass and is dropped). The mixer models the scores' part; the sinks are not carried over.
+    cores = []
+    for softmax in index.calls(*SOFTMAXES):
+        scores = _sink_scores(index, softmax.args[0]) if _last_dim(softmax) else None
+        traced = trace_scores(index, scores) if scores is not None else None
+        if traced is None:
+            continue
+        probs = softmax
+        while len(users(probs)) == 1 and op_name(users(probs)[0]) in PROB_OPS | {"aten.slice"}:
+            probs = users(probs)[0]
+        out = next((u for u in users(probs) if (ops := product_operands(index, u)) and ops[0] is probs), None)
+        if out is None or probs is softmax:
+            continue
+        qk, biases = traced
+        q, k = product_operands(index, qk)
+        mask = next((b for b in biases if b.meta.get("val") is not None and b.meta["val"].dim() >= 2), None)
+        cores.append(AttentionCore(out, "sink-attention", q, k, product_operands(index, out)[1], mask,
+                                   scores=scores, biases=biases))
+    return cores
+
+
 @register_attention_pattern("flex-attention")
 def match_flex(index: GraphIndex) -> list[AttentionCore]:
     # transformers attn_implementation="flex_attention":

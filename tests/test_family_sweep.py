@@ -121,6 +121,10 @@ FAMILIES = {
                                                        sliding_window=4, **LOCAL_GLOBAL, **EAGER)), 2),
     # An activation the matcher knows by its elementwise ops alone (xIELU: where, expm1, min; parameters).
     "apertus": (lambda: T.ApertusModel(T.ApertusConfig(**TEXT, num_key_value_heads=2, **EAGER)), 1),
+    # Attention sinks: a learned logit per head joins the softmax and is dropped after it.
+    "gpt-oss": (lambda: T.GptOssModel(T.GptOssConfig(**{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2,
+                                                     head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                                                     sliding_window=4, **LOCAL_GLOBAL, **EAGER)), 2),
 }
 LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2", "gpt-neo", "modernbert-w512")
 
@@ -128,7 +132,7 @@ LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2"
 # decoding cache as without it. Encoders: a padded row's outputs equal the row run alone (ESM is left out: a
 # LayerNorm inside its attention module computes Q's input, so its attention rightly stays dense).
 DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "mistral-w512", "gemma3", "cohere2", "gpt-neo",
-            "granitemoe", "exaone4", "apertus", "falcon", "gpt-bigcode", "phi3", "mixtral",
+            "granitemoe", "exaone4", "apertus", "gpt-oss", "falcon", "gpt-bigcode", "phi3", "mixtral",
             "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe")
 ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "modernbert-w512", "t5", "albert", "roberta", "distilbert", "electra",
             "roformer", "deberta")
