@@ -125,6 +125,12 @@ FAMILIES = {
     "gpt-oss": (lambda: T.GptOssModel(T.GptOssConfig(**{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2,
                                                      head_dim=8, num_local_experts=4, num_experts_per_tok=2,
                                                      sliding_window=4, **LOCAL_GLOBAL, **EAGER)), 2),
+    # Chunked attention (each query sees its own chunk): kept, named as chunked.
+    "llama4": (lambda: T.Llama4TextModel(T.Llama4TextConfig(**{**TEXT, "num_hidden_layers": 2}, intermediate_size_mlp=64,
+                                                            num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                                            interleave_moe_layer_step=2,
+                                                            layer_types=["chunked_attention", "full_attention"],
+                                                            **EAGER)), 3),          # dense; routed + shared experts
 }
 LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2", "gpt-neo", "modernbert-w512")
 
@@ -252,6 +258,11 @@ def _reason_is_true(site, index: GraphIndex, plan) -> bool:
         layer = int(re.search(r"layers\.(\d+)\.", site.fqn)[1])
         kinds = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
         return kinds[layer] == "sliding_attention" and site.layout.window == config.sliding_window
+    chunk = re.match(r"chunked attention \(chunks of (\d+) tokens", reason)
+    if chunk:
+        config = plan.captured.model.config
+        layer = int(re.search(r"layers\.(\d+)\.", site.fqn)[1])
+        return config.layer_types[layer] == "chunked_attention" and int(chunk[1]) == config.attention_chunk_size
     found = re.match(r"the output projection '(.+)' is followed inside '(.+)' by \[(.+)\]", reason)
     if found:
         out = next(p.output for p in index.projections if p.fqn == found[1])

@@ -163,3 +163,15 @@ def test_the_plan_prices_local_attention_by_its_window():
     before = {w: s.flops_before.subs({B: 1, N: n}) for w, s in ((8, narrow), (4096, wide))}
     assert before[8] < before[4096] / 50                        # 8 keys a query against 4096
     assert narrow.flops_after.subs({B: 1, N: n}) > before[8]    # a mixer costs more than a window of 8
+
+
+@pytest.mark.parametrize("chunk", [4, 8192])
+def test_chunked_attention_is_named_and_kept(chunk):
+    torch.manual_seed(0)
+    config = T.Llama4TextConfig(**{**TEXT, "num_hidden_layers": 2}, intermediate_size_mlp=64, num_key_value_heads=2,
+                                head_dim=8, attention_chunk_size=chunk, num_local_experts=2, interleave_moe_layer_step=2,
+                                layer_types=["chunked_attention", "full_attention"])
+    sites = _attention_sites(m2.plan(T.Llama4TextModel(config).eval(), CONVERT))
+    where = "attention mask" if chunk == 4 else "model config"           # a chunk the capture spans shows in the mask
+    assert [s.status for s in sites] == ["skip", "convert"]
+    assert sites[0].reason.startswith(f"chunked attention (chunks of {chunk} tokens in the {where}")
