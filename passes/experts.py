@@ -187,8 +187,11 @@ def _experts_site(index: GraphIndex, fqn: str, names: dict[str, int]) -> Site:
                          "would change every call")
     inputs = _call_inputs(index, fqn)
     if inputs is None:
-        return site.skip(f"{where}, but the module is not called as experts(hidden_states (T, H), top_k_index "
-                         "(T, k), top_k_weights (T, k)); the block stays dense")
+        site.pattern = "stacked-weights"
+        return site.skip(f"'{fqn}' multiplies by stacked 3-D parameters {stacked} but is not called as "
+                         "mixture-of-experts(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)): not "
+                         "an MLP the experts pattern converts (a recurrence such as RG-LRU, relative-attention "
+                         "weights, or experts routed another way); it stays dense")
     if len(stacked) != 2:
         return site.skip(f"{where}: {len(stacked)} of them, where the experts formula reads two (gate_up and "
                          "down); the block stays dense")

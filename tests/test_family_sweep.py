@@ -235,7 +235,8 @@ def _reason_is_true(site, index: GraphIndex, plan) -> bool:
         return _proj_input(index, site.roles["k"].path) is not _proj_input(index, site.roles["q"].path)
     if "per forward (shared module" in reason or "run more than once per forward" in reason:
         return any(plan.captured.calls.get(p, 1) > 1 for p in site.read_paths())
-    experts = re.match(r"mixture-of-experts MLP: the experts' weights are stacked .* parameters \[(.+)\]", reason)
+    experts = (re.match(r"mixture-of-experts MLP: the experts' weights are stacked .* parameters \[(.+)\]", reason)
+               or re.match(r"'.+' multiplies by stacked 3-D parameters \[(.+)\] but is not called as mixture-of", reason))
     if experts:
         module = plan.captured.model.get_submodule(site.fqn)
         names = {s.strip(" '") for s in experts[1].split(",")}
