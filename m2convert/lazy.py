@@ -5,6 +5,7 @@ import torch and transformers."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 
 def lazy_names(package: str, where: dict[str, str]):
@@ -20,6 +21,8 @@ def lazy_names(package: str, where: dict[str, str]):
 
     def __getattr__(name: str):
         if name not in where:
+            if not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}") is not None:
+                return importlib.import_module(f".{name}", package)      # a subpackage: m2.layers, m2.passes
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         module = importlib.import_module(f".{where[name] or name}", package)
         value = module if where[name] is None else getattr(module, name)

@@ -155,6 +155,14 @@ LIGHT = textwrap.dedent("""
     assert "--keep-heads" in out.getvalue() and "torch" not in sys.modules, "convert --help loaded torch"
     assert callable(m2convert.export) and m2convert.export.export_onnx.__name__ == "export_onnx"
     assert m2convert.convert.__module__ == "m2convert.api" and "torch" in sys.modules
+    assert m2convert.layers.monarch.MonarchLinear is m2convert.MonarchLinear        # subpackages as attributes
+    assert "m2convert.bench" not in sys.modules and m2convert.bench.__name__ == "m2convert.bench"
+    try:
+        m2convert.no_such_name
+    except AttributeError as exc:
+        assert "no attribute 'no_such_name'" in str(exc)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
     print("light")
 """)
 
