@@ -175,3 +175,15 @@ def test_chunked_attention_is_named_and_kept(chunk):
     where = "attention mask" if chunk == 4 else "model config"           # a chunk the capture spans shows in the mask
     assert [s.status for s in sites] == ["skip", "convert"]
     assert sites[0].reason.startswith(f"chunked attention (chunks of {chunk} tokens in the {where}")
+
+
+def test_a_local_model_lowers_and_exports(tmp_path):
+    converted = m2.convert(_mistral(8), CONVERT, progress=False)
+    ids = torch.randint(1, 96, (1, 40))
+    with torch.no_grad():
+        want = converted(input_ids=ids).last_hidden_state
+        lowered = m2.lower(converted, example_inputs={"input_ids": ids})
+        got = lowered(input_ids=ids)
+    assert torch.allclose(got.last_hidden_state if hasattr(got, "last_hidden_state") else got[0], want, atol=1e-5)
+    program = torch.export.load(str(m2.export(converted, {"input_ids": ids}, tmp_path / "local.pt2"))).module()
+    assert torch.allclose(program(input_ids=ids)[0], want, atol=1e-5)
