@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--name", default="recall")
     p.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSON report")
+    p.add_argument("--only", default=None, metavar="I,J",
+                   help="run these students alone (indices 0-5 in report order): two runs with different --only "
+                        "share the work; the report is written once every student is done")
     p.add_argument("--keep", default=None, metavar="LAYERS",
                    help="comma-separated layers: add one hybrid student keeping their attention to the existing "
                         "report (same teacher and settings) instead of running the standard three")
@@ -437,15 +440,19 @@ def main(argv=None) -> dict:
         return add_student(teacher, args, test, sorted(int(i) for i in args.keep.split(",")))
     calibration = calibration_batches(args)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    only = None if args.only is None else {int(i) for i in args.only.split(",")}
+    for index, (name, budget) in enumerate(students(args)):
+        if name in finished_students(folder, config):
+            log(f"{name}: from {folder / 'students'} (an earlier run of these settings)")
+        elif only is None or index in only:
+            save_student(folder, index, config, student_row(teacher, args, test, name, budget=budget,
+                                                            calibration=calibration))
     done = finished_students(folder, config)
-    rows = []
-    for name, budget in students(args):
-        if name in done:
-            log(f"{name}: from {folder / 'students.json'} (an earlier run of these settings)")
-        else:
-            done[name] = student_row(teacher, args, test, name, budget=budget, calibration=calibration)
-            (folder / "students.json").write_text(json.dumps({"config": config, "students": done}, indent=2) + "\n")
-        rows.append(done[name])
+    missing = [name for name, _ in students(args) if name not in done]
+    if missing:
+        log(f"students still to run (another --only run, or a rerun): {missing}; the report waits for them")
+        return {"teacher_acc": teacher_acc, "missing": missing}
+    rows = [done[name] for name, _ in students(args)]
     result = {"teacher_acc": teacher_acc, "students": rows, "teacher": tinfo,
               "original_state_bytes_512": state_bytes(teacher, args.seq_len),
               "teacher_decode_tokens_per_s": decode_tokens_per_s(teacher, args.seq_len - DECODED - 1, DECODED),
@@ -458,14 +465,20 @@ def main(argv=None) -> dict:
 
 
 def finished_students(folder: Path, config: dict) -> dict:
-    """Rows of the students an earlier run with the same settings (the thread count and output folder aside)
-    finished, by name: a stopped run starts again after its last finished student."""
-    path = folder / "students.json"
-    if not path.exists():
-        return {}
-    doc = json.loads(path.read_text())
-    same = all(doc["config"].get(k) == v for k, v in config.items() if k not in ("threads", "out"))
-    return dict(doc["students"]) if same else {}
+    """Rows of the students earlier runs with the same settings (the thread count, output folder and
+    ``--only`` aside) finished, by name (``folder/students/<index>.json``): a stopped run starts again after
+    its last finished student, and runs given other ``--only`` students fill in the rest."""
+    rows = {}
+    for path in sorted((folder / "students").glob("*.json")):
+        doc = json.loads(path.read_text())
+        if all(doc["config"].get(k) == v for k, v in config.items() if k not in ("threads", "out", "only")):
+            rows[doc["row"]["name"]] = doc["row"]
+    return rows
+
+
+def save_student(folder: Path, index: int, config: dict, row: dict) -> None:
+    (folder / "students").mkdir(exist_ok=True)
+    (folder / "students" / f"{index}.json").write_text(json.dumps({"config": config, "row": row}, indent=2) + "\n")
 
 
 def add_student(teacher, args, test, keep: list[int]) -> dict:
