@@ -131,6 +131,10 @@ FAMILIES = {
                                                             interleave_moe_layer_step=2,
                                                             layer_types=["chunked_attention", "full_attention"],
                                                             **EAGER)), 3),          # dense; routed + shared experts
+    # Attention and Mamba side by side, sharing one cache slot per layer.
+    "falcon-h1": (lambda: T.FalconH1Model(T.FalconH1Config(**TEXT, num_key_value_heads=2, head_dim=8, mamba_d_ssm=32,
+                                                           mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
+                                                           mamba_n_groups=1, mamba_chunk_size=8, **EAGER)), 1),
 }
 LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2", "gpt-neo", "modernbert-w512")
 
@@ -138,7 +142,7 @@ LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2"
 # decoding cache as without it. Encoders: a padded row's outputs equal the row run alone (ESM is left out: a
 # LayerNorm inside its attention module computes Q's input, so its attention rightly stays dense).
 DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "mistral-w512", "gemma3", "cohere2", "gpt-neo",
-            "granitemoe", "exaone4", "apertus", "gpt-oss", "falcon", "gpt-bigcode", "phi3", "mixtral",
+            "granitemoe", "exaone4", "apertus", "gpt-oss", "falcon-h1", "falcon", "gpt-bigcode", "phi3", "mixtral",
             "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe")
 ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "modernbert-w512", "t5", "albert", "roberta", "distilbert", "electra",
             "roformer", "deberta")
@@ -362,3 +366,16 @@ def test_t5s_first_layer_converts_only_with_the_layers_reading_its_position_bias
     sites = [s for s in m2.plan(model, kept).sites if s.kind == "sequence"]
     assert [s.status for s in sites] == ["skip", "exclude"] and "position bias" in sites[0].reason
 
+
+
+def test_a_hybrid_slot_keeps_the_mamba_states_beside_the_mixer_through_beam_search():
+    torch.manual_seed(0)
+    lm = T.AutoModelForCausalLM.from_config(FAMILIES["falcon-h1"][0]().config).eval()
+    converted = m2.convert(lm, SMALL)
+    ids = torch.randint(1, 96, (1, 6))
+    runs = [converted.generate(ids, max_new_tokens=6, do_sample=False, num_beams=2, use_cache=cache,
+                               pad_token_id=0, return_dict_in_generate=True) for cache in (True, False)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    layer = runs[0].past_key_values.layers[0]
+    assert type(layer).__name__ == "M2AndLinearAttentionLayer" and layer.state is not None
+    assert layer.has_previous_state[0] and layer.get_seq_length() == 11

@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -108,6 +110,65 @@ class M2CacheLayer(DynamicLayer):
         self._batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
 
+@functools.cache
+def _hybrid_layer_class():
+    """M2CacheLayer combined with transformers' LinearAttentionLayer (a hybrid's Mamba or linear-attention
+    states in the same slot), or None on a transformers without hybrid cache layers."""
+    try:
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin, LinearAttentionLayer
+    except ImportError:
+        return None
+
+    class M2AndLinearAttentionLayer(M2CacheLayer, LinearAttentionLayer):
+        def __init__(self, number_of_states: int = 1):
+            M2CacheLayer.__init__(self)
+            LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+        def lazy_initialization(self, *args, **kwargs) -> None:
+            if kwargs and not args:                           # the conv / recurrent states' first update
+                LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+        def offload(self):
+            LinearAttentionLayer.offload(self)
+
+        def prefetch(self):
+            LinearAttentionLayer.prefetch(self)
+
+        def reset(self) -> None:
+            LinearAttentionLayer.reset(self)
+            M2CacheLayer.reset(self)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            LinearAttentionLayer.reorder_cache(self, beam_idx)
+            M2CacheLayer.reorder_cache(self, beam_idx)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            M2CacheLayer.crop(self, tokens_to_remove)
+            LinearAttentionLayer.crop(self, tokens_to_remove)
+
+        def get_seq_length(self) -> int:
+            return M2CacheLayer.get_seq_length(self)
+
+        def get_max_length(self) -> int:
+            return -1
+
+    M2AndLinearAttentionLayer.linear_base = LinearAttentionCacheLayerMixin
+    return M2AndLinearAttentionLayer
+
+
+def _beside_linear_attention(layer) -> M2CacheLayer:
+    """An M2 layer for the slot of ``layer``, keeping what a hybrid's layer holds besides attention (the
+    conv and recurrent states of the Mamba or linear-attention block sharing the slot, Falcon-H1)."""
+    hybrid = _hybrid_layer_class()
+    if hybrid is None or not isinstance(layer, hybrid.linear_base):
+        return M2CacheLayer()
+    new = hybrid(getattr(layer, "number_of_states", 1))
+    for name, value in vars(layer).items():                  # the other block's states, as it left them
+        if name not in ("keys", "values", "is_initialized"):
+            setattr(new, name, value)
+    return new
+
+
 def cache_layer(cache, layer_idx: int | None) -> M2CacheLayer:
     """The :class:`M2CacheLayer` at ``layer_idx`` of a transformers Cache, put in place on first use.
 
@@ -128,7 +189,7 @@ def cache_layer(cache, layer_idx: int | None) -> M2CacheLayer:
         if layer.get_seq_length() > 0:
             raise ConversionError(f"cache layer {layer_idx} already holds {layer.get_seq_length()} tokens of "
                                   "keys/values; a cache made by the unconverted model cannot be reused")
-        layer = layers[layer_idx] = M2CacheLayer()
+        layer = layers[layer_idx] = _beside_linear_attention(layer)
     return layer
 
 
