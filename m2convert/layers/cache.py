@@ -159,6 +159,8 @@ def _hybrid_layer_class():
 def _beside_linear_attention(layer) -> M2CacheLayer:
     """An M2 layer for the slot of ``layer``, keeping what a hybrid's layer holds besides attention (the
     conv and recurrent states of the Mamba or linear-attention block sharing the slot, Falcon-H1)."""
+    if not hasattr(layer, "conv_states"):                   # an attention-only slot (and no work under compile)
+        return M2CacheLayer()
     hybrid = _hybrid_layer_class()
     if hybrid is None or not isinstance(layer, hybrid.linear_base):
         return M2CacheLayer()

@@ -162,10 +162,12 @@ def decode_step(mixer, x_t: torch.Tensor, state: DecodeState) -> torch.Tensor:
         raise ShapeError(f"decode_step expects x_t of shape (B, 1, {mixer.d_model}), got {tuple(x_t.shape)}")
     h, t = mixer.d_model, state.length
     _ensure_capacity(mixer, state, t + 1)
-    if state.w.shape[-1] <= t:                              # a full window: drop the oldest input
-        state.w = torch.roll(state.w, -1, dims=-1)
-        state.u = None if state.u is None else torch.roll(state.u, -1, dims=-1)
-    n, t = t, min(t, state.w.shape[-1] - 1)                 # tokens seen; the slot of this one
+    n = t                                                   # tokens seen
+    if window_taps(mixer) is not None:                      # a local mixer keeps its window's last inputs
+        if state.w.shape[-1] <= t:                          # a full window: drop the oldest input
+            state.w = torch.roll(state.w, -1, dims=-1)
+            state.u = None if state.u is None else torch.roll(state.u, -1, dims=-1)
+        t = min(t, state.w.shape[-1] - 1)                   # the slot of this one
     z = mixer.in_proj(x)                                                       # (B, 3H)
     window = torch.cat([state.z_tail, z[..., None]], dim=-1)                   # (B, 3H, kernel)
     c = (window * mixer.short_conv.weight[:, 0, :]).sum(-1) + mixer.short_conv.bias   # (B, 3H)
