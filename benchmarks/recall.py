@@ -297,7 +297,7 @@ def grow(model, cfg):
     return grown
 
 
-def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
+def train_teacher(args, held_out: list[dict], folder: Path):
     """Train (or load) the teacher: first the ``--curriculum`` stages (shorter sequences, fewer pairs; each
     until its own held-out accuracy reaches the target), then the task itself until its held-out accuracy
     (batches from another seed) reaches ``--teacher-target``."""
@@ -306,7 +306,7 @@ def train_teacher(args, data: MQAR, held_out: list[dict], folder: Path):
     if cached is not None:
         return cached
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=data.vocab, n_positions=args.seq_len, n_embd=args.n_embd, n_layer=args.n_layer,
+    cfg = GPT2Config(vocab_size=MQAR(args, seed=1).vocab, n_positions=args.seq_len, n_embd=args.n_embd, n_layer=args.n_layer,
                      n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                      bos_token_id=FILLER, eos_token_id=FILLER, pad_token_id=FILLER)
     curriculum = [s for s in args.curriculum.split(",") if s]
@@ -424,14 +424,13 @@ def main(argv=None) -> dict:
     if args.render:
         return {"markdown": str(write_markdown(args.name, render, args.out))}
     torch.set_num_threads(args.threads)
-    data = MQAR(args, seed=1)
     held_out, test = eval_batches(args, seed=2), eval_batches(args, seed=3)
     folder = (cache_dir if args.smoke else kept_dir)(
                        "recall_teacher_smoke" if args.smoke else
                        f"recall_n{args.seq_len}_p{args.pairs}_q{args.queries}_k{args.keys}_v{args.values}"
                        f"_e{args.n_embd}_l{args.n_layer}_h{args.n_head}_g{args.curriculum_layers}_c{args.curriculum.replace(':', '-').replace(',', '_')}"
                        + (f"_m{args.mix.replace(':', '-').replace(',', '_')}" if args.mix else ""))
-    teacher, tinfo = train_teacher(args, data, held_out, folder)
+    teacher, tinfo = train_teacher(args, held_out, folder)
     teacher_acc = accuracy(teacher, test)
     log(f"teacher test accuracy {teacher_acc:.4f}, {count_params(teacher):,} params")
     if args.teacher_only:
