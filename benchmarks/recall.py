@@ -266,7 +266,7 @@ class Progress:
                                      "model": model.state_dict(), "n_layer": model.config.n_layer}
         self.state.pop("label", None)
         self.state["spent"] = self.spent()
-        torch.save(self.state, self.path)
+        self.write()
 
     def resume(self, label: str, model, opt):
         if self.state.get("label") != label:
@@ -278,7 +278,13 @@ class Progress:
     def save(self, label, step, model, opt, history, best, best_state) -> None:
         self.state.update(label=label, step=step, model=model.state_dict(), opt=opt.state_dict(),
                           history=history, best=best, best_state=best_state, spent=self.spent())
-        torch.save(self.state, self.path)
+        self.write()
+
+    def write(self) -> None:
+        """Save through a temporary file, so a run stopped mid-save leaves the last whole progress file."""
+        part = self.path.with_suffix(".part")
+        torch.save(self.state, part)
+        part.replace(self.path)
 
 
 def grow(model, cfg):

@@ -18,14 +18,12 @@ scores are the one input of each op that the QK product reaches, every other inp
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import fx
 
 from m2convert.passes.graph import GraphIndex, op_name, users
+from m2convert.passes.registry import Pattern, PatternRegistry
 
 PRODUCTS = ("aten.matmul", "aten.bmm", "aten.baddbmm", "aten.einsum")
 SOFTMAXES = ("aten.softmax", "aten._softmax", "aten._safe_softmax")
@@ -66,15 +64,8 @@ class AttentionCore:
         self.allowed = allowed
 
 
-@dataclass(frozen=True)
-class AttentionPattern:
-    """A registered way of writing attention: its name and its matcher ``match(index) -> cores``."""
-
-    name: str
-    match: Callable[[GraphIndex], list]
-
-
-ATTENTION_PATTERNS: list[AttentionPattern] = []
+AttentionPattern = Pattern
+ATTENTION_PATTERNS = PatternRegistry("attention pattern")
 """The attention patterns ``find_attention`` runs, in order; a core found twice keeps the first match."""
 
 
@@ -85,31 +76,15 @@ def register_attention_pattern(name: str):
         >>> @register_attention_pattern("my-attention")
         ... def match_mine(index):
         ...     return []
-        >>> [p.name for p in ATTENTION_PATTERNS][-1]
+        >>> ATTENTION_PATTERNS.names()[-1]
         'my-attention'
         >>> unregister_attention_pattern("my-attention")
     """
-    def register(match):
-        if any(p.name == name for p in ATTENTION_PATTERNS):
-            raise ValueError(f"attention pattern {name!r} is already registered")
-        ATTENTION_PATTERNS.append(AttentionPattern(name, match))
-        return match
-    return register
+    return ATTENTION_PATTERNS.register(name)
 
 
-def unregister_attention_pattern(name: str) -> None:
-    """Remove attention pattern ``name`` from the registry (a no-op when it is not there)."""
-    ATTENTION_PATTERNS[:] = [p for p in ATTENTION_PATTERNS if p.name != name]
-
-
-@contextlib.contextmanager
-def attention_pattern(name: str, match):
-    """Register ``match`` as attention pattern ``name`` for the duration of a ``with`` block."""
-    register_attention_pattern(name)(match)
-    try:
-        yield
-    finally:
-        unregister_attention_pattern(name)
+unregister_attention_pattern = ATTENTION_PATTERNS.unregister
+attention_pattern = ATTENTION_PATTERNS.registered
 
 
 def _arg(node: fx.Node, i: int, name: str, default=None):

@@ -17,7 +17,6 @@ are stacked parameters rather than linears, are found by :mod:`m2convert.passes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import fx
@@ -27,6 +26,7 @@ from m2convert.layers.monarch import ACTIVATIONS as FOLDABLE
 from m2convert.passes.experts import expert_sites
 from m2convert.passes.graph import (ACTIVATIONS, GraphIndex, elementwise, common_prefix, feature_ranges, within,
                                    module_entry, op_name, projection_dims, users)
+from m2convert.passes.registry import Pattern, PatternRegistry
 from m2convert.passes.site import DIMENSION, MLPLayout, Role, Site
 
 
@@ -42,34 +42,14 @@ class MLPMatch:
     act_role: str | None = None
 
 
-@dataclass(frozen=True)
-class MLPPattern:
-    """A registered MLP shape: ``match(index, down, region, sources) -> MLPMatch | None``.
+MLPPattern = Pattern
+MLP_PATTERNS = PatternRegistry("MLP pattern")
+"""The MLP patterns :func:`find_mlps` tries for each projection, in order; the first match wins. A matcher
+is ``match(index, down, region, sources) -> MLPMatch | None``, where ``region`` holds the elementwise nodes
+between the ``sources`` projections and ``down``."""
 
-    ``region`` holds the elementwise nodes between the ``sources`` projections and ``down``.
-    """
-
-    name: str
-    match: Callable
-
-
-MLP_PATTERNS: list[MLPPattern] = []
-"""The MLP patterns :func:`find_mlps` tries for each projection, in order; the first match wins."""
-
-
-def register_mlp_pattern(name: str):
-    """Decorator registering ``match(index, down, region, sources) -> MLPMatch | None`` as ``name``."""
-    def register(match):
-        if any(p.name == name for p in MLP_PATTERNS):
-            raise ValueError(f"MLP pattern {name!r} is already registered")
-        MLP_PATTERNS.append(MLPPattern(name, match))
-        return match
-    return register
-
-
-def unregister_mlp_pattern(name: str) -> None:
-    """Remove MLP pattern ``name`` from the registry (a no-op when it is not there)."""
-    MLP_PATTERNS[:] = [p for p in MLP_PATTERNS if p.name != name]
+register_mlp_pattern = MLP_PATTERNS.register
+unregister_mlp_pattern = MLP_PATTERNS.unregister
 
 
 def _region(index: GraphIndex, down) -> tuple[set, list, bool]:
