@@ -82,6 +82,24 @@ def test_a_windowed_mixer_is_local_on_both_sides(mode):
     assert float(reach[~inside].max()) < 1e-5 and float(reach[inside].min()) > 0
 
 
+@pytest.mark.parametrize("prompt", [3, 6, 11])
+@pytest.mark.parametrize("residual", [True, False])
+def test_a_windowed_mixer_decodes_from_a_ring_of_its_window(prompt, residual):
+    """Prompts shorter than, equal to and longer than the window, then steps well past it: each step's
+    output equals the full forward's at that position."""
+    from m2convert.layers.decode import decode_step, prefill
+    torch.manual_seed(0)
+    mixer = M2SequenceMixer(16, mode="causal", filter_order=16, filter_window=6, residual_conv=residual).eval()
+    x = torch.randn(2, prompt + 17, 16)
+    with torch.no_grad():
+        mixer.short_conv.weight.normal_()
+        full = mixer(x)
+        _, state = prefill(mixer, x[:, :prompt])
+        steps = torch.stack([decode_step(mixer, x[:, t], state) for t in range(prompt, x.shape[1])], dim=1)
+    assert state.w.shape[-1] == 6                              # the state never grows past the window
+    torch.testing.assert_close(steps, full[:, prompt:], atol=1e-5, rtol=1e-4)
+
+
 def test_local_decoder_generates_the_same_cached_uncached_and_recurrent():
     converted = m2.convert(_mistral(8, layers=2, lm=True), CONVERT, progress=False)
     ids = torch.randint(1, 96, (2, 12))

@@ -84,6 +84,27 @@ def _grow(buf: torch.Tensor, capacity: int) -> torch.Tensor:
     return out
 
 
+def _ring_taps(flipped: torch.Tensor) -> torch.Tensor:
+    """(H, 2W) reversed taps written twice: a local mixer's inputs sit in a ring of W slots (the input of time
+    tau in slot tau % W), and the taps that meet the ring at time t >= W are one slice of this."""
+    return torch.cat([flipped, flipped], dim=-1)
+
+
+def _step_slots(mixer, state: DecodeState, t: int) -> tuple[int, tuple]:
+    """(slot of token t's input, (start, length) of the reversed taps that meet slots 0..length-1).
+
+    Inputs at times 0..t meet taps of offsets t..0: one slice of the reversed taps. A full ring (t >= W)
+    holds time tau in slot tau % W, whose offset t - tau is (t - slot) % W: the slice starting at
+    (W - 1 - t) % W of the doubled taps.
+    """
+    if window_taps(mixer) is None:
+        return t, (state.taps.shape[-1] - 1 - t, t + 1)
+    ring = state.w.shape[-1]
+    if t < ring:
+        return t, (2 * ring - 1 - t, t + 1)
+    return t % ring, ((ring - 1 - t) % ring, ring)
+
+
 def window_taps(mixer) -> int | None:
     """The offsets a local mixer's filters keep (``filter_window``), or None: decoding then keeps only
     that many past inputs, a fixed-size state that gives the same outputs."""
@@ -134,14 +155,15 @@ def prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, capacity: 
     _check_causal(mixer)
     n = x.shape[1]
     z_tail, w, u = _prompt_inputs(mixer, x, mask)
-    cap = max(capacity or 0, n, 1)
-    if window_taps(mixer) is not None:                      # the window's last inputs, left-aligned
+    cap, ring = max(capacity or 0, n, 1), window_taps(mixer) is not None
+    if ring:                                                # a ring of the window's last inputs
         cap = window_taps(mixer)
-        w, u = w[..., -cap:], None if u is None else u[..., -cap:]
-    state = DecodeState(z_tail=z_tail, w=_grow(w, cap), u=None if u is None else _grow(u, cap),
-                        taps=mixer.filter(cap)[0].flip(-1),
-                        res_taps=None if mixer.residual_filter is None else mixer.residual_filter(cap)[0].flip(-1),
-                        seen=x.new_empty(1, n, dtype=torch.uint8))
+        w, u = (None if b is None else torch.roll(b[..., -cap:], n % cap, dims=-1) for b in (w, u))
+    taps, res_taps = (None if f is None else f(cap)[0].flip(-1) for f in (mixer.filter, mixer.residual_filter))
+    if ring:
+        taps, res_taps = _ring_taps(taps), None if res_taps is None else _ring_taps(res_taps)
+    state = DecodeState(z_tail=z_tail, w=_grow(w, cap), u=None if u is None else _grow(u, cap), taps=taps,
+                        res_taps=res_taps, seen=x.new_empty(1, n, dtype=torch.uint8))
     return mixer(x, mask), state
 
 
@@ -162,26 +184,20 @@ def decode_step(mixer, x_t: torch.Tensor, state: DecodeState) -> torch.Tensor:
         raise ShapeError(f"decode_step expects x_t of shape (B, 1, {mixer.d_model}), got {tuple(x_t.shape)}")
     h, t = mixer.d_model, state.length
     _ensure_capacity(mixer, state, t + 1)
-    n = t                                                   # tokens seen
-    if window_taps(mixer) is not None:                      # a local mixer keeps its window's last inputs
-        if state.w.shape[-1] <= t:                          # a full window: drop the oldest input
-            state.w = torch.roll(state.w, -1, dims=-1)
-            state.u = None if state.u is None else torch.roll(state.u, -1, dims=-1)
-        t = min(t, state.w.shape[-1] - 1)                   # the slot of this one
     z = mixer.in_proj(x)                                                       # (B, 3H)
     window = torch.cat([state.z_tail, z[..., None]], dim=-1)                   # (B, 3H, kernel)
     c = (window * mixer.short_conv.weight[:, 0, :]).sum(-1) + mixer.short_conv.bias   # (B, 3H)
     state.z_tail = window[..., 1:]
     x1, x2, v = c.split(h, dim=-1)
-    state.w.narrow(-1, t, 1).copy_((v * x1)[..., None])       # narrow, not w[..., t]: a compiled step keeps t symbolic
-    # Inputs at times 0..t meet taps of offsets t..0: one slice of the reversed taps, one dot product.
-    offsets = slice(state.taps.shape[-1] - 1 - t, None)
-    y = x2 * (torch.einsum("bhs,hs->bh", state.w[..., : t + 1], state.taps[:, offsets]) + mixer.D * v * x1)
+    slot, (start, used) = _step_slots(mixer, state, t)
+    state.w.narrow(-1, slot, 1).copy_((v * x1)[..., None])    # narrow, not w[..., t]: a compiled step keeps t symbolic
+    y = x2 * (torch.einsum("bhs,hs->bh", state.w[..., :used], state.taps.narrow(-1, start, used))
+              + mixer.D * v * x1)
     if state.u is not None:
-        state.u.narrow(-1, t, 1).copy_(x[..., None])
-        y = (y + torch.einsum("bhs,hs->bh", state.u[..., : t + 1], state.res_taps[:, offsets])
+        state.u.narrow(-1, slot, 1).copy_(x[..., None])
+        y = (y + torch.einsum("bhs,hs->bh", state.u[..., :used], state.res_taps.narrow(-1, start, used))
              + mixer.D_res * x)
-    state.length = n + 1
+    state.length = t + 1
     out = mixer.out_proj(y)                                                    # (B, H)
     return out if squeeze else out[:, None]
 

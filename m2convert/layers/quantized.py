@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .base import traced
 from .monarch import MonarchLinear
 
 LINEAR_BACKENDS = ("auto", "torchao", "torch.ao", "none")
@@ -49,8 +50,8 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8MonarchLinear(MonarchLinear):
     """A MonarchLinear whose factors are stored int8 with a float scale per block row (weight-only).
 
-    ``w1`` and ``w2`` are read-only float factors rebuilt from ``w1_int8 * w1_scale`` (and ``w2``) on
-    each access, so every path of MonarchLinear (the CPU kernels, export, the dense view) runs unchanged.
+    ``w1`` and ``w2`` are read-only float factors rebuilt from ``w1_int8 * w1_scale`` (and ``w2``) once per
+    call (on each access outside a call), so every path of MonarchLinear (the CPU kernels, export, the dense view) runs unchanged.
     Its state dict holds ``w1_int8``, ``w1_scale``, ``w2_int8``, ``w2_scale`` and ``bias``; nothing trains.
 
     Shapes: as MonarchLinear, forward(x: (..., in_features)) -> (..., out_features).
@@ -67,15 +68,35 @@ class Int8MonarchLinear(MonarchLinear):
             self.register_buffer(f"{name}_scale", scale)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if traced(x) or traced(self.w1_int8):
+            return super().forward(x)
+        self._factors = (self._float("w1"), self._float("w2"))      # rebuilt once for this call
+        try:
+            return super().forward(x)
+        finally:
+            self._factors = None
+
+    def _float(self, name: str) -> torch.Tensor:
+        scale = getattr(self, f"{name}_scale")
+        return getattr(self, f"{name}_int8").to(scale.dtype) * scale
+
     @property
     def w1(self) -> torch.Tensor:
-        """(nb, nb*rho, P) float factor: ``w1_int8 * w1_scale``."""
-        return self.w1_int8.to(self.w1_scale.dtype) * self.w1_scale
+        """(nb, nb*rho, P) float factor: ``w1_int8 * w1_scale`` (built once per forward)."""
+        factors = self.__dict__.get("_factors")
+        return factors[0] if factors else self._float("w1")
 
     @property
     def w2(self) -> torch.Tensor:
-        """(nb, S, nb*rho) float factor: ``w2_int8 * w2_scale``."""
-        return self.w2_int8.to(self.w2_scale.dtype) * self.w2_scale
+        """(nb, S, nb*rho) float factor: ``w2_int8 * w2_scale`` (built once per forward)."""
+        factors = self.__dict__.get("_factors")
+        return factors[1] if factors else self._float("w2")
+
+    @property
+    def block_sizes(self) -> tuple[int, int, int]:
+        """(P, S, rho), read from the int8 factors' shapes."""
+        return self.w1_int8.shape[2], self.w2_int8.shape[1], self.w1_int8.shape[1] // self.nblocks
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", int8 weights"
