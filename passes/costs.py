@@ -32,8 +32,7 @@ def flops_before(site: Site, model) -> sympy.Expr:
     if site.kind == SEQUENCE and "q" in site.roles:
         layout = site.layout if isinstance(site.layout, AttentionLayout) else None
         hidden = layout.hidden if layout is not None else None
-        window = layout.window if layout is not None else None
-        keys = None if window is None else window if site.causal else 2 * window - 1    # a sliding window's keys
+        keys = layout.keys_seen(site.causal) if layout is not None else None    # a sliding window's keys
         total += attention_flops(hidden or projection_dims(model.get_submodule(site.roles["q"].path))[0], keys)
     return total
 

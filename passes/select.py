@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from m2convert.config import LOCAL_KEEP_TOKENS
 from m2convert.errors import ConfigError
+from m2convert.layers.sequence import SHORT_KERNEL
 from m2convert.passes.graph import within
 from m2convert.passes.site import CONVERT, DIMENSION, EXCLUDE, SEQUENCE, Site
-
-SHORT_KERNEL = 3              # the mixers' short convolution: its taps widen what a token sees by 2
 
 
 def local_window(site: Site, policy: str) -> str | None:
@@ -21,7 +20,7 @@ def local_window(site: Site, policy: str) -> str | None:
     window = getattr(site.layout, "window", None)
     if window is None:
         return None
-    span = window if site.causal else 2 * window - 1
+    span = site.layout.keys_seen(site.causal)
     what = (f"local attention (each query sees {span} tokens: " +
             (f"itself and the {window - 1} before it)" if site.causal else f"up to {window - 1} on either side)"))
     if policy == "keep":
@@ -51,7 +50,7 @@ def _site_settings(site: Site, settings: dict) -> dict:
 def check_feeds(sites: list[Site]) -> None:
     """Skip each converting attention site that computes a value another module reads (``layout.feeds``)
     unless every such reader is a converting site too (it then reads nothing the site made), until no
-    more change: a converted T5 layer 0 no longer makes the position bias its kept successors need."""
+    more change (e.g. a converted first layer that made the position bias its kept successors read)."""
     changed = True
     while changed:
         converting = [s.fqn for s in sites if s.status == CONVERT and s.kind == SEQUENCE]
@@ -60,7 +59,7 @@ def check_feeds(sites: list[Site]) -> None:
             feeds = getattr(site.layout, "feeds", None) or []
             missing = [f for f in feeds if not any(within(f, c) for c in converting)]
             if site.status == CONVERT and missing:
-                site.skip(f"it computes a value {missing} also read (T5's position bias, a shared mask): they "
+                site.skip(f"it computes a value that {missing} also read (a position bias, a shared mask): they "
                           "keep running the original code, so the site converts only together with them")
                 changed = True
 

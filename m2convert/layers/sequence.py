@@ -36,6 +36,7 @@ from .filters import TAIL_TOL, ImplicitFilter
 from .monarch import MonarchLinear, eager_inference
 
 MODES = ("bidirectional", "causal", "causal-monarch")
+SHORT_KERNEL = 3                # taps of the short convolution before the long one (its default)
 # Mixers that have held a filter-spectrum cache entry (weakly: a dropped model leaves no trace here).
 _HOLDERS: "weakref.WeakSet[M2SequenceMixer]" = weakref.WeakSet()
 # Filter channels whose taps are made in one GEMM when responses are built block by block: at most
@@ -91,7 +92,7 @@ class M2SequenceMixer(M2Block):
     filter_cache_total_bytes = 16 << 20
 
     def __init__(self, d_model: int, mode: str = "bidirectional", filter_order: int = 128,
-                 filter_emb_dim: int = 5, filter_scale: float = 512.0, short_kernel: int = 3,
+                 filter_emb_dim: int = 5, filter_scale: float = 512.0, short_kernel: int = SHORT_KERNEL,
                  residual_conv: bool = True, projection_nblocks: int = 0, projection_rank: int = 1,
                  filter_window: int | None = None, device=None, dtype=None):
         super().__init__()
