@@ -10,6 +10,7 @@ from m2convert.kernels.monarch.reference import monarch_matmul
 from m2convert.layers import ImplicitFilter
 from m2convert.layers import monarch as monarch_layer
 from m2convert.layers import sequence as sequence_layer
+from m2convert.layers import spectra as spectra_layer
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -139,7 +140,7 @@ def test_mixer_fast_path_stops_the_filters_at_their_support(monkeypatch, mode, d
     n = 700
     each = m.channel_taps(n, dtype)
     taps = max(each)
-    assert taps == m.filter.support(sequence_layer.TAIL_TOL[dtype]) < n // 4 and min(each) < taps / 3
+    assert taps == m.filter.support(spectra_layer.TAIL_TOL[dtype]) < n // 4 and min(each) < taps / 3
     monkeypatch.setattr(conv_cpu, "BLOCK_BYTES", 2 * 2 * (conv_cpu.fft_size(n, taps) // 2 + 1) * 8 * 5)
     sizes, trunks = [], spy(monkeypatch, ImplicitFilter, "trunk")
     real = conv_cpu._conv_block

@@ -12,6 +12,7 @@ from m2convert.kernels.monarch import cpu as monarch_cpu
 from m2convert.layers import ImplicitFilter
 from m2convert.layers import monarch as monarch_layer
 from m2convert.layers import sequence as sequence_layer
+from m2convert.layers import spectra as spectra_layer
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -55,7 +56,7 @@ def test_filters_made_per_block_equal_the_reference(monkeypatch, one_thread, mod
     groups = 2 if residual else 1
     # Five channels per convolution block, taps made three channels at a time: both chunkings exercised.
     monkeypatch.setattr(conv_cpu, "BLOCK_BYTES", groups * 2 * (conv_cpu.fft_size(n) // 2 + 1) * 8 * 5)
-    monkeypatch.setattr(sequence_layer, "TAP_BYTES", 3 * 2 * n * dtype.itemsize)
+    monkeypatch.setattr(spectra_layer, "TAP_BYTES", 3 * 2 * n * dtype.itemsize)
     # In-projection rows made inside the core two blocks at a time: groups [0, 10), [10, 20), [20, 24).
     monkeypatch.setattr(conv_cpu, "PROJECT_CHANNELS", 8)
     monkeypatch.setattr(conv_cpu, "PROJECT_BYTES", 0)
@@ -78,12 +79,12 @@ def test_tap_buffer_stays_within_its_byte_bound(monkeypatch):
         return out
 
     monkeypatch.setattr(ImplicitFilter, "taps", taps)
-    monkeypatch.setattr(sequence_layer, "TAP_BYTES", 2 * 300 * 8 * 12)        # 12 channels of 2 heads, N = 300
+    monkeypatch.setattr(spectra_layer, "TAP_BYTES", 2 * 300 * 8 * 12)        # 12 channels of 2 heads, N = 300
     block = m.spectrum_blocks(300, torch.float64)
     with torch.no_grad():
         for start in range(0, 40, 4):
             block(start, min(start + 4, 40))
-    assert widths and max(widths) <= sequence_layer.TAP_BYTES
+    assert widths and max(widths) <= spectra_layer.TAP_BYTES
     assert len(widths) == 2 * 4                                       # 40 channels, 12 per GEMM, 2 filters
 
 
