@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--only", default=None, metavar="I,J",
                    help="run these students alone (indices 0-5 in report order): two runs with different --only "
                         "share the work; the report is written once every student is done")
+    p.add_argument("--windows", default="", metavar="W,W",
+                   help="also run the full conversion with a softmax window of each size beside the mixers")
     p.add_argument("--keep", default=None, metavar="LAYERS",
                    help="comma-separated layers: add one hybrid student keeping their attention to the existing "
                         "report (same teacher and settings) instead of running the standard three")
@@ -371,15 +373,22 @@ def calibration_batches(args) -> list[dict]:
 
 def students(args) -> list[tuple[str, dict]]:
     """(name, budget) of each student: the full conversion, then hybrids at a third of the layers (uniform,
-    offset-fit, kl) and at an eighth of the heads (kl, offset-fit)."""
+    offset-fit, kl) and at an eighth of the heads (kl, offset-fit), then the full conversion with a window of
+    exact softmax attention beside each mixer for each of ``--windows``."""
     layers = max(1, args.n_layer // 3)
     third = f"{layers} of {args.n_layer} layers"
+    windows = [(f"full conversion + softmax window {w}", {"softmax_window": w}) for w in _windows(args)]
     return [("full conversion", {}),
             (f"uniform hybrid, {third}", {"keep_layers": layers, "selection": "uniform"}),
             (f"offset-fit hybrid, {third}", {"keep_layers": layers, "selection": "offset-fit"}),
             (f"kl hybrid, {third}", {"keep_layers": layers, "selection": "kl"}),
             ("kl head hybrid, 1/8 of the heads", {"keep_heads": 0.125, "selection": "kl"}),
-            ("offset-fit head hybrid, 1/8 of the heads", {"keep_heads": 0.125, "selection": "offset-fit"})]
+            ("offset-fit head hybrid, 1/8 of the heads", {"keep_heads": 0.125, "selection": "offset-fit"}),
+            *windows]
+
+
+def _windows(args) -> list[int]:
+    return [int(w) for w in (args.windows or "").split(",") if w]
 
 
 def recover(student, teacher, args, name: str) -> list[dict]:
@@ -419,6 +428,7 @@ def student_row(teacher, args, test, name: str, keep: list[int] | None = None, b
         f"state {state:,} bytes at {args.seq_len} tokens, {speed:.0f} tokens/s")
     layers = sorted({layer for layer, _ in selected if sum(h[0] == layer for h in selected) == args.n_head})
     return {"name": name, "selection": budget.get("selection", "by hand" if keep else "none"),
+            "softmax_window": budget.get("softmax_window", 0),
             "kept_attention_layers": keep if keep is not None else layers, "kept_heads": selected,
             "converted_acc": converted, "recovered_acc": recovered, "recurrent_acc": recurrent_acc,
             "state_bytes_512": state, "decode_tokens_per_s": speed, "params": count_params(student),
@@ -464,6 +474,8 @@ def main(argv=None) -> dict:
               "chance_acc": 1 / args.pairs, "teacher_params": count_params(teacher),
               "filter_order": args.filter_order, "state_size": args.state_size,
               "test_sequences": sum(len(b["input_ids"]) for b in test)}
+    if _windows(args):
+        result["window_branch"] = window_rows(rows)
     path = write_report(args.name, result, config, render, args.out)
     log(f"wrote {path}")
     return result
@@ -476,7 +488,7 @@ def finished_students(folder: Path, config: dict) -> dict:
     rows = {}
     for path in sorted((folder / "students").glob("*.json")):
         doc = json.loads(path.read_text())
-        if all(doc["config"].get(k) == v for k, v in config.items() if k not in ("threads", "out", "only")):
+        if all(doc["config"].get(k) == v for k, v in config.items() if k not in ("threads", "out", "only", "windows")):
             rows[doc["row"]["name"]] = doc["row"]
     return rows
 
@@ -518,6 +530,17 @@ def _teacher_line(cfg: dict, t: dict) -> str:
     return head + (f"; the first {t['curriculum_steps']} steps on easier tasks (tokens:pairs) {stages}{grown} "
                    "(without this curriculum, teachers of 4 layers and 4 heads trained on the full task were still "
                    "near chance, 0.07-0.11, after 750-1,250 steps)")
+
+
+def window_rows(rows: list[dict]) -> list[dict]:
+    """The issue's ``window_branch`` rows: each windowed student's accuracy, state and decode speed. The
+    recurrent state holds the window's keys and values and the modes, a size that stops growing once the
+    context passes the window, so the bytes at 512 tokens (>= every window) are those at 4,096; the
+    teacher's 512 learned positions end there, so decode speed is measured at 512 tokens (a recurrent
+    step's cost does not depend on the context's length either)."""
+    return [{"window": r["softmax_window"], "recovered_acc": r["recovered_acc"], "recurrent_acc": r["recurrent_acc"],
+             "state_bytes_4096": r["state_bytes_512"], "decode_tokens_per_s": r["decode_tokens_per_s"],
+             "measured_at_tokens": 512} for r in rows if r.get("softmax_window")]
 
 
 def _heads_text(heads: list[list[int]]) -> str:
@@ -572,7 +595,20 @@ def render(doc: dict) -> str:
         f"teacher most, on {cfg.get('calibration_batches', 0)} calibration batches from their own seed; offset-fit "
         f"keeps the layers whose average attention a convolution fits worst; uniform spreads the budget",
         target_line(doc) if "original_state_bytes_512" in doc else "",
+        _window_line(doc),
     ]) + "\n"
+
+
+def _window_line(doc: dict) -> str:
+    if not doc.get("window_branch"):
+        return ""
+    full = next(s for s in doc["students"] if s["name"] == "full conversion")
+    parts = [f"w = {r['window']}: {r['recovered_acc']:.4f} ({r['recurrent_acc']:.4f} recurrent), "
+             f"{r['state_bytes_4096']:,} state bytes" for r in doc["window_branch"]]
+    return (f"- window branch (ConvertConfig.softmax_window: exact softmax attention over the last w tokens beside "
+            f"each mixer, seeded from the layer's Q, K, V), against the full conversion's {full['recovered_acc']:.4f}: "
+            + "; ".join(parts) + ". The state stops growing past the window, so its bytes at 512 tokens are those at "
+            "4,096 (the teacher's learned positions end at 512, where speed is measured)")
 
 
 if __name__ == "__main__":

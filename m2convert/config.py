@@ -24,15 +24,16 @@ LOCAL_ATTENTION = ("auto", "convert", "keep")
 LOCAL_KEEP_TOKENS = 128
 
 # Settings a per-path override may change, with the validator of each.
-SITE_SETTINGS = ("nblocks", "rank", "causal_mode", "filter_order", "filter_emb_dim", "projection_nblocks")
+SITE_SETTINGS = ("nblocks", "rank", "causal_mode", "filter_order", "filter_emb_dim", "projection_nblocks",
+                 "softmax_window")
 
 # Upper limits of the integer settings. Each sequence mixer holds filter MLP layers of
 # filter_order x filter_order weights, so 4096 already means 16M weights per layer per mixer (the default
 # is 128); filter_emb_dim counts positional features (t plus sin/cos pairs), and 129 is far beyond the
 # few the filter needs (default 5). rank is clamped to each block's full rank by MonarchLinear.
-# projection_nblocks 0 keeps the mixers' in/out projections dense.
+# projection_nblocks 0 keeps the mixers' in/out projections dense; softmax_window 0 adds no window attention.
 LIMITS = {"nblocks": (1, 4096), "rank": (1, 65536), "filter_order": (1, 4096), "filter_emb_dim": (3, 129),
-          "projection_nblocks": (0, 4096)}
+          "projection_nblocks": (0, 4096), "softmax_window": (0, 1 << 20)}
 
 
 def check_site_settings(where: str, settings: dict) -> dict:
@@ -118,6 +119,10 @@ class ConvertConfig:
             window's offsets, so each token still sees exactly its window), "keep" (stay attention), or
             "auto": convert windows wider than LOCAL_KEEP_TOKENS tokens (a KV cache of the window's size
             and quadratic work within it) and keep narrower ones, already cheap and exact.
+        softmax_window: w >= 1 adds exact softmax attention over the last w tokens (w // 2 on either side
+            in encoders) to each converted attention layer's mixer, its Q, K, V seeded from the layer's
+            (``M2SequenceMixer(window=w)``): the local copying a convolution loses, at O(N w) work and w
+            tokens of keys and values per layer while decoding. 0 (default): none.
 
     Example:
         >>> ConvertConfig(nblocks=2, dimension=False).nblocks
@@ -145,6 +150,7 @@ class ConvertConfig:
     selection: str = "auto"
     selection_steps: int = 50
     local_attention: str = "auto"
+    softmax_window: int = 0
 
     def __post_init__(self):
         check_site_settings("", {k: getattr(self, k) for k in SITE_SETTINGS})

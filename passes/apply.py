@@ -85,6 +85,9 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
                   # Plans saved before projection_nblocks existed mean dense projections.
                   projection_nblocks=settings.get("projection_nblocks", 0), projection_rank=settings.get("rank", 1),
                   filter_window=settings.get("filter_window"), device=device or ref.device, dtype=ref.dtype)
+    if settings.get("window"):                  # exact softmax attention over a window, beside the mixer
+        kwargs.update(window=settings["window"], window_heads=(layout.heads, layout.kv_heads, layout.head_dim),
+                      window_scale=getattr(original, "scaling", None))
     norm = layout.norm
     if norm is not None:
         kwargs.update(norm_eps=norm.eps, norm_affine=norm.affine, norm_bias=norm.bias)
@@ -99,6 +102,8 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
         k = _repeat_heads(*_role_weight(model, site, "k"), hidden, head_dim)
         v = _repeat_heads(*_role_weight(model, site, "v"), hidden, head_dim)
         new.mixer.seed_projections(q, k, v, o)
+        if new.mixer.window_attention is not None:
+            new.mixer.window_attention.seed(q, *(_role_weight(model, site, r) for r in ("k", "v")))
         bias = layout.offset_bias
         if bias is not None and new.mixer.filter.heads == (1 if bias.ahead is None else 2):
             # An offset-only score bias (ALiBi): start the filter as the attention that bias alone gives.

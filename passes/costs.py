@@ -69,6 +69,8 @@ def describe(site: Site) -> str:
         s, proj = site.settings, ""
         if s.get("projection_nblocks"):
             proj = f", proj nblocks={s['projection_nblocks']}, rank={s.get('rank', 1)}"
+        if s.get("window"):
+            proj += f", softmax window {s['window']}"
         adapter = site.layout.adapter if isinstance(site.layout, AttentionLayout) else "M2Attention"
         return f"{adapter}({site.mode}{proj})"
     s = site.settings

@@ -43,8 +43,19 @@ def _site_settings(site: Site, settings: dict) -> dict:
                "projection_nblocks": settings["projection_nblocks"]}
         if settings["projection_nblocks"]:
             out["rank"] = settings["rank"]                      # of the Monarch in/out projections
+        if settings.get("softmax_window"):
+            out["window"] = _softmax_window(site, settings["softmax_window"])
         return out
     return {"nblocks": settings["nblocks"], "rank": settings["rank"]}
+
+
+def _softmax_window(site: Site, window: int) -> int:
+    """``window``, once it fits the site: an encoder's window reaches window // 2 tokens either side.
+    (A converting site's heads fill its width, heads x head_dim = H: the mixer needs that too.)"""
+    if window < 2 and site.causal is False:
+        raise ConfigError(f"softmax_window={window}: {site.fqn} is an encoder layer, whose window reaches "
+                          "window // 2 tokens either side; use 2 or more")
+    return window
 
 
 def check_feeds(sites: list[Site]) -> None:

@@ -34,6 +34,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-attention", default=d.local_attention, choices=LOCAL_ATTENTION,
                    help=f"sliding-window attention: convert to window-limited mixers, keep, or auto (convert "
                         f"windows wider than {LOCAL_KEEP_TOKENS} tokens; default {d.local_attention})")
+    g.add_argument("--softmax-window", type=int, default=d.softmax_window, metavar="W",
+                   help="add exact softmax attention over the last W tokens beside each converted attention "
+                        "layer's mixer, seeded from its Q, K, V (default 0: none)")
     add_selection_arguments(p.add_argument_group("attention to keep (ConvertConfig.keep_layers, keep_kv_bytes)"))
 
 
@@ -43,7 +46,8 @@ def config_from_args(args) -> ConvertConfig:
                          projection_nblocks=args.projection_nblocks,
                          sequence=not args.no_sequence, dimension=not args.no_dimension,
                          overrides={r: None for r in args.skip}, strict=args.strict, seq_len=args.seq_len,
-                         local_attention=args.local_attention, **selection_settings(args))
+                         local_attention=args.local_attention, softmax_window=args.softmax_window,
+                         **selection_settings(args))
 
 
 def input_spec(text: str):

@@ -110,11 +110,13 @@ class M2Attention(M2Block):
     def __init__(self, d_model: int, mode: str, arg_names, num_outputs: int = 0, dropout: float = 0.0,
                  filter_order: int = 128, filter_emb_dim: int = 5, projection_nblocks: int = 0,
                  projection_rank: int = 1, residual: str | None = None, filter_window: int | None = None,
+                 window: int | None = None, window_heads=None, window_scale: float | None = None,
                  device=None, dtype=None):
         super().__init__()
         self.mixer = M2SequenceMixer(d_model, mode=mode, filter_order=filter_order,
                                      filter_emb_dim=filter_emb_dim, projection_nblocks=projection_nblocks,
                                      projection_rank=projection_rank, filter_window=filter_window,
+                                     window=window, window_heads=window_heads, window_scale=window_scale,
                                      device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
         self.arg_names = tuple(arg_names)
@@ -154,18 +156,20 @@ class M2Attention(M2Block):
 
     def _mix(self, x: torch.Tensor, mask: torch.Tensor | None, args=(), kwargs=None) -> torch.Tensor:
         keep = padding_mask(mask, x.shape[0], x.shape[1])                  # (B, N) or None
-        y = self.mixer(x, keep)                                            # (B, N, H)
+        rope = self._argument("position_embeddings", args, kwargs or {})
+        y = self.mixer(x, keep, rope)                                      # (B, N, H)
         if self.kept is not None:
-            y = self.kept(y, x, _dense(mask, x), self._argument("position_embeddings", args, kwargs or {}))
+            y = self.kept(y, x, _dense(mask, x), rope)
         return self.dropout(y)                                             # (B, N, H)
 
     def _cached_mix(self, x: torch.Tensor, mask, cache, args, kwargs) -> torch.Tensor:
         keep = padding_mask(mask, x.shape[0], x.shape[1])                  # (B, n) or None
-        y = cached_mix(self.mixer, x, keep, cache, self.layer_idx)         # (B, n, H)
+        rope = self._argument("position_embeddings", args, kwargs)
+        y = cached_mix(self.mixer, x, keep, cache, self.layer_idx, rope)   # (B, n, H)
         if self.kept is None:
             return y
         # The kept heads' keys and values join the mixer's state in this layer's cache slot.
-        layer, rope = cache_layer(cache, self.layer_idx), self._argument("position_embeddings", args, kwargs)
+        layer = cache_layer(cache, self.layer_idx)
         k, v = self.kept.keys_values(x, rope)                              # (B, groups, n, d) each
         if layer.kv is not None:
             k, v = torch.cat([layer.kv[0], k], dim=2), torch.cat([layer.kv[1], v], dim=2)
@@ -220,10 +224,12 @@ class M2PostNormAttention(M2Attention):
     def __init__(self, d_model: int, mode: str, arg_names, num_outputs: int = 0, dropout: float = 0.0,
                  filter_order: int = 128, filter_emb_dim: int = 5, norm_eps: float = 1e-12,
                  norm_affine: bool = True, norm_bias: bool = True, projection_nblocks: int = 0,
-                 projection_rank: int = 1, filter_window: int | None = None, device=None, dtype=None):
+                 projection_rank: int = 1, filter_window: int | None = None, window: int | None = None,
+                 window_heads=None, window_scale: float | None = None, device=None, dtype=None):
         super().__init__(d_model, mode, arg_names, num_outputs, dropout, filter_order, filter_emb_dim,
                          projection_nblocks=projection_nblocks, projection_rank=projection_rank,
-                         filter_window=filter_window, device=device, dtype=dtype)
+                         filter_window=filter_window, window=window, window_heads=window_heads,
+                         window_scale=window_scale, device=device, dtype=dtype)
         self.norm = nn.LayerNorm(d_model, eps=norm_eps, elementwise_affine=norm_affine,
                                  bias=norm_bias, device=device, dtype=dtype)
 

@@ -195,7 +195,8 @@ def cache_layer(cache, layer_idx: int | None) -> M2CacheLayer:
     return layer
 
 
-def cached_mix(mixer, x: torch.Tensor, keep: torch.Tensor | None, cache, layer_idx: int | None) -> torch.Tensor:
+def cached_mix(mixer, x: torch.Tensor, keep: torch.Tensor | None, cache, layer_idx: int | None,
+               rope=None) -> torch.Tensor:
     """Run a causal mixer on new tokens, keeping its state in ``cache`` at ``layer_idx``.
 
     The first call (an empty slot) is the prompt: the full mixer output plus a fresh state. Later
@@ -205,6 +206,8 @@ def cached_mix(mixer, x: torch.Tensor, keep: torch.Tensor | None, cache, layer_i
         mixer: a causal M2SequenceMixer.  x: (B, n, H) new tokens.  keep: (B, n) padding mask or None
             (only read for the prompt: generated tokens are never padding).
         cache: a transformers Cache.  layer_idx: the layer's slot in it.
+        rope: the new tokens' rotary (cos, sin), each (B, n, r) or (n, r), for a mixer with a window
+            attention; or None.
 
     Returns:
         (B, n, H), equal to the last n outputs of the mixer on the whole sequence.
@@ -221,12 +224,12 @@ def cached_mix(mixer, x: torch.Tensor, keep: torch.Tensor | None, cache, layer_i
     layer = cache_layer(cache, layer_idx)
     if layer.state is None:
         if is_recurrent(mixer):
-            y, layer.state = recurrent_prefill(mixer, x, keep)
+            y, layer.state = recurrent_prefill(mixer, x, keep, rope)
         else:
             # Room for as many new tokens as the prompt has, and at least MIN_CAPACITY: regenerating the
             # filter taps for a larger capacity is an O(N) filter-MLP pass (and a compiled step's recompile),
             # so it happens at the prompt and then at each doubling.
-            y, layer.state = prefill(mixer, x, keep, capacity=max(2 * x.shape[1], MIN_CAPACITY))
+            y, layer.state = prefill(mixer, x, keep, capacity=max(2 * x.shape[1], MIN_CAPACITY), rope=rope)
         layer.is_initialized = True
         return y                                                               # (B, n, H)
     if x.shape[0] != layer.state.batch:
@@ -236,5 +239,10 @@ def cached_mix(mixer, x: torch.Tensor, keep: torch.Tensor | None, cache, layer_i
                               f"{'' if is_recurrent(mixer) else 'not '}recurrent (made recurrent mid-generation?); "
                               "start a new cache")
     step = recurrent_step if isinstance(layer.state, RecurrentState) else decode_step
-    steps = [step(mixer, x[:, i:i + 1], layer.state) for i in range(x.shape[1])]
+    steps = [step(mixer, x[:, i:i + 1], layer.state, _token_rope(rope, i)) for i in range(x.shape[1])]
     return torch.cat(steps, dim=1)                                             # (B, n, H)
+
+
+def _token_rope(rope, i: int):
+    """The rotary (cos, sin) of the i-th new token, or None."""
+    return None if rope is None else tuple(t[..., i:i + 1, :] for t in rope)

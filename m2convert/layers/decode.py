@@ -24,6 +24,7 @@ import torch
 from ..errors import ConfigError, ShapeError
 from .modal import mode_powers
 from .recurrent import RecurrentFilter
+from .window import WindowCache
 
 
 class _PerSequence:
@@ -39,8 +40,9 @@ class _PerSequence:
     def map_batch(self, fn) -> None:
         """Apply a batch operation (index, repeat) to every per-sequence tensor."""
         for name in self.per_sequence:
-            if getattr(self, name) is not None:
-                setattr(self, name, fn(getattr(self, name)))
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.map_batch(fn) if hasattr(value, "map_batch") else fn(value))
 
 
 @dataclass
@@ -54,6 +56,7 @@ class DecodeState(_PerSequence):
         taps: (H, capacity) and res_taps: (H, capacity) or None: filter taps in reversed offset order
             (column capacity-1-d holds offset d), so the taps of a step are one contiguous slice.
         seen: an empty (0, length) tensor whose last size is the number of tokens seen (``length``).
+        window: the window attention's last keys and values (a mixer with ``window``), or None.
     """
 
     z_tail: torch.Tensor
@@ -62,7 +65,8 @@ class DecodeState(_PerSequence):
     taps: torch.Tensor
     res_taps: torch.Tensor | None
     seen: torch.Tensor
-    per_sequence: ClassVar[tuple[str, ...]] = ("z_tail", "w", "u")
+    window: WindowCache | None = None
+    per_sequence: ClassVar[tuple[str, ...]] = ("z_tail", "w", "u", "window")
 
     @property
     def length(self) -> int:
@@ -144,13 +148,14 @@ def _prompt_inputs(mixer, x: torch.Tensor, mask: torch.Tensor | None):
     return z_tail, w, u
 
 
-def prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, capacity: int | None = None):
+def prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, capacity: int | None = None, rope=None):
     """Run the mixer on a prompt and return (output (B, N, H), DecodeState for what follows).
 
     Args:
         mixer: a causal :class:`M2SequenceMixer`.
         x: (B, N, H) prompt activations.  mask: (B, N) 1 = token, 0 = padding, or None.
         capacity: positions to reserve (prompt + new tokens); grows by doubling when exceeded.
+        rope: the prompt's rotary (cos, sin) for a mixer with a window attention, or None.
     """
     _check_causal(mixer)
     n = x.shape[1]
@@ -163,16 +168,17 @@ def prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, capacity: 
     if ring:
         taps, res_taps = _ring_taps(taps), None if res_taps is None else _ring_taps(res_taps)
     state = DecodeState(z_tail=z_tail, w=_grow(w, cap), u=None if u is None else _grow(u, cap), taps=taps,
-                        res_taps=res_taps, seen=x.new_empty(1, n, dtype=torch.uint8))
-    return mixer(x, mask), state
+                        res_taps=res_taps, seen=x.new_empty(1, n, dtype=torch.uint8),
+                        window=_window_cache(mixer, x, mask, rope))
+    return mixer(x, mask, rope), state
 
 
-def decode_step(mixer, x_t: torch.Tensor, state: DecodeState) -> torch.Tensor:
+def decode_step(mixer, x_t: torch.Tensor, state: DecodeState, rope=None) -> torch.Tensor:
     """Output for one new token per sequence, updating ``state`` in place.
 
     Args:
         mixer: the causal mixer the state came from.  x_t: (B, 1, H) or (B, H).
-        state: from :func:`prefill` or an earlier step.
+        state: from :func:`prefill` or an earlier step.  rope: this token's rotary (cos, sin), or None.
 
     Returns:
         (B, 1, H) (or (B, H), matching x_t).
@@ -197,9 +203,22 @@ def decode_step(mixer, x_t: torch.Tensor, state: DecodeState) -> torch.Tensor:
         state.u.narrow(-1, slot, 1).copy_(x[..., None])
         y = (y + torch.einsum("bhs,hs->bh", state.u[..., :used], state.res_taps.narrow(-1, start, used))
              + mixer.D_res * x)
+    y = _window_step(mixer, x, state, t, rope, y)
     state.length = t + 1
     out = mixer.out_proj(y)                                                    # (B, H)
     return out if squeeze else out[:, None]
+
+
+def _window_cache(mixer, x: torch.Tensor, mask, rope) -> WindowCache | None:
+    branch = getattr(mixer, "window_attention", None)
+    return None if branch is None else branch.cache(x, mask, rope)
+
+
+def _window_step(mixer, x: torch.Tensor, state, t: int, rope, y: torch.Tensor) -> torch.Tensor:
+    """y (B, H) plus the window attention's output for token t (x (B, H)), where the mixer has one."""
+    if state.window is None:
+        return y
+    return y + mixer.window_attention.step(x, state.window, t, rope).to(y.dtype)
 
 
 def is_recurrent(mixer) -> bool:
@@ -222,18 +241,20 @@ class RecurrentState(_PerSequence):
         modes: (B, H, S) complex: sum_j lam^(n-1-j) w_j over the n tokens seen (complex64 for float32 inputs).
         res_modes: (B, H, S) complex or None: the same for the residual filter and the mixer input u.
         length: 0-dim int64 tensor, tokens seen (a tensor: a compiled step has no guard on it).
+        window: the window attention's last keys and values (a mixer with ``window``), or None.
     """
 
     z_tail: torch.Tensor
     modes: torch.Tensor
     res_modes: torch.Tensor | None
     length: torch.Tensor
-    per_sequence: ClassVar[tuple[str, ...]] = ("z_tail", "modes", "res_modes")
+    window: WindowCache | None = None
+    per_sequence: ClassVar[tuple[str, ...]] = ("z_tail", "modes", "res_modes", "window")
 
     def nbytes(self) -> int:
         """Bytes held: independent of the number of tokens seen."""
         return sum(t.numel() * t.element_size() for t in (self.z_tail, self.modes, self.res_modes, self.length)
-                   if t is not None)
+                   if t is not None) + (0 if self.window is None else self.window.nbytes())
 
 
 def _scan(lam: torch.Tensor, w: torch.Tensor, chunk: int = 128) -> torch.Tensor:
@@ -252,7 +273,7 @@ def _powers_flipped(lam: torch.Tensor, n: int) -> torch.Tensor:
     return mode_powers(lam, n).flip(-1)
 
 
-def recurrent_prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None):
+def recurrent_prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None, rope=None):
     """Run a recurrent mixer on a prompt: (output (B, N, H) by the FFT path, :class:`RecurrentState`).
 
     Padded positions (mask 0) contribute nothing to the state, so left-padded batches decode as if
@@ -273,7 +294,8 @@ def recurrent_prefill(mixer, x: torch.Tensor, mask: torch.Tensor | None = None):
     if u is not None:
         res_modes = _scan(mixer.residual_filter.modes(torch.float64)[0].to(cplx), u)
     length = torch.tensor(x.shape[1], dtype=torch.int64, device=x.device)
-    return mixer(x, mask), RecurrentState(z_tail.contiguous(), _scan(lam, w), res_modes, length)
+    return mixer(x, mask, rope), RecurrentState(z_tail.contiguous(), _scan(lam, w), res_modes, length,
+                                                _window_cache(mixer, x, mask, rope))
 
 
 def _check_recurrent(mixer) -> None:
@@ -283,7 +305,7 @@ def _check_recurrent(mixer) -> None:
                           f"{type(mixer.filter).__name__}: call m2.to_recurrent(model) first")
 
 
-def recurrent_step(mixer, x_t: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+def recurrent_step(mixer, x_t: torch.Tensor, state: RecurrentState, rope=None) -> torch.Tensor:
     """Output for one new token per sequence at O(H S), updating ``state`` in place.
 
     ``y = x2 * (Re(sum_s r * modes) + (h0 + D) * w)`` with the state before this token, then
@@ -318,6 +340,8 @@ def recurrent_step(mixer, x_t: torch.Tensor, state: RecurrentState) -> torch.Ten
     if state.res_modes is not None:
         y_res, state.res_modes = _mode_step(mixer.residual_filter, state.res_modes, x, mixer.D_res)
         y = y + y_res
+    if state.window is not None:                          # the ring's slot: a plain int (a guard when compiled)
+        y = _window_step(mixer, x, state, int(state.length), rope, y)
     state.length = state.length + 1
     out = mixer.out_proj(y)                                                    # (B, H)
     return out if squeeze else out[:, None]

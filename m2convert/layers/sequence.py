@@ -25,7 +25,7 @@ import sympy
 import torch
 from torch import nn
 
-from ..errors import ShapeError, check_choice, check_int
+from ..errors import ConfigError, ShapeError, check_choice, check_int
 from ..kernels.fftconv.cpu import fft_size, mixer_core
 from ..kernels.fftconv.monarch_dft import monarch_long_conv
 from ..kernels.fftconv.reference import fft_long_conv
@@ -33,10 +33,13 @@ from .base import M2Block, hooked
 from .cost import B, N, substitute, fft_conv_flops, linear_flops, monarch_conv_flops
 from .filters import ImplicitFilter
 from .monarch import MonarchLinear, eager_inference
+from .window import WindowAttention
 from .spectra import FilterSpectra, _cached_bytes  # noqa: F401  (_cached_bytes: the benchmarks read it here)
 
 MODES = ("bidirectional", "causal", "causal-monarch")
 SHORT_KERNEL = 3                # taps of the short convolution before the long one (its default)
+
+
 class M2SequenceMixer(FilterSpectra, M2Block):
     """Sub-quadratic sequence mixer of Monarch Mixer (M2-BERT / M2-GPT style).
 
@@ -53,8 +56,14 @@ class M2SequenceMixer(FilterSpectra, M2Block):
         filter_window: keep only the long filters' offsets 0..filter_window-1 per direction (a converted
             local attention layer: each output then sees at most filter_window + short_kernel - 1 tokens
             back, and filter_window ahead when bidirectional). None: every offset.
+        window: add exact softmax attention over the last ``window`` tokens (``window // 2`` on either
+            side when bidirectional) to the mixer's channels before out_proj
+            (:class:`~m2convert.layers.window.WindowAttention`, its own Q, K, V projections); None: none.
+        window_heads: (heads, kv_heads, head_dim) of that attention, heads * head_dim == d_model; default
+            one head per 64 channels. window_scale: its softmax scale (default head_dim ** -0.5).
 
-    Shapes: forward(x: (B, N, H), mask: (B, N) with 1 = token, 0 = padding, or None) -> (B, N, H).
+    Shapes: forward(x: (B, N, H), mask: (B, N) with 1 = token, 0 = padding, or None, rope: the (cos, sin)
+    rotary embeddings the window attention applies, or None) -> (B, N, H).
     Positions where mask == 0 are zeroed before every convolution, so real positions never see
     padding and a sequence's outputs do not depend on how it was batched.
 
@@ -69,7 +78,9 @@ class M2SequenceMixer(FilterSpectra, M2Block):
     def __init__(self, d_model: int, mode: str = "bidirectional", filter_order: int = 128,
                  filter_emb_dim: int = 5, filter_scale: float = 512.0, short_kernel: int = SHORT_KERNEL,
                  residual_conv: bool = True, projection_nblocks: int = 0, projection_rank: int = 1,
-                 filter_window: int | None = None, device=None, dtype=None):
+                 filter_window: int | None = None, window: int | None = None,
+                 window_heads: tuple[int, int, int] | None = None, window_scale: float | None = None,
+                 device=None, dtype=None):
         super().__init__()
         check_int("d_model", d_model, low=1)
         check_int("projection_nblocks", projection_nblocks, low=0)
@@ -90,6 +101,8 @@ class M2SequenceMixer(FilterSpectra, M2Block):
                                                   filter_scale, **local).to(**factory)
             self.D_res = nn.Parameter(torch.zeros(d_model, **factory))
         self.out_proj = _projection(d_model, d_model, projection_nblocks, projection_rank, factory)
+        self.window_attention = None if window is None else _window_attention(
+            d_model, window, window_heads, window_scale, mode != "bidirectional", factory)
         self._spectrum_cache = None                                   # (key, (G, H, F) complex)
         with torch.no_grad():
             # Start the short conv as the identity (tap on the current token) so that seeded
@@ -137,7 +150,7 @@ class M2SequenceMixer(FilterSpectra, M2Block):
     def _filters(self) -> list[ImplicitFilter]:
         return [self.filter] + ([self.residual_filter] if self.residual_filter is not None else [])
 
-    def _forward_fast(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    def _forward_fast(self, x: torch.Tensor, keep: torch.Tensor | None, windowed=None) -> torch.Tensor:
         b, n, h = x.shape
         taps = self.channel_taps(n, x.dtype)
         n_fft = fft_size(n, max(taps))
@@ -162,6 +175,8 @@ class M2SequenceMixer(FilterSpectra, M2Block):
         yt = mixer_core(zt, x if residual else None, spectrum, self.D, self.D_res if residual else None,
                         self.short_conv.weight[:, 0], self.short_conv.bias, keep, n_fft, out=yt,
                         z_bias=z_bias)                                        # (B, H, N)
+        if windowed is not None:
+            yt += windowed                                                    # the window attention's channels
         if type(proj_out) is nn.Linear:
             # y W^T + b with y read through its transpose: BLAS takes the strided operand as is.
             w = proj_out.weight.t().expand(b, -1, -1)                         # (B, H, H)
@@ -180,7 +195,7 @@ class M2SequenceMixer(FilterSpectra, M2Block):
         # parametrizations on them would be skipped, so it steps aside when there are any.
         return eager_inference(x, mask, *self.parameters(), path="mixer") and not hooked(*self.children())
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ShapeError(f"M2SequenceMixer expects x of shape (B, N, {self.d_model}), got {tuple(x.shape)}")
         b, n, h = x.shape
@@ -191,8 +206,11 @@ class M2SequenceMixer(FilterSpectra, M2Block):
             if tuple(mask.shape) != (b, n):
                 raise ShapeError(f"mask must have shape (B, N) = {(b, n)}, got {tuple(mask.shape)}")
             keep = mask.to(x.dtype)[:, None, :]                               # (B, 1, N)
+        windowed = None
+        if self.window_attention is not None:
+            windowed = self.window_attention(x, mask, rope).transpose(1, 2)   # (B, H, N)
         if self._fast_path(x, mask):
-            return self._forward_fast(x, None if keep is None else keep[:, 0])
+            return self._forward_fast(x, None if keep is None else keep[:, 0], windowed)
         z = self.in_proj(x).transpose(1, 2)                                   # (B, 3H, N)
         if keep is not None:
             z = z * keep
@@ -207,6 +225,8 @@ class M2SequenceMixer(FilterSpectra, M2Block):
             if keep is not None:
                 u = u * keep
             y = y + self.long_conv(u, self.residual_filter, self.D_res)
+        if windowed is not None:
+            y = y + windowed
         return self.out_proj(y.transpose(1, 2))                               # (B, N, H)
 
     def flops(self, seq_len=None, batch=None) -> sympy.Expr:
@@ -221,6 +241,8 @@ class M2SequenceMixer(FilterSpectra, M2Block):
                 + B * N * 3 * h * 2 * self.short_kernel                       # depthwise short conv
                 + B * N * h * 4                                               # gates and skips
                 + convs * conv)
+        if self.window_attention is not None:
+            expr = expr + self.window_attention.flops() + B * N * h               # its branch and the add
         return substitute(expr, seq_len, batch)
 
     def extra_repr(self) -> str:
@@ -239,6 +261,20 @@ def _rows_of(proj: nn.Linear, x: torch.Tensor):
         w = w3[:, start:stop].reshape(-1, h).expand(b, -1, -1)                # (B, 3c, H)
         return torch.bmm(w, xt).view(b, 3, stop - start, n)                   # (B, 3c, N)
     return rows
+
+
+def _window_attention(d_model: int, window: int, heads, scale, causal: bool, factory: dict) -> WindowAttention:
+    """The window branch of a mixer: ``heads`` = (heads, kv_heads, head_dim) filling d_model channels."""
+    if heads is None:
+        count = max(1, d_model // 64)
+        while d_model % count:
+            count -= 1
+        heads = (count, count, d_model // count)
+    heads, kv_heads, head_dim = (int(v) for v in heads)
+    if heads * head_dim != d_model:
+        raise ConfigError(f"window_heads={heads, kv_heads, head_dim}: heads x head_dim must be the mixer's width "
+                          f"{d_model}, the channels the window attention adds to")
+    return WindowAttention(d_model, window, heads, kv_heads, head_dim, causal, scale, **factory)
 
 
 def _projection(in_features: int, out_features: int, nblocks: int, rank: int, factory: dict) -> nn.Module:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ShapeError, check_int
+from .base import traced
 from .cost import B, N
 from .heads import apply_rotary
 
@@ -118,8 +119,22 @@ class WindowAttention(nn.Module):
         if x.dim() != 3:
             raise ShapeError(f"WindowAttention expects x of shape (B, N, H), got {tuple(x.shape)}")
         q, k, v = self._qkv(x, rope)
-        out = self.attend(q, self._repeat(k), self._repeat(v), keep)                 # (B, heads, N, d)
+        # A traced graph (export, compile) takes the banded N x N form: its shapes stay plain in N, where the
+        # blocks' ceil(N / size) would pin N to the example's value.
+        attend = self.banded if traced(x) else self.attend
+        out = attend(q, self._repeat(k), self._repeat(v), keep)                        # (B, heads, N, d)
         return out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+
+    def banded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The same attention with an explicit (N, N) band mask: (B, heads, N, d), O(N^2) work."""
+        n = q.shape[2]
+        offset = torch.arange(n, device=q.device)[:, None] - torch.arange(n, device=q.device)[None]
+        back, ahead = self.reach
+        allowed = (offset <= back) & (offset >= -ahead)                                # (N, N)
+        if keep is not None:
+            allowed = allowed & keep.to(torch.bool)[:, None, None, :]                  # (B, 1, N, N)
+        scores = (q @ k.transpose(-1, -2) * self.scale).masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """Windowed attention of q, k, v (B, heads, N, d), a block of queries at a time: (B, heads, N, d)."""
@@ -132,8 +147,8 @@ class WindowAttention(nn.Module):
         pad = (before * size, (blocks + after) * size - n)
 
         def windows(t):                                             # (B, h, blocks, span, d)
-            t = nn.functional.pad(t, (0, 0, *pad))
-            return t.unfold(2, span, size).transpose(-1, -2)
+            t = nn.functional.pad(t, (0, 0, *pad)).view(b, h, blocks + before + after, size, d)
+            return torch.cat([t[:, :, i:i + blocks] for i in range(before + 1 + after)], dim=3)
         qb = nn.functional.pad(q, (0, 0, 0, blocks * size - n)).view(b, h, blocks, size, d)
         scores = torch.einsum("bhqsd,bhqkd->bhqsk", qb, windows(k)) * self.scale   # (B, h, blocks, size, span)
         qpos = torch.arange(blocks * size, device=q.device).view(blocks, size, 1)
@@ -142,29 +157,32 @@ class WindowAttention(nn.Module):
         offset = qpos - kpos
         allowed = (offset <= back) & (offset >= -ahead) & (kpos >= 0) & (kpos < n)   # (blocks, size, span)
         if keep is not None:
-            present = nn.functional.pad(keep.to(torch.bool), pad).unfold(1, span, size)   # (B, blocks, span)
+            present = nn.functional.pad(keep.to(torch.bool), pad).view(b, blocks + before + after, size)
+            present = torch.cat([present[:, i:i + blocks] for i in range(before + 1 + after)], dim=2)  # (B, blocks, span)
             allowed = allowed & present[:, None, :, None, :]
         scores = scores.masked_fill(~allowed, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)    # a row with no key left (padding): zeros
         out = torch.einsum("bhqsk,bhqkd->bhqsd", weights, windows(v))
         return out.reshape(b, h, blocks * size, d)[:, :, :n]
 
-    def prefill(self, x: torch.Tensor, keep: torch.Tensor | None = None, rope=None):
-        """A causal prompt's output (B, N, heads * d) and the :class:`WindowCache` its next token reads."""
+    def cache(self, x: torch.Tensor, keep: torch.Tensor | None = None, rope=None) -> WindowCache:
+        """The :class:`WindowCache` after a causal prompt x (B, N, H) (keep (B, N) 0 = padding; rope its
+        (cos, sin), each (B, N, r) or (N, r)): only its last ``window`` tokens are projected."""
         if not self.causal:
             raise ConfigError("WindowAttention decodes only causally; this one is two-sided (an encoder's)")
-        q, k, v = self._qkv(x, rope)
-        out = self.attend(q, self._repeat(k), self._repeat(v), keep).transpose(1, 2).reshape(*x.shape[:2], -1)
         b, n, w = x.shape[0], x.shape[1], self.window
-        valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if keep is None else keep.to(torch.bool)
-        if n >= w:                                                 # the last w, time t in slot t % w
-            k, v = (torch.roll(t[:, :, -w:], n % w, dims=2) for t in (k, v))
-            valid = torch.roll(valid[:, -w:], n % w, dims=1)
-        else:
-            grow = w - n
-            k, v = (nn.functional.pad(t, (0, 0, 0, grow)) for t in (k, v))
-            valid = nn.functional.pad(valid, (0, grow))
-        return out, WindowCache(k.contiguous(), v.contiguous(), valid.contiguous())
+        last = min(n, w)
+        rope = None if rope is None else tuple(t[..., -last:, :] for t in rope)
+        tail = x[:, -last:]
+        k = apply_rotary(self._split(self.k_proj(tail), self.kv_heads), rope)            # (B, kvh, last, d)
+        v = self._split(self.v_proj(tail), self.kv_heads)
+        valid = torch.ones(b, last, dtype=torch.bool, device=x.device) if keep is None else keep[:, -last:].to(torch.bool)
+        if n >= w:                                                 # time t in slot t % w
+            k, v, valid = torch.roll(k, n % w, dims=2), torch.roll(v, n % w, dims=2), torch.roll(valid, n % w, dims=1)
+        else:                                                      # slots n..w-1 not written yet
+            k, v = (nn.functional.pad(t, (0, 0, 0, w - n)) for t in (k, v))
+            valid = nn.functional.pad(valid, (0, w - n))
+        return WindowCache(k.contiguous(), v.contiguous(), valid.contiguous())
 
     def step(self, x: torch.Tensor, cache: WindowCache, t: int, rope=None) -> torch.Tensor:
         """The output (B, heads * d) of the token at time ``t`` (x (B, H); rope its (cos, sin) or None),
