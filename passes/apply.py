@@ -31,6 +31,7 @@ from m2convert.errors import ConversionError, M2Error
 from m2convert.layers.monarch import MonarchLinear
 from m2convert.layers.attention import ADAPTERS
 from m2convert.layers.heads import KeptHeads
+from m2convert.layers.interface import inherit_interface
 from m2convert.layers.filters import softmax_taps
 from m2convert.passes.attention_bias import SEED_OFFSETS, SEED_STEPS
 from m2convert.layers.experts import ACTIVATIONS, MonarchExperts
@@ -96,6 +97,7 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
     new = ADAPTERS[layout.adapter](**kwargs)
     # Its slot in a generation cache (GPT-Neo names it layer_id).
     new.layer_idx = getattr(original, "layer_idx", getattr(original, "layer_id", None))
+    inherit_interface(new, original)                 # what the model may still ask of its attention modules
     if seed:
         hidden, head_dim = layout.hidden, layout.head_dim
         q, o = _role_weight(model, site, "q"), _role_weight(model, site, "o")

@@ -131,6 +131,10 @@ FAMILIES = {
                                                             interleave_moe_layer_step=2,
                                                             layer_types=["chunked_attention", "full_attention"],
                                                             **EAGER)), 3),          # dense; routed + shared experts
+    # Block-sparse attention the model switches to full before short inputs (set_attention_type on every
+    # attention module, which the adapter answers for the replaced module).
+    "bigbird": (lambda: T.BigBirdModel(T.BigBirdConfig(**TEXT, attention_type="block_sparse", block_size=4,
+                                                       num_random_blocks=1)), 1),
     # Attention and Mamba side by side, sharing one cache slot per layer.
     "falcon-h1": (lambda: T.FalconH1Model(T.FalconH1Config(**TEXT, num_key_value_heads=2, head_dim=8, mamba_d_ssm=32,
                                                            mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
@@ -145,7 +149,7 @@ DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "mistral-w512"
             "granitemoe", "exaone4", "apertus", "gpt-oss", "falcon-h1", "falcon", "gpt-bigcode", "phi3", "mixtral",
             "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe")
 ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "modernbert-w512", "t5", "albert", "roberta", "distilbert", "electra",
-            "roformer", "deberta")
+            "roformer", "deberta", "bigbird")
 
 # family -> the true cause, for families that cannot pass yet (none today)
 XFAIL: dict[str, str] = {}
@@ -379,3 +383,14 @@ def test_a_hybrid_slot_keeps_the_mamba_states_beside_the_mixer_through_beam_sear
     layer = runs[0].past_key_values.layers[0]
     assert type(layer).__name__ == "M2AndLinearAttentionLayer" and layer.state is not None
     assert layer.has_previous_state[0] and layer.get_seq_length() == 11
+
+
+def test_a_method_the_model_calls_on_its_attention_modules_is_answered():
+    """BigBird switches each attention module to full attention before a short input: the converted model
+    answers the call (a warning that it does nothing) and keeps the module's plain attributes."""
+    converted = m2.convert(FAMILIES["bigbird"][0]().eval(), SMALL)
+    adapter = converted.encoder.layer[0].attention
+    assert isinstance(adapter.mixer, m2.M2SequenceMixer) and adapter.attention_type == "block_sparse"   # as configured
+    with pytest.warns(UserWarning, match=r"BigBirdAttention.set_attention_type\(\) .* does nothing"):
+        out = converted(input_ids=torch.randint(1, 96, (2, 10)))
+    assert out.last_hidden_state.shape == (2, 10, 32)

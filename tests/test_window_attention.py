@@ -177,6 +177,12 @@ def test_save_load_lower_export_and_head_hybrids_keep_the_branch(tmp_path):
     assert torch.equal(cached, hybrid.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False))
 
 
+def test_the_decode_step_exporter_refuses_the_window_clearly(tmp_path):
+    recurrent = m2.to_recurrent(m2.convert(_gpt2(), WINDOW, progress=False), state_size=8).model
+    with pytest.raises(ConfigError, match="softmax_window.*m2.export instead"):
+        m2.export_decode_step(recurrent, tmp_path / "step.pt2")
+
+
 def test_an_encoder_window_must_reach_a_side():
     bert = T.BertModel(T.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                     intermediate_size=64, max_position_embeddings=64)).eval()

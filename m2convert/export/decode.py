@@ -88,6 +88,10 @@ def _slots(model: nn.Module) -> list[_Slot]:
             raise ConfigError(f"{where}: the local mixer at '{path}' decodes exactly from its last "
                               f"{mixer.filter.window} inputs (to_recurrent keeps it so), a state "
                               "export_decode_step does not lay out; export the model with m2.export instead")
+        if mixer.window_attention is not None:
+            raise ConfigError(f"{where}: the mixer at '{path}' attends over a window of its last "
+                              f"{mixer.window_attention.window} tokens (softmax_window), a ring of keys and values "
+                              "export_decode_step does not lay out; export the model with m2.export instead")
         if not is_recurrent(mixer) or module.layer_idx is None:
             plain.append(path)
             continue

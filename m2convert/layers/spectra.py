@@ -62,6 +62,7 @@ class FilterSpectra:
         n + K - 1 points.
 
         Example:
+            >>> from m2convert.layers import M2SequenceMixer
             >>> mixer = M2SequenceMixer(8, filter_scale=16.0)
             >>> max(mixer.channel_taps(100)), max(mixer.channel_taps(10_000)) == mixer.filter.support()
             (100, True)
