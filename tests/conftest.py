@@ -115,3 +115,22 @@ def minilm_plan(minilm):
     import m2convert as m2
 
     return m2.plan(minilm[0])
+
+
+@pytest.fixture
+def serves_everywhere(tmp_path):
+    """``check(model, ids)``: the converted causal LM gives the same logits after m2.save_pretrained and
+    AutoModelForCausalLM.from_pretrained, after m2.lower and through an exported program."""
+    import m2convert as m2
+    from transformers import AutoModelForCausalLM
+
+    def check(model, ids):
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits
+            m2.save_pretrained(model, tmp_path / "saved")
+            auto = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+            torch.testing.assert_close(auto(input_ids=ids).logits, ref)
+            torch.testing.assert_close(m2.lower(model)(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+            program = torch.export.load(m2.export(model, {"input_ids": ids}, tmp_path / "model.pt2"))
+            torch.testing.assert_close(program.module()(input_ids=ids)[0], ref, rtol=1e-5, atol=1e-5)
+    return check
