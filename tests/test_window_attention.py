@@ -129,7 +129,8 @@ def test_cached_generate_equals_uncached_and_the_state_stops_growing(family):
     ids = torch.randint(1, 96, (2, 9))
     cached = converted.generate(ids, max_new_tokens=12, do_sample=False, use_cache=True)
     assert torch.equal(cached, converted.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False))
-    recurrent = m2.to_recurrent(converted, state_size=8).model
+    report = m2.to_recurrent(converted, state_size=8)
+    recurrent = report.model
 
     def state_bytes(tokens):
         out = recurrent.generate(torch.randint(1, 96, (1, tokens)), max_new_tokens=1, do_sample=False,
@@ -139,6 +140,7 @@ def test_cached_generate_equals_uncached_and_the_state_stops_growing(family):
             layer.state.map_batch(lambda t: held.append(t) or t)
         return sum(t.numel() * t.element_size() for t in held)
     assert state_bytes(4) == state_bytes(40)                      # w keys and values plus the modes
+    assert report.state_bytes == state_bytes(40)                  # as to_recurrent reports it
     branch = sum(m.window_attention.state_bytes() for m in recurrent.modules() if isinstance(m, M2SequenceMixer))
     assert branch == 2 * (2 * (2 if family == "llama" else 4) * 8 * 6 * 4 + 6)      # 2 layers: K, V and flags
 

@@ -113,7 +113,8 @@ class RecurrentFilter(nn.Module):
 
 def state_bytes(mixer: M2SequenceMixer, state_size: int, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of one sequence's recurrent decoding state of ``mixer``: modal states of its filters (S complex
-    per channel each) and the short conv's last kernel - 1 inputs (3H each), in real ``dtype``.
+    per channel each) and the short conv's last kernel - 1 inputs (3H each), in real ``dtype``, and the ring
+    of keys and values of its window attention where it has one.
 
     Example:
         >>> state_bytes(M2SequenceMixer(32, mode="causal"), 16)       # 2 * 32 * 16 * 8 + 96 * 2 * 4
@@ -121,7 +122,13 @@ def state_bytes(mixer: M2SequenceMixer, state_size: int, dtype: torch.dtype = to
     """
     size = torch.tensor([], dtype=dtype).element_size()
     filters = 2 if mixer.residual_filter is not None else 1
-    return filters * mixer.d_model * state_size * 2 * size + 3 * mixer.d_model * (mixer.short_kernel - 1) * size
+    return (filters * mixer.d_model * state_size * 2 * size + 3 * mixer.d_model * (mixer.short_kernel - 1) * size
+            + _ring_bytes(mixer))
+
+
+def _ring_bytes(mixer: M2SequenceMixer) -> int:
+    branch = getattr(mixer, "window_attention", None)
+    return 0 if branch is None else branch.state_bytes()
 
 
 def window_state_bytes(mixer: M2SequenceMixer, dtype: torch.dtype = torch.float32) -> int | None:
@@ -137,7 +144,8 @@ def window_state_bytes(mixer: M2SequenceMixer, dtype: torch.dtype = torch.float3
         return None
     size = torch.tensor([], dtype=dtype).element_size()
     filters = 2 if mixer.residual_filter is not None else 1
-    return filters * mixer.d_model * window * size + 3 * mixer.d_model * (mixer.short_kernel - 1) * size
+    return (filters * mixer.d_model * window * size + 3 * mixer.d_model * (mixer.short_kernel - 1) * size
+            + _ring_bytes(mixer))
 
 
 @dataclass
