@@ -22,6 +22,7 @@ from m2convert.passes.capture import Captured, capture, check_model
 from m2convert.passes.costs import estimate_costs
 from m2convert.passes.graph import GraphIndex
 from m2convert.passes.mlp import find_mlps
+from m2convert.passes.other_mixers import name_other_mixers
 from m2convert.passes.plan import RewritePlan
 from m2convert.passes.select import select_sites
 from m2convert.passes.sharing import check_sharing
@@ -34,6 +35,7 @@ ANALYSIS_PASSES = (
     find_attention,         # every ATTENTION_PATTERNS matcher (sdpa, matmul -> softmax -> matmul, ...)
     find_mlps,              # every MLP_PATTERNS matcher (act, gated), minus attention projections
     name_unmatched_cores,   # softmax cores no attention pattern matched: skipped sites saying why
+    name_other_mixers,      # sequence mixers that are not attention (Mamba, short convs): kept, named
     check_sharing,          # modules at two paths, tied parameters: skipped (a swap would split them)
     select_sites,           # ConvertConfig: sequence/dimension switches, overrides, filter_fn
     estimate_costs,         # params and sympy FLOPs before/after per site

@@ -135,6 +135,21 @@ FAMILIES = {
     # attention module, which the adapter answers for the replaced module).
     "bigbird": (lambda: T.BigBirdModel(T.BigBirdConfig(**TEXT, attention_type="block_sparse", block_size=4,
                                                        num_random_blocks=1)), 1),
+    # Sequence mixers that are not softmax attention (found by their depthwise convolution along the sequence,
+    # kept and named): a short convolution (LFM2), Mamba 2 (Bamba), Mamba (Jamba), gated delta-net (Qwen3-Next).
+    "lfm2": (lambda: T.Lfm2Model(T.Lfm2Config(**{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2,
+                                              layer_types=["conv", "full_attention"], block_ff_dim=64, **EAGER)), 2),
+    "bamba": (lambda: T.BambaModel(T.BambaConfig(**{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2,
+                                                 attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16,
+                                                 mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8, **EAGER)), 2),
+    "jamba": (lambda: T.JambaModel(T.JambaConfig(**{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2,
+                                                 attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100,
+                                                 num_experts=1, mamba_d_state=8, mamba_dt_rank=4, **EAGER)), 2),
+    "qwen3-next": (lambda: T.Qwen3NextModel(T.Qwen3NextConfig(
+        **{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2, head_dim=8,
+        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, **EAGER)), 4),
     # Attention and Mamba side by side, sharing one cache slot per layer.
     "falcon-h1": (lambda: T.FalconH1Model(T.FalconH1Config(**TEXT, num_key_value_heads=2, head_dim=8, mamba_d_ssm=32,
                                                            mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
@@ -147,12 +162,16 @@ LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2"
 # LayerNorm inside its attention module computes Q's input, so its attention rightly stays dense).
 DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "mistral-w512", "gemma3", "cohere2", "gpt-neo",
             "granitemoe", "exaone4", "apertus", "gpt-oss", "falcon-h1", "falcon", "gpt-bigcode", "phi3", "mixtral",
-            "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe")
+            "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe", "lfm2", "bamba", "jamba")
 ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "modernbert-w512", "t5", "albert", "roberta", "distilbert", "electra",
             "roformer", "deberta", "bigbird")
 
-# family -> the true cause, for families that cannot pass yet (none today)
-XFAIL: dict[str, str] = {}
+# family -> the true cause, for families that cannot pass yet
+XFAIL: dict[str, str] = {
+    "qwen3-next": "its full-attention layers multiply the attention output by a sigmoid gate of the hidden states "
+                  "before o_proj; the analysis requires O to follow the core, so the site is skipped (\"no output "
+                  "projection follows the attention core\"), a reason no graph check confirms yet",
+}
 # encoder -> why its attention cannot convert yet (the padding test needs a converted attention)
 DENSE_ENCODERS: dict[str, str] = {
     "deberta": "DeBERTa's LayerNorm is its own module (decomposed mean/var ops, not nn.LayerNorm), so the post-norm "
@@ -224,6 +243,20 @@ def count_cores(index: GraphIndex) -> int:
     return cores + len(index.calls("aten.scaled_dot_product_attention"))
 
 
+def sequence_conv_modules(index: GraphIndex, sites) -> set[str]:
+    """Modules outside attention sites that run a depthwise convolution along the sequence (weight (C, 1, K),
+    K > 1, C groups): Mamba, delta-net and short-convolution mixers."""
+    attention = [s.fqn for s in sites if s.pattern != "subquadratic-mixer"]
+    found = set()
+    for node in index.calls("aten.conv1d", "aten.convolution"):
+        weight = node.args[1].meta["val"]
+        if weight.dim() == 3 and weight.shape[1] == 1 and weight.shape[2] > 1 and weight.shape[0] in node.args:
+            path = module_path(node)
+            if not any(within(path, a) for a in attention):
+                found.add(path.removesuffix(".conv1d").removesuffix(".conv"))
+    return found
+
+
 def _proj_input(index: GraphIndex, path: str):
     return next(p.input for p in index.projections if p.fqn == path)
 
@@ -272,6 +305,11 @@ def _reason_is_true(site, index: GraphIndex, plan) -> bool:
         config = plan.captured.model.config
         layer = int(re.search(r"layers\.(\d+)\.", site.fqn)[1])
         return config.layer_types[layer] == "chunked_attention" and int(chunk[1]) == config.attention_chunk_size
+    mixer = re.match(r"a sequence mixer that is not softmax attention \((\w+): a depthwise convolution of (\d+) taps", reason)
+    if mixer:
+        module = plan.captured.model.get_submodule(site.fqn)
+        convs = [n for n in index.calls("aten.conv1d", "aten.convolution") if within(module_path(n), site.fqn)]
+        return type(module).__name__ == mixer[1] and any(n.args[1].meta["val"].shape[-1] == int(mixer[2]) for n in convs)
     found = re.match(r"the output projection '(.+)' is followed inside '(.+)' by \[(.+)\]", reason)
     if found:
         out = next(p.output for p in index.projections if p.fqn == found[1])
@@ -295,7 +333,8 @@ def test_every_core_and_mlp_is_converted_or_truly_skipped(family):
     index = GraphIndex(plan.captured)
     attention = [s for s in plan.sites if s.kind == "sequence"]
     dense = [s for s in plan.sites if s.kind == "dimension"]
-    assert len(attention) == count_cores(index), [(s.fqn, s.pattern) for s in attention]
+    assert len(attention) == count_cores(index) + len(sequence_conv_modules(index, attention)), \
+        [(s.fqn, s.pattern) for s in attention]
     assert len(dense) == mlps, [(s.fqn, s.pattern) for s in dense]
     for site in plan.sites:
         assert site.status == "convert" or _reason_is_true(site, index, plan), (site.fqn, site.reason)
