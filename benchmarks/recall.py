@@ -463,11 +463,14 @@ def main(argv=None) -> dict:
             save_student(folder, index, config, student_row(teacher, args, test, name, budget=budget,
                                                             calibration=calibration))
     done = finished_students(folder, config)
-    missing = [name for name, _ in students(args) if name not in done]
+    core = [name for name, budget in students(args) if "softmax_window" not in budget]
+    missing = [name for name in core if name not in done]
     if missing:
         log(f"students still to run (another --only run, or a rerun): {missing}; the report waits for them")
         return {"teacher_acc": teacher_acc, "missing": missing}
-    rows = [done[name] for name, _ in students(args)]
+    # Windowed students join the report as they finish (a rerun with the same --windows adds the rest).
+    rows = [done[name] for name, _ in students(args) if name in done]
+    unfinished = [name for name, _ in students(args) if name not in done]
     result = {"teacher_acc": teacher_acc, "students": rows, "teacher": tinfo,
               "original_state_bytes_512": state_bytes(teacher, args.seq_len),
               "teacher_decode_tokens_per_s": decode_tokens_per_s(teacher, args.seq_len - DECODED - 1, DECODED),
@@ -476,6 +479,7 @@ def main(argv=None) -> dict:
               "test_sequences": sum(len(b["input_ids"]) for b in test)}
     if _windows(args):
         result["window_branch"] = window_rows(rows)
+        result["window_students_not_run"] = unfinished
     path = write_report(args.name, result, config, render, args.out)
     log(f"wrote {path}")
     return result
@@ -605,10 +609,12 @@ def _window_line(doc: dict) -> str:
     full = next(s for s in doc["students"] if s["name"] == "full conversion")
     parts = [f"w = {r['window']}: {r['recovered_acc']:.4f} ({r['recurrent_acc']:.4f} recurrent), "
              f"{r['state_bytes_4096']:,} state bytes" for r in doc["window_branch"]]
+    missing = doc.get("window_students_not_run") or []
     return (f"- window branch (ConvertConfig.softmax_window: exact softmax attention over the last w tokens beside "
             f"each mixer, seeded from the layer's Q, K, V), against the full conversion's {full['recovered_acc']:.4f}: "
             + "; ".join(parts) + ". The state stops growing past the window, so its bytes at 512 tokens are those at "
-            "4,096 (the teacher's learned positions end at 512, where speed is measured)")
+            "4,096 (the teacher's learned positions end at 512, where speed is measured)"
+            + (f". Not run yet: {', '.join(missing)}" if missing else ""))
 
 
 if __name__ == "__main__":
