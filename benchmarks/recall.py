@@ -604,7 +604,7 @@ def render(doc: dict) -> str:
 
 
 def _window_line(doc: dict) -> str:
-    if not doc.get("window_branch"):
+    if not doc.get("window_branch") and not doc.get("window_students_not_run"):
         return ""
     full = next(s for s in doc["students"] if s["name"] == "full conversion")
     parts = [f"w = {r['window']}: {r['recovered_acc']:.4f} ({r['recurrent_acc']:.4f} recurrent), "
