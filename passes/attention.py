@@ -42,6 +42,39 @@ def _output_projection(index: GraphIndex, node: fx.Node):
     return None
 
 
+def _before_output(index: GraphIndex, node: fx.Node, owner: str, steps: int = 12) -> str:
+    """Why no output projection follows the core: the ops (other than reshapes) on its way to the first
+    projection inside the attention module, and the projections their other operands come from (an output
+    gate, a differential pair of cores, a mixture of heads), or that no projection follows at all."""
+    scope = owner.rpartition(".")[0] if owner.count(".") else owner
+    parents, frontier, proj = {node: None}, [node], None
+    for _ in range(steps):
+        reached = []
+        for n in frontier:
+            for u in users(n):
+                if u not in parents and within(module_path(u), scope):
+                    parents[u] = n
+                    reached.append(u)
+        frontier = reached
+        proj = next((index.proj_of[u] for u in frontier if u in index.proj_of), None)
+        if proj is not None or not frontier:
+            break
+    if proj is None or proj.input not in parents:
+        return (f"no output projection follows the attention core in '{owner}' (only reshapes may sit between "
+                "them, and no projection follows within a few ops)")
+    path, cur = [], proj.input
+    while cur is not None and cur is not node:
+        path.append(cur)
+        cur = parents.get(cur)
+    ops = [op_name(n) for n in reversed(path) if op_name(n) not in RESHAPES]
+    sources = sorted({p.fqn for n in path for a in index.data_inputs(n) if a not in parents
+                      for p in index.nearest_projections(a, scope)})
+    with_what = f", with {sources}" if sources else ""
+    return (f"the attention output reaches the output projection '{proj.fqn}' through {ops}{with_what} (an "
+            f"output gate or other arithmetic between the core and O, in '{owner}'), which the M2 adapters do not "
+            "reproduce")
+
+
 def _tail(index: GraphIndex, fqn: str, o, hidden: fx.Node, site_nodes: set, outputs: list):
     """What the module does after O: (kind, final node, dropout p, extra) or a reason.
 
@@ -142,8 +175,7 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
     projs = {r: f[0] for r, f in found.items()}
     o = _output_projection(index, core.node)
     if o is None:
-        return site.skip(f"no output projection follows the attention core in '{owner}' (only reshapes may "
-                         "sit between them)")
+        return site.skip(_before_output(index, core.node, owner))
     projs["o"] = o
     fqn = common_prefix([p.fqn for p in projs.values()] + [owner])
     site.fqn, site.replaces = fqn, [fqn]

@@ -308,3 +308,28 @@ def test_flex_attention_converts_like_eager_attention():
         got = flex(input_ids=ids, attention_mask=mask).logits
         want = eager(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(got, want, atol=1e-5)
+
+
+class GatedAttention(nn.Module):
+    """Attention whose output is gated by sigmoid(g(x)) before O (Qwen3-Next's output gate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.g, self.o = (nn.Linear(HIDDEN, HIDDEN) for _ in range(5))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+
+        def heads(t):
+            return t.view(b, n, HEADS, -1).transpose(1, 2)
+        probs = (heads(self.q(x)) @ heads(self.k(x)).transpose(-1, -2)).softmax(-1)
+        out = (probs @ heads(self.v(x))).transpose(1, 2).reshape(b, n, HIDDEN)
+        return self.o(out * torch.sigmoid(self.g(x)))
+
+
+def test_arithmetic_between_the_core_and_o_is_named_in_the_reason():
+    plan = m2.plan(nn.Sequential(GatedAttention()), SMALL, example_inputs=(torch.randn(2, 8, HIDDEN),))
+    site = _sequence_sites(plan)[0]
+    assert site.status == "skip"
+    assert site.reason.startswith("the attention output reaches the output projection '0.o' through ['aten.mul'], "
+                                  "with ['0.g'] (an output gate"), site.reason

@@ -166,12 +166,8 @@ DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "mistral-w512"
 ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "modernbert-w512", "t5", "albert", "roberta", "distilbert", "electra",
             "roformer", "deberta", "bigbird")
 
-# family -> the true cause, for families that cannot pass yet
-XFAIL: dict[str, str] = {
-    "qwen3-next": "its full-attention layers multiply the attention output by a sigmoid gate of the hidden states "
-                  "before o_proj; the analysis requires O to follow the core, so the site is skipped (\"no output "
-                  "projection follows the attention core\"), a reason no graph check confirms yet",
-}
+# family -> the true cause, for families that cannot pass yet (none today)
+XFAIL: dict[str, str] = {}
 # encoder -> why its attention cannot convert yet (the padding test needs a converted attention)
 DENSE_ENCODERS: dict[str, str] = {
     "deberta": "DeBERTa's LayerNorm is its own module (decomposed mean/var ops, not nn.LayerNorm), so the post-norm "
@@ -310,6 +306,10 @@ def _reason_is_true(site, index: GraphIndex, plan) -> bool:
         module = plan.captured.model.get_submodule(site.fqn)
         convs = [n for n in index.calls("aten.conv1d", "aten.convolution") if within(module_path(n), site.fqn)]
         return type(module).__name__ == mixer[1] and any(n.args[1].meta["val"].shape[-1] == int(mixer[2]) for n in convs)
+    between = re.match(r"the attention output reaches the output projection '(.+?)' through \[(.+?)\]", reason)
+    if between:
+        o_input = _proj_input(index, between[1])
+        return {s.strip(" '") for s in between[2].split(",")} <= {op_name(n) for n in _ancestors(o_input, 12)}
     found = re.match(r"the output projection '(.+)' is followed inside '(.+)' by \[(.+)\]", reason)
     if found:
         out = next(p.output for p in index.projections if p.fqn == found[1])
