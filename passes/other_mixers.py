@@ -93,6 +93,9 @@ def name_other_mixers(ctx) -> int:
         site.params_before = sum(p.numel() for p in module.parameters())
         site.flops_before = sympy.Integer(2 * site.params_before) * B * N
         ctx.add(site, f"{PATTERN} at '{mixer}'")
+        # Its own parts are not sites of their own (RG-LRU's stacked gate weights, skipped as stacked 3-D
+        # weights): the mixer's site speaks for them.
+        ctx.sites[:] = [s for s in ctx.sites if s is site or not (s.status == "skip" and within(s.fqn, mixer))]
         owned.append(mixer)
         found += 1
     return found

@@ -150,6 +150,14 @@ FAMILIES = {
         layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
         linear_key_head_dim=8, linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
         shared_expert_intermediate_size=32, **EAGER)), 4),
+    # RG-LRU blocks (RecurrentGemma: its gates' stacked weights are the mixer's, no site of their own) and Mamba 2
+    # layers between attention and MLP layers (Nemotron-H).
+    "recurrent-gemma": (lambda: T.RecurrentGemmaModel(T.RecurrentGemmaConfig(
+        **{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=1, lru_width=32, attention_window_size=16,
+        block_types=["recurrent", "attention"], **EAGER)), 2),
+    "nemotron-h": (lambda: T.NemotronHModel(T.NemotronHConfig(
+        **{**TEXT, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=8, hybrid_override_pattern="M*-",
+        mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8, **EAGER)), 1),
     # Attention and Mamba side by side, sharing one cache slot per layer.
     "falcon-h1": (lambda: T.FalconH1Model(T.FalconH1Config(**TEXT, num_key_value_heads=2, head_dim=8, mamba_d_ssm=32,
                                                            mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
@@ -162,7 +170,8 @@ LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2"
 # LayerNorm inside its attention module computes Q's input, so its attention rightly stays dense).
 DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "mistral-w512", "gemma3", "cohere2", "gpt-neo",
             "granitemoe", "exaone4", "apertus", "gpt-oss", "falcon-h1", "falcon", "gpt-bigcode", "phi3", "mixtral",
-            "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe", "lfm2", "bamba", "jamba")
+            "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe", "lfm2", "bamba", "jamba",
+            "recurrent-gemma", "nemotron-h")
 ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "modernbert-w512", "t5", "albert", "roberta", "distilbert", "electra",
             "roformer", "deberta", "bigbird")
 
