@@ -86,6 +86,8 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
                   # Plans saved before projection_nblocks existed mean dense projections.
                   projection_nblocks=settings.get("projection_nblocks", 0), projection_rank=settings.get("rank", 1),
                   filter_window=settings.get("filter_window"), device=device or ref.device, dtype=ref.dtype)
+    if layout.output_gate:                      # the attention output gated before O (role "gate")
+        kwargs["output_gate"] = True
     if settings.get("window"):                  # exact softmax attention over a window, beside the mixer
         kwargs.update(window=settings["window"], window_heads=(layout.heads, layout.kv_heads, layout.head_dim),
                       window_scale=getattr(original, "scaling", None))
@@ -104,6 +106,12 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
         k = _repeat_heads(*_role_weight(model, site, "k"), hidden, head_dim)
         v = _repeat_heads(*_role_weight(model, site, "v"), hidden, head_dim)
         new.mixer.seed_projections(q, k, v, o)
+        if new.mixer.output_gate is not None:
+            weight, gate_bias = _role_weight(model, site, "gate")
+            with torch.no_grad():
+                new.mixer.output_gate.weight.copy_(weight)
+                new.mixer.output_gate.bias.copy_(torch.zeros_like(new.mixer.output_gate.bias)
+                                                 if gate_bias is None else gate_bias)
         if new.mixer.window_attention is not None:
             new.mixer.window_attention.seed(q, *(_role_weight(model, site, r) for r in ("k", "v")))
         bias = layout.offset_bias

@@ -42,6 +42,37 @@ def _output_projection(index: GraphIndex, node: fx.Node):
     return None
 
 
+GATES = {"aten.sigmoid": "sigmoid"}
+
+
+def _gated_output(index: GraphIndex, node: fx.Node, scope: str):
+    """(O, gate projection, the node the gate's activation reads, activation name) when the core's output
+    reaches O through reshapes and one product with sigmoid(a projection): an output gate (Qwen3-Next's);
+    else None."""
+    cur, gate = node, None
+    for _ in range(16):
+        nxt = [u for u in users(cur) if u in index.proj_of or op_name(u) in RESHAPES or op_name(u) == "aten.mul"]
+        if len(nxt) != 1:
+            return None
+        step = nxt[0]
+        if step in index.proj_of:
+            proj = index.proj_of[step]
+            return (proj, *gate) if gate is not None and proj.input is cur else None
+        if op_name(step) == "aten.mul":
+            others = [a for a in step.args if isinstance(a, fx.Node) and a is not cur]
+            act = others[0] if gate is None and len(others) == 1 else None
+            while act is not None and op_name(act) in RESHAPES:
+                act = act.args[0]
+            if act is None or op_name(act) not in GATES:
+                return None
+            found = index.nearest_projections(act.args[0], scope)
+            if len(found) != 1:
+                return None
+            gate = (found[0], act.args[0], GATES[op_name(act)])
+        cur = step
+    return None
+
+
 def _before_output(index: GraphIndex, node: fx.Node, owner: str, steps: int = 12) -> str:
     """Why no output projection follows the core: the ops (other than reshapes) on its way to the first
     projection inside the attention module, and the projections their other operands come from (an output
@@ -173,9 +204,14 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
     if bad:
         return site.skip(f"could not trace {'/'.join(bad).upper()} back to one projection inside '{owner}'")
     projs = {r: f[0] for r, f in found.items()}
-    o = _output_projection(index, core.node)
+    o, gate = _output_projection(index, core.node), None
     if o is None:
-        return site.skip(_before_output(index, core.node, owner))
+        gate = _gated_output(index, core.node, owner.rpartition(".")[0] if owner.count(".") else owner)
+        if gate is None:
+            return site.skip(_before_output(index, core.node, owner))
+        o, projs["gate"] = gate[0], gate[1]
+        if gate[1].input is not projs["q"].input:
+            return site.skip(f"the attention output is gated by '{gate[1].fqn}', which reads another input than Q's")
     projs["o"] = o
     fqn = common_prefix([p.fqn for p in projs.values()] + [owner])
     site.fqn, site.replaces = fqn, [fqn]
@@ -192,9 +228,10 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
     if cap.calls.get(fqn, 1) > 1 or any(p.call > 0 for p in projs.values()):
         return site.skip(f"'{fqn}' runs {cap.calls.get(fqn)} times per forward (shared module); converting "
                          "it would change every call")
-    for role in "qkv":
-        if sum(projs[r] is projs[role] for r in "qkv") > 1:
-            order = index.feature_order(projs[role], getattr(core, role))
+    targets = {"q": core.q, "k": core.k, "v": core.v, "gate": gate[2] if gate else None}
+    for role in [r for r in targets if r in projs]:
+        if sum(projs[r] is projs[role] for r in targets if r in projs) > 1:
+            order = index.feature_order(projs[role], targets[role])
             if order is None:
                 return site.skip(f"fused projection '{projs[role].fqn}': cannot tell which outputs feed "
                                  f"{role.upper()} (they do not reach it through reshapes, splits and selects)")
@@ -215,6 +252,7 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
     site = _fill_layout(site, index, core, projs, *after)
     if site.layout is not None:
         site.layout.window, site.layout.feeds = window, feeds
+        site.layout.output_gate = gate[3] if gate else None
     return site
 
 

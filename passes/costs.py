@@ -71,6 +71,8 @@ def describe(site: Site) -> str:
             proj = f", proj nblocks={s['projection_nblocks']}, rank={s.get('rank', 1)}"
         if s.get("window"):
             proj += f", softmax window {s['window']}"
+        if getattr(site.layout, "output_gate", None):
+            proj += f", {site.layout.output_gate} output gate"
         adapter = site.layout.adapter if isinstance(site.layout, AttentionLayout) else "M2Attention"
         return f"{adapter}({site.mode}{proj})"
     s = site.settings

@@ -129,6 +129,8 @@ class AttentionLayout(SiteLayout):
             it when causal, on either side when not), read from the captured mask or the config; None: global.
         feeds: modules outside the site that read a value it computes besides its output (T5's position
             bias, computed by the first layer); the site converts only when each of them converts too.
+        output_gate: "sigmoid" when the attention output is multiplied by sigmoid(gate projection of the
+            input) before O (role "gate"; Qwen3-Next), which the mixer reproduces; None: no gate.
     """
 
     type: ClassVar[str] = "attention"
@@ -148,6 +150,7 @@ class AttentionLayout(SiteLayout):
     offset_bias: OffsetBias | None = None
     window: int | None = None
     feeds: list[str] = field(default_factory=list)
+    output_gate: str | None = None
 
     def keys_seen(self, causal: bool) -> int | None:
         """Keys each query sees under the sliding window (``window`` causal, ``2 * window - 1`` two-sided);

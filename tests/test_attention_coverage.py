@@ -311,10 +311,11 @@ def test_flex_attention_converts_like_eager_attention():
 
 
 class GatedAttention(nn.Module):
-    """Attention whose output is gated by sigmoid(g(x)) before O (Qwen3-Next's output gate)."""
+    """Attention whose output is multiplied by act(g(x)) before O: sigmoid is Qwen3-Next's output gate."""
 
-    def __init__(self):
+    def __init__(self, act=torch.sigmoid):
         super().__init__()
+        self.act = act
         self.q, self.k, self.v, self.g, self.o = (nn.Linear(HIDDEN, HIDDEN) for _ in range(5))
 
     def forward(self, x):
@@ -322,13 +323,53 @@ class GatedAttention(nn.Module):
 
         def heads(t):
             return t.view(b, n, HEADS, -1).transpose(1, 2)
-        probs = (heads(self.q(x)) @ heads(self.k(x)).transpose(-1, -2)).softmax(-1)
+        probs = (heads(self.q(x)) @ heads(self.k(x)).transpose(-1, -2) / 8 ** 0.5).softmax(-1)
         out = (probs @ heads(self.v(x))).transpose(1, 2).reshape(b, n, HIDDEN)
-        return self.o(out * torch.sigmoid(self.g(x)))
+        return self.o(out * self.act(self.g(x)))
+
+
+def test_an_output_gate_converts_into_the_mixer():
+    torch.manual_seed(0)
+    model = nn.Sequential(GatedAttention()).eval()
+    plan = m2.plan(model, SMALL, example_inputs=(torch.randn(2, 8, HIDDEN),))
+    site = _sequence_sites(plan)[0]
+    assert site.status == "convert" and site.layout.output_gate == "sigmoid" and site.roles["gate"].path == "0.g"
+    mixer = plan.apply()[0].mixer
+    assert torch.equal(mixer.output_gate.weight, model[0].g.weight)
+    x, seen = torch.randn(2, 8, HIDDEN), {}
+    hook = mixer.out_proj.register_forward_pre_hook(lambda m, a: seen.update(y=a[0]))
+    with torch.no_grad():
+        mixer(x)
+        hook.remove()
+        gate, out = mixer.output_gate, mixer.out_proj
+        mixer.output_gate, mixer.out_proj = None, nn.Identity()
+        ungated = mixer(x)
+        mixer.output_gate, mixer.out_proj = gate, out
+        fast = mixer(x)
+    torch.testing.assert_close(seen["y"], ungated * torch.sigmoid(model[0].g(x)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, out(seen["y"]), atol=1e-5, rtol=1e-5)       # the fast path gates too
+
+
+def test_kept_heads_of_gated_attention_are_gated_like_the_original():
+    """A head-level hybrid of gated attention: the kept heads reproduce the original gated heads exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GatedAttention()).eval()
+    plan = m2.plan(model, SMALL, example_inputs=(torch.randn(2, 8, HIDDEN),))
+    _sequence_sites(plan)[0].settings["kept_groups"] = [1]
+    adapter = plan.apply()[0]
+    seen = {}
+    model[0].o.register_forward_pre_hook(lambda mod, a: seen.update(original=a[0]))
+    adapter.kept.o_proj.register_forward_pre_hook(lambda mod, a: seen.update(hybrid=a[0]))
+    x = torch.randn(2, 8, HIDDEN)
+    with torch.no_grad():
+        model(x)
+        adapter(x)
+    channels = adapter.kept.channels
+    torch.testing.assert_close(seen["hybrid"][..., channels], seen["original"][..., channels], atol=1e-5, rtol=1e-5)
 
 
 def test_arithmetic_between_the_core_and_o_is_named_in_the_reason():
-    plan = m2.plan(nn.Sequential(GatedAttention()), SMALL, example_inputs=(torch.randn(2, 8, HIDDEN),))
+    plan = m2.plan(nn.Sequential(GatedAttention(torch.tanh)), SMALL, example_inputs=(torch.randn(2, 8, HIDDEN),))
     site = _sequence_sites(plan)[0]
     assert site.status == "skip"
     assert site.reason.startswith("the attention output reaches the output projection '0.o' through ['aten.mul'], "

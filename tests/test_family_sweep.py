@@ -136,7 +136,8 @@ FAMILIES = {
     "bigbird": (lambda: T.BigBirdModel(T.BigBirdConfig(**TEXT, attention_type="block_sparse", block_size=4,
                                                        num_random_blocks=1)), 1),
     # Sequence mixers that are not softmax attention (found by their depthwise convolution along the sequence,
-    # kept and named): a short convolution (LFM2), Mamba 2 (Bamba), Mamba (Jamba), gated delta-net (Qwen3-Next).
+    # kept and named): a short convolution (LFM2), Mamba 2 (Bamba), Mamba (Jamba), gated delta-net (Qwen3-Next,
+    # whose attention's output gate, sigmoid of rows interleaved with Q's in q_proj, the mixer keeps).
     "lfm2": (lambda: T.Lfm2Model(T.Lfm2Config(**{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2,
                                               layer_types=["conv", "full_attention"], block_ff_dim=64, **EAGER)), 2),
     "bamba": (lambda: T.BambaModel(T.BambaConfig(**{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2,
@@ -171,7 +172,7 @@ LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2"
 DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "mistral-w512", "gemma3", "cohere2", "gpt-neo",
             "granitemoe", "exaone4", "apertus", "gpt-oss", "falcon-h1", "falcon", "gpt-bigcode", "phi3", "mixtral",
             "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe", "lfm2", "bamba", "jamba",
-            "recurrent-gemma", "nemotron-h")
+            "recurrent-gemma", "nemotron-h", "qwen3-next")
 ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "modernbert-w512", "t5", "albert", "roberta", "distilbert", "electra",
             "roformer", "deberta", "bigbird")
 

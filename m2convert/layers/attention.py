@@ -111,13 +111,13 @@ class M2Attention(M2Block):
                  filter_order: int = 128, filter_emb_dim: int = 5, projection_nblocks: int = 0,
                  projection_rank: int = 1, residual: str | None = None, filter_window: int | None = None,
                  window: int | None = None, window_heads=None, window_scale: float | None = None,
-                 device=None, dtype=None):
+                 output_gate: bool = False, device=None, dtype=None):
         super().__init__()
         self.mixer = M2SequenceMixer(d_model, mode=mode, filter_order=filter_order,
                                      filter_emb_dim=filter_emb_dim, projection_nblocks=projection_nblocks,
                                      projection_rank=projection_rank, filter_window=filter_window,
                                      window=window, window_heads=window_heads, window_scale=window_scale,
-                                     device=device, dtype=dtype)
+                                     output_gate=output_gate, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
         self.arg_names = tuple(arg_names)
         self.num_outputs = int(num_outputs)
@@ -159,7 +159,7 @@ class M2Attention(M2Block):
         rope = self._argument("position_embeddings", args, kwargs or {})
         y = self.mixer(x, keep, rope)                                      # (B, N, H)
         if self.kept is not None:
-            y = self.kept(y, x, _dense(mask, x), rope)
+            y = self.kept(y, x, _dense(mask, x), rope, self._gate(x))
         return self.dropout(y)                                             # (B, N, H)
 
     def _cached_mix(self, x: torch.Tensor, mask, cache, args, kwargs) -> torch.Tensor:
@@ -174,7 +174,12 @@ class M2Attention(M2Block):
         if layer.kv is not None:
             k, v = torch.cat([layer.kv[0], k], dim=2), torch.cat([layer.kv[1], v], dim=2)
         layer.kv = (k, v)
-        return self.kept.merge(y, self.kept.attend(x, k, v, _dense(mask, x), rope))
+        return self.kept.merge(y, self.kept.attend(x, k, v, _dense(mask, x), rope), self._gate(x))
+
+    def _gate(self, x: torch.Tensor) -> torch.Tensor | None:
+        """sigmoid(output_gate(x)) (B, n, H) of a mixer that gates its output, else None."""
+        gate = self.mixer.output_gate
+        return None if gate is None else torch.sigmoid(gate(x))
 
     def _pack(self, out: torch.Tensor):
         if self.num_outputs == 0:
@@ -225,11 +230,12 @@ class M2PostNormAttention(M2Attention):
                  filter_order: int = 128, filter_emb_dim: int = 5, norm_eps: float = 1e-12,
                  norm_affine: bool = True, norm_bias: bool = True, projection_nblocks: int = 0,
                  projection_rank: int = 1, filter_window: int | None = None, window: int | None = None,
-                 window_heads=None, window_scale: float | None = None, device=None, dtype=None):
+                 window_heads=None, window_scale: float | None = None, output_gate: bool = False,
+                 device=None, dtype=None):
         super().__init__(d_model, mode, arg_names, num_outputs, dropout, filter_order, filter_emb_dim,
                          projection_nblocks=projection_nblocks, projection_rank=projection_rank,
                          filter_window=filter_window, window=window, window_heads=window_heads,
-                         window_scale=window_scale, device=device, dtype=dtype)
+                         window_scale=window_scale, output_gate=output_gate, device=device, dtype=dtype)
         self.norm = nn.LayerNorm(d_model, eps=norm_eps, elementwise_affine=norm_affine,
                                  bias=norm_bias, device=device, dtype=dtype)
 

@@ -203,7 +203,7 @@ def decode_step(mixer, x_t: torch.Tensor, state: DecodeState, rope=None) -> torc
         state.u.narrow(-1, slot, 1).copy_(x[..., None])
         y = (y + torch.einsum("bhs,hs->bh", state.u[..., :used], state.res_taps.narrow(-1, start, used))
              + mixer.D_res * x)
-    y = _window_step(mixer, x, state, t, rope, y)
+    y = _gated(mixer, x, _window_step(mixer, x, state, t, rope, y))
     state.length = t + 1
     out = mixer.out_proj(y)                                                    # (B, H)
     return out if squeeze else out[:, None]
@@ -219,6 +219,12 @@ def _window_step(mixer, x: torch.Tensor, state, t: int, rope, y: torch.Tensor) -
     if state.window is None:
         return y
     return y + mixer.window_attention.step(x, state.window, t, rope).to(y.dtype)
+
+
+def _gated(mixer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y (B, H) times sigmoid(output_gate(x)) where the mixer gates its output, else y."""
+    gate = getattr(mixer, "output_gate", None)
+    return y if gate is None else y * torch.sigmoid(gate(x))
 
 
 def is_recurrent(mixer) -> bool:
@@ -342,6 +348,7 @@ def recurrent_step(mixer, x_t: torch.Tensor, state: RecurrentState, rope=None) -
         y = y + y_res
     if state.window is not None:                          # the ring's slot: a plain int (a guard when compiled)
         y = _window_step(mixer, x, state, int(state.length), rope, y)
+    y = _gated(mixer, x, y)
     state.length = state.length + 1
     out = mixer.out_proj(y)                                                    # (B, H)
     return out if squeeze else out[:, None]

@@ -138,14 +138,18 @@ class KeptHeads(nn.Module):
                                              scale=self.scale)                   # (B, hq, n, d)
         return out.transpose(1, 2).reshape(b, n, -1)
 
-    def merge(self, y: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:
-        """O(y with the kept heads' channels replaced by ``heads_out``): (B, n, out_features)."""
+    def merge(self, y: torch.Tensor, heads_out: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """O(y with the kept heads' channels replaced by ``heads_out``): (B, n, out_features). ``gate``
+        (B, n, H): the output gate's values (gated attention), by which the kept heads' channels are multiplied
+        as the mixer's already were."""
+        if gate is not None:
+            heads_out = heads_out * gate.index_select(-1, self.channels)
         y = y.index_copy(-1, self.channels, heads_out.to(y.dtype))
         return self.o_proj(y)
 
-    def forward(self, y: torch.Tensor, x: torch.Tensor, mask=None, rope=None) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, x: torch.Tensor, mask=None, rope=None, gate=None) -> torch.Tensor:
         keys, values = self.keys_values(x, rope)
-        return self.merge(y, self.attend(x, keys, values, mask, rope))
+        return self.merge(y, self.attend(x, keys, values, mask, rope), gate)
 
     def flops(self) -> sympy.Expr:
         """Forward FLOPs this branch adds to its mixer (see :func:`kept_cost`)."""

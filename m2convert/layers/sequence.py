@@ -61,6 +61,8 @@ class M2SequenceMixer(FilterSpectra, M2Block):
             (:class:`~m2convert.layers.window.WindowAttention`, its own Q, K, V projections); None: none.
         window_heads: (heads, kv_heads, head_dim) of that attention, heads * head_dim == d_model; default
             one head per 64 channels. window_scale: its softmax scale (default head_dim ** -0.5).
+        output_gate: multiply the channels by sigmoid(output_gate(x)) (an nn.Linear H -> H) before out_proj,
+            as gated attention does (Qwen3-Next); False: no gate.
 
     Shapes: forward(x: (B, N, H), mask: (B, N) with 1 = token, 0 = padding, or None, rope: the (cos, sin)
     rotary embeddings the window attention applies, or None) -> (B, N, H).
@@ -80,7 +82,7 @@ class M2SequenceMixer(FilterSpectra, M2Block):
                  residual_conv: bool = True, projection_nblocks: int = 0, projection_rank: int = 1,
                  filter_window: int | None = None, window: int | None = None,
                  window_heads: tuple[int, int, int] | None = None, window_scale: float | None = None,
-                 device=None, dtype=None):
+                 output_gate: bool = False, device=None, dtype=None):
         super().__init__()
         check_int("d_model", d_model, low=1)
         check_int("projection_nblocks", projection_nblocks, low=0)
@@ -103,6 +105,7 @@ class M2SequenceMixer(FilterSpectra, M2Block):
         self.out_proj = _projection(d_model, d_model, projection_nblocks, projection_rank, factory)
         self.window_attention = None if window is None else _window_attention(
             d_model, window, window_heads, window_scale, mode != "bidirectional", factory)
+        self.output_gate = nn.Linear(d_model, d_model, **factory) if output_gate else None
         self._spectrum_cache = None                                   # (key, (G, H, F) complex)
         with torch.no_grad():
             # Start the short conv as the identity (tap on the current token) so that seeded
@@ -177,6 +180,8 @@ class M2SequenceMixer(FilterSpectra, M2Block):
                         z_bias=z_bias)                                        # (B, H, N)
         if windowed is not None:
             yt += windowed                                                    # the window attention's channels
+        if self.output_gate is not None:
+            yt *= torch.sigmoid(self.output_gate(x)).transpose(1, 2)
         if type(proj_out) is nn.Linear:
             # y W^T + b with y read through its transpose: BLAS takes the strided operand as is.
             w = proj_out.weight.t().expand(b, -1, -1)                         # (B, H, H)
@@ -227,6 +232,8 @@ class M2SequenceMixer(FilterSpectra, M2Block):
             y = y + self.long_conv(u, self.residual_filter, self.D_res)
         if windowed is not None:
             y = y + windowed
+        if self.output_gate is not None:
+            y = y * torch.sigmoid(self.output_gate(x)).transpose(1, 2)
         return self.out_proj(y.transpose(1, 2))                               # (B, N, H)
 
     def flops(self, seq_len=None, batch=None) -> sympy.Expr:
@@ -243,6 +250,8 @@ class M2SequenceMixer(FilterSpectra, M2Block):
                 + convs * conv)
         if self.window_attention is not None:
             expr = expr + self.window_attention.flops() + B * N * h               # its branch and the add
+        if self.output_gate is not None:
+            expr = expr + linear_flops(h, h) + B * N * h * 2                      # the gate and its product
         return substitute(expr, seq_len, batch)
 
     def extra_repr(self) -> str:
