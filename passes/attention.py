@@ -42,6 +42,22 @@ def _output_projection(index: GraphIndex, node: fx.Node):
     return None
 
 
+def _latent_chains(index: GraphIndex, projs: dict, owner: str) -> str | None:
+    """Why Q and K/V read different tensors when both are low-rank projections of the same input (multi-head
+    latent attention: x -> q_a -> norm -> q_b, x -> kv_a -> norm -> kv_b), or None (cross-attention)."""
+    def first(role):
+        ups = index.nearest_projections(projs[role].input, owner)
+        return ups[0] if len(ups) == 1 else None
+    chains = {r: first(r) for r in "qkv"}
+    sources = {(chains[r] or projs[r]).input for r in "qkv"}
+    if len(sources) != 1 or not any(chains.values()):
+        return None
+    shown = "; ".join(dict.fromkeys(f"'{chains[r].fqn}' -> '{projs[r].fqn}'" if chains[r] else f"'{projs[r].fqn}'"
+                                    for r in "qkv"))
+    return (f"multi-head latent attention: Q, K and V are low-rank projections of the same input ({shown}), "
+            "which the mixer's one in_proj does not factor yet")
+
+
 GATES = {"aten.sigmoid": "sigmoid"}
 
 
@@ -220,6 +236,9 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
         site.replaces = list(dict.fromkeys(p.fqn for p in projs.values()))
         return site.skip("the attention projections share no module below the model itself")
     if len({projs[r].input for r in "qkv"}) != 1:
+        latent = _latent_chains(index, projs, owner)
+        if latent:
+            return site.skip(latent)
         site.pattern = "cross-attention"
         return site.skip("cross-attention: keys/values come from another sequence than the queries")
     rows = input_reason(index, fqn, projs["q"])

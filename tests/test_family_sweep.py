@@ -159,6 +159,11 @@ FAMILIES = {
     "nemotron-h": (lambda: T.NemotronHModel(T.NemotronHConfig(
         **{**TEXT, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=8, hybrid_override_pattern="M*-",
         mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8, **EAGER)), 1),
+    # Multi-head latent attention (low-rank Q and K/V projections of the same input): skipped, named as such.
+    "deepseek-v3": (lambda: T.DeepseekV3Model(T.DeepseekV3Config(
+        **TEXT, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+        v_head_dim=8, n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, first_k_dense_replace=1,
+        **EAGER)), 1),
     # Attention and Mamba side by side, sharing one cache slot per layer.
     "falcon-h1": (lambda: T.FalconH1Model(T.FalconH1Config(**TEXT, num_key_value_heads=2, head_dim=8, mamba_d_ssm=32,
                                                            mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
@@ -278,6 +283,11 @@ def _ancestors(node, depth: int) -> set:
 def _reason_is_true(site, index: GraphIndex, plan) -> bool:
     """Check a skip reason against the graph: each reason the analysis gives has its own check here."""
     reason = site.reason or ""
+    latent = re.match(r"multi-head latent attention: .*\('(.+?)' -> '(.+?)'; '(.+?)' -> '(.+?)'\)", reason)
+    if latent:
+        ups = {name: next(p for p in index.projections if p.fqn == name) for name in latent.groups()}
+        q_a, q_b, kv_a, kv_b = (ups[n] for n in latent.groups())
+        return q_a.input is kv_a.input and q_b.input is not q_a.input and q_a.output in _ancestors(q_b.input, 6)
     if reason.startswith("cross-attention"):
         return _proj_input(index, site.roles["k"].path) is not _proj_input(index, site.roles["q"].path)
     if "per forward (shared module" in reason or "run more than once per forward" in reason:
