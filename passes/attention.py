@@ -42,6 +42,34 @@ def _output_projection(index: GraphIndex, node: fx.Node):
     return None
 
 
+def _output_roles(index: GraphIndex, core, projs: dict, owner: str):
+    """(O, the output gate or None) of a core, added to ``projs`` as roles "o" and "gate"; or why not."""
+    o, gate = _output_projection(index, core.node), None
+    if o is None:
+        gate = _gated_output(index, core.node, owner.rpartition(".")[0] if owner.count(".") else owner)
+        if gate is None:
+            return _before_output(index, core.node, owner)
+        o, projs["gate"] = gate[0], gate[1]
+        if gate[1].input is not projs["q"].input:
+            return f"the attention output is gated by '{gate[1].fqn}', which reads another input than Q's"
+    projs["o"] = o
+    return o, gate
+
+
+def _fused_rows(index: GraphIndex, site: Site, projs: dict, targets: dict) -> str | None:
+    """Set the rows of each role whose projection also feeds another role (a fused QKV, Q with its gate);
+    returns why they cannot be told apart, or None."""
+    roles = [r for r in targets if r in projs]
+    for role in roles:
+        if sum(projs[r] is projs[role] for r in roles) > 1:
+            order = index.feature_order(projs[role], targets[role])
+            if order is None:
+                return (f"fused projection '{projs[role].fqn}': cannot tell which outputs feed {role.upper()} "
+                        "(they do not reach it through reshapes, splits and selects)")
+            site.roles[role].rows = feature_ranges(order)
+    return None
+
+
 def _latent_chains(index: GraphIndex, projs: dict, owner: str) -> str | None:
     """Why Q and K/V read different tensors when both are low-rank projections of the same input (multi-head
     latent attention: x -> q_a -> norm -> q_b, x -> kv_a -> norm -> kv_b), or None (cross-attention)."""
@@ -220,15 +248,10 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
     if bad:
         return site.skip(f"could not trace {'/'.join(bad).upper()} back to one projection inside '{owner}'")
     projs = {r: f[0] for r, f in found.items()}
-    o, gate = _output_projection(index, core.node), None
-    if o is None:
-        gate = _gated_output(index, core.node, owner.rpartition(".")[0] if owner.count(".") else owner)
-        if gate is None:
-            return site.skip(_before_output(index, core.node, owner))
-        o, projs["gate"] = gate[0], gate[1]
-        if gate[1].input is not projs["q"].input:
-            return site.skip(f"the attention output is gated by '{gate[1].fqn}', which reads another input than Q's")
-    projs["o"] = o
+    out = _output_roles(index, core, projs, owner)
+    if isinstance(out, str):
+        return site.skip(out)
+    o, gate = out
     fqn = common_prefix([p.fqn for p in projs.values()] + [owner])
     site.fqn, site.replaces = fqn, [fqn]
     site.roles = {r: Role(p.fqn) for r, p in projs.items()}
@@ -247,14 +270,9 @@ def attention_site(index: GraphIndex, core: AttentionCore) -> Site:
     if cap.calls.get(fqn, 1) > 1 or any(p.call > 0 for p in projs.values()):
         return site.skip(f"'{fqn}' runs {cap.calls.get(fqn)} times per forward (shared module); converting "
                          "it would change every call")
-    targets = {"q": core.q, "k": core.k, "v": core.v, "gate": gate[2] if gate else None}
-    for role in [r for r in targets if r in projs]:
-        if sum(projs[r] is projs[role] for r in targets if r in projs) > 1:
-            order = index.feature_order(projs[role], targets[role])
-            if order is None:
-                return site.skip(f"fused projection '{projs[role].fqn}': cannot tell which outputs feed "
-                                 f"{role.upper()} (they do not reach it through reshapes, splits and selects)")
-            site.roles[role].rows = feature_ranges(order)
+    fused = _fused_rows(index, site, projs, {"q": core.q, "k": core.k, "v": core.v, "gate": gate[2] if gate else None})
+    if fused:
+        return site.skip(fused)
     causal, window, why = causality(index, core)
     site.causal = causal
     if why:
