@@ -161,6 +161,10 @@ class RewritePlan:
         head = (f"RewritePlan for {self.model_class}: {t['convert']} site(s) to convert, {t['skip']} skipped, "
                 f"{t['exclude']} excluded (FLOPs per sequence at N={self.seq_len})")
         lines = [head, "", self.table(), ""]
+        kept = sum(s.pattern == "subquadratic-mixer" for s in self.sites)
+        if kept:
+            lines.append(f"of the skipped sites, {kept} are sequence mixers that are not attention (Mamba, linear "
+                         "attention, short convolutions), already sub-quadratic and kept as they are")
         lines.append(f"parameters: {t['params_before']:,} -> {t['params_after']:,} "
                      f"({change(t['params_before'], t['params_after'])})")
         if t["convert"]:

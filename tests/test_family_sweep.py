@@ -16,6 +16,7 @@ import torch
 import transformers as T
 
 import m2convert as m2
+from m2convert.errors import ConversionError
 from m2convert.passes.graph import GraphIndex, module_path, op_name, users, within
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -442,6 +443,16 @@ def test_a_hybrid_slot_keeps_the_mamba_states_beside_the_mixer_through_beam_sear
     layer = runs[0].past_key_values.layers[0]
     assert type(layer).__name__ == "M2AndLinearAttentionLayer" and layer.state is not None
     assert layer.has_previous_state[0] and layer.get_seq_length() == 11
+
+
+def test_the_plan_counts_the_sequence_mixers_it_keeps():
+    plan = m2.plan(FAMILIES["bamba"][0]().eval(), SMALL)
+    kept = [s for s in plan.sites if s.pattern == "subquadratic-mixer"]
+    assert [s.fqn for s in kept] == ["layers.0.mamba"] and kept[0].status == "skip"
+    assert kept[0].flops_before is not None and kept[0].params_before > 0
+    assert "of the skipped sites, 1 are sequence mixers that are not attention" in str(plan)
+    with pytest.raises(ConversionError, match="layers.0.mamba"):
+        m2.plan(FAMILIES["bamba"][0]().eval(), SMALL.replace(strict=True)).apply()     # strict counts it
 
 
 def test_a_method_the_model_calls_on_its_attention_modules_is_answered():
