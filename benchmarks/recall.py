@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--only", default=None, metavar="I,J",
                    help="run these students alone (indices 0-5 in report order): two runs with different --only "
                         "share the work; the report is written once every student is done")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a line for the report about how it was run (repeatable)")
     p.add_argument("--windows", default="", metavar="W,W",
                    help="also run the full conversion with a softmax window of each size beside the mixers")
     p.add_argument("--keep", default=None, metavar="LAYERS",
@@ -492,7 +494,8 @@ def finished_students(folder: Path, config: dict) -> dict:
     rows = {}
     for path in sorted((folder / "students").glob("*.json")):
         doc = json.loads(path.read_text())
-        if all(doc["config"].get(k) == v for k, v in config.items() if k not in ("threads", "out", "only", "windows")):
+        if all(doc["config"].get(k) == v for k, v in config.items()
+               if k not in ("threads", "out", "only", "windows", "note")):
             rows[doc["row"]["name"]] = doc["row"]
     return rows
 
@@ -600,6 +603,7 @@ def render(doc: dict) -> str:
         f"keeps the layers whose average attention a convolution fits worst; uniform spreads the budget",
         target_line(doc) if "original_state_bytes_512" in doc else "",
         _window_line(doc),
+        *(f"- {line}" for line in cfg.get("note") or []),
     ]) + "\n"
 
 
