@@ -32,6 +32,7 @@ from __future__ import annotations
 import sympy
 from torch import fx, nn
 
+from m2convert.layers.base import M2Block
 from m2convert.layers.cost import B, N
 from m2convert.passes.graph import GraphIndex, module_path, op_name, within
 from m2convert.passes.site import SEQUENCE, Site
@@ -64,6 +65,12 @@ def _mixer_path(conv: fx.Node, model) -> str:
     return path
 
 
+def _converted(model, path: str) -> bool:
+    """Whether the module at ``path`` is, or sits inside, an M2 replacement (a converted model planned again)."""
+    parts = path.split(".") if path else []
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), M2Block) for i in range(len(parts) + 1))
+
+
 def _follows(index: GraphIndex, mixer: str) -> str:
     ops = {op_name(n) for n in index.nodes if n.op == "call_function" and within(module_path(n), mixer)}
     if ops & set(RECURRENCES):
@@ -85,6 +92,8 @@ def name_other_mixers(ctx) -> int:
         if any(within(mixer, fqn) or within(fqn, mixer) for fqn in owned):
             continue
         module = model.get_submodule(mixer)
+        if _converted(model, mixer):
+            continue                                    # an M2 mixer's own short convolution
         kind = (f"{type(module).__name__}: a depthwise convolution of {taps} taps along the sequence"
                 f"{_follows(index, mixer)}")
         site = Site(mixer, SEQUENCE, PATTERN, replaces=[mixer]).skip(
