@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import m2convert as m2
 import m2convert.layers.cache as generation
@@ -165,6 +166,24 @@ def test_cached_generate_equals_uncached(options, monkeypatch):
     assert len(steps) == 23 * 2                           # every token after the prompt came from the states
     assert cached.shape == (2, 11 + 24)
     assert torch.equal(cached, run(False))
+
+
+def test_a_left_padded_batch_decodes_each_prompt_as_alone():
+    model = copy.deepcopy(_recurrent().model).double()
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(1, 96, (n,), generator=gen) for n in (3, 9, 14)]
+    ids = torch.stack([nn.functional.pad(p, (14 - len(p), 0)) for p in prompts])          # pad id 0 on the left
+    mask = (ids != 0).long()
+    mask[2] = 1
+    with torch.no_grad():
+        batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        for i, p in enumerate(prompts):
+            alone = model.generate(input_ids=p[None], max_new_tokens=20, do_sample=False, output_scores=True,
+                                   return_dict_in_generate=True)
+            assert torch.equal(batched.sequences[i, 14:], alone.sequences[0, len(p):])
+            torch.testing.assert_close(torch.stack([s[i] for s in batched.scores]), torch.cat(alone.scores),
+                                       rtol=1e-9, atol=1e-9)
 
 
 def test_state_bytes_do_not_grow_with_the_prompt():

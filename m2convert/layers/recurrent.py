@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError, check_int
 from .gemv import lay_out_for_decode
@@ -234,9 +235,8 @@ def to_recurrent(model: nn.Module, state_size: int = STATE_SIZE, horizon: int = 
                           "with m2.convert first")
     target = model if inplace else copy.deepcopy(model)
     report = RecurrentReport(target, state_size, horizon)
-    for name, mixer in target.named_modules():
-        if not isinstance(mixer, M2SequenceMixer):
-            continue
+    for name, mixer in tqdm([(n, m) for n, m in target.named_modules() if isinstance(m, M2SequenceMixer)],
+                            desc="m2convert: fitting recurrent filters", disable=None, leave=False):
         if mixer.mode not in CAUSAL_MODES:
             report.layers.append(LayerFit(name, "skip", reason=f"mode={mixer.mode!r}: a bidirectional "
                                           "filter sees future tokens and has no recurrent form"))
