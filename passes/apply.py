@@ -4,10 +4,10 @@ One walker (:func:`swap_modules`) does every swap; replacements are all built be
 so a failure leaves the model as it was, and ``inplace=False`` never touches the caller's model.
 
 Weight mapping (source -> destination, nn.Linear convention (out, in)):
-    attention Q (H, H)                 -> mixer.in_proj rows [0, H)      (x1)
-    attention K (kv_heads * d, H)      -> repeated to (H, H) -> rows [H, 2H)   (x2)
-    attention V (kv_heads * d, H)      -> repeated to (H, H) -> rows [2H, 3H)  (v)
-    attention O (H, H)                 -> mixer.out_proj
+    attention Q (D, H)                 -> mixer.in_proj rows [0, D)      (x1; D = heads x head_dim, H or not)
+    attention K (kv_heads * d, H)      -> repeated to (D, H) -> rows [D, 2D)   (x2)
+    attention V (kv_heads * d, H)      -> repeated to (D, H) -> rows [2D, 3D)  (v)
+    attention O (H, D)                 -> mixer.out_proj
     (projection_nblocks >= 1: the stacked (3H, H) Q|K|V and the O weight are each projected onto a
      MonarchLinear with that many blocks at the site's rank, as MLP linears are)
     BERT-style post-norm LayerNorm     -> adapter.norm
@@ -49,7 +49,8 @@ def _role_weight(model: nn.Module, site: Site, role: str) -> tuple[torch.Tensor,
 
 
 def _repeat_heads(weight, bias, hidden: int, head_dim: int):
-    """GQA/MQA K or V (kv_heads * d, H) -> (H, H), each KV head repeated for its query heads."""
+    """GQA/MQA K or V (kv_heads * d, H) -> (D, H) (``hidden`` = D, the query heads' channels), each KV head
+    repeated for its query heads."""
     kv_heads = weight.shape[0] // head_dim
     if kv_heads * head_dim == hidden:
         return weight, bias
@@ -80,7 +81,7 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
     settings = site.settings
     original = model.get_submodule(site.fqn)
     ref, _ = projection_weight(model.get_submodule(site.roles["q"].path))
-    kwargs = dict(d_model=layout.hidden, mode=site.mode, arg_names=layout.arg_names,
+    kwargs = dict(d_model=layout.hidden, d_inner=layout.inner, mode=site.mode, arg_names=layout.arg_names,
                   num_outputs=layout.num_outputs, dropout=layout.dropout,
                   filter_order=settings["filter_order"], filter_emb_dim=settings["filter_emb_dim"],
                   # Plans saved before projection_nblocks existed mean dense projections.
@@ -101,10 +102,10 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
     new.layer_idx = getattr(original, "layer_idx", getattr(original, "layer_id", None))
     inherit_interface(new, original)                 # what the model may still ask of its attention modules
     if seed:
-        hidden, head_dim = layout.hidden, layout.head_dim
+        width, head_dim = layout.width, layout.head_dim
         q, o = _role_weight(model, site, "q"), _role_weight(model, site, "o")
-        k = _repeat_heads(*_role_weight(model, site, "k"), hidden, head_dim)
-        v = _repeat_heads(*_role_weight(model, site, "v"), hidden, head_dim)
+        k = _repeat_heads(*_role_weight(model, site, "k"), width, head_dim)
+        v = _repeat_heads(*_role_weight(model, site, "v"), width, head_dim)
         new.mixer.seed_projections(q, k, v, o)
         if new.mixer.output_gate is not None:
             weight, gate_bias = _role_weight(model, site, "gate")
@@ -117,7 +118,7 @@ def _attention_replacement(site: Site, model: nn.Module, seed: bool, device) -> 
         bias = layout.offset_bias
         if bias is not None and new.mixer.filter.heads == (1 if bias.ahead is None else 2):
             # An offset-only score bias (ALiBi): start the filter as the attention that bias alone gives.
-            target, weight = softmax_taps(*bias.profile(SEED_OFFSETS), hidden)       # (heads_f, H, L)
+            target, weight = softmax_taps(*bias.profile(SEED_OFFSETS), width)        # (heads_f, D, L)
             fit = new.mixer.filter.fit_taps(target, weight, steps=SEED_STEPS)
             bias.fit_error, bias.fit_corr = fit["fit_error_after"], fit["corr_after"]
         if norm is not None:

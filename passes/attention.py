@@ -325,19 +325,20 @@ def _fill_layout(site: Site, index: GraphIndex, core, projs, kind, dropout, norm
 
     hidden = projection_dims(projs["q"].module)[0]
     o_in, o_out = projection_dims(projs["o"].module)
-    if width("q") != hidden or (o_in, o_out) != (hidden, hidden):
-        return site.skip(f"Q outputs {width('q')} and O maps {o_in} -> {o_out}, but the model width is "
-                         f"{hidden}; the mixer needs Q, K, V, O of width {hidden}")
+    inner = width("q")                            # heads x head_dim: H, or wider / narrower heads
+    if o_in != inner or o_out != hidden:
+        return site.skip(f"Q outputs {inner} and O maps {o_in} -> {o_out}, but the model width is {hidden}; "
+                         f"the mixer needs O to map Q's {inner} channels back to {hidden}")
     qval = core.q.meta.get("val")
     heads = qval.shape[1] if qval is not None and qval.dim() == 4 else 1
     sval = core.scores.meta.get("val") if core.scores is not None else None
-    if heads == 1 and sval is not None and sval.dim() == 4 and hidden % sval.shape[1] == 0:
+    if heads == 1 and sval is not None and sval.dim() == 4 and inner % sval.shape[1] == 0:
         heads = sval.shape[1]                     # Bloom's (B * heads, N, d) queries, (B, heads, N, N) scores
-    head_dim = hidden // heads
+    head_dim = inner // heads
     kv = width("k")
-    if width("v") != kv or kv % head_dim or hidden % kv:
+    if width("v") != kv or kv % head_dim or inner % kv:
         return site.skip(f"K/V widths {kv}/{width('v')} are not a whole number of {head_dim}-wide heads "
-                         f"dividing {hidden}")
+                         f"dividing Q's {inner} channels")
     structure = cap.outputs.get(site.fqn, {"type": "tensor"})
     if structure["type"] not in ("tensor", "tuple"):
         return site.skip(f"'{site.fqn}' returns {structure['type']}; adapters reproduce tensors and tuples")
@@ -350,7 +351,7 @@ def _fill_layout(site: Site, index: GraphIndex, core, projs, kind, dropout, norm
         adapter="M2PostNormAttention" if kind == "post-norm" else "M2Attention", hidden=hidden, heads=heads,
         kv_heads=kv // head_dim, head_dim=head_dim, arg_names=_arg_names(module),
         num_outputs=structure.get("len", 0), dropout=dropout, module_class=type(module).__name__,
-        norm=kept_norm, residual=residual,
+        norm=kept_norm, residual=residual, inner=None if inner == hidden else inner,
         offset_bias=None if site.causal is None else offset_bias(index, core, heads, site.causal))
     return site
 

@@ -31,7 +31,7 @@ def flops_before(site: Site, model) -> sympy.Expr:
         total += linear_flops(*projection_dims(module), bias=getattr(module, "bias", None) is not None)
     if site.kind == SEQUENCE and "q" in site.roles:
         layout = site.layout if isinstance(site.layout, AttentionLayout) else None
-        hidden = layout.hidden if layout is not None else None
+        hidden = layout.width if layout is not None else None                 # the channels the core mixes
         keys = layout.keys_seen(site.causal) if layout is not None else None    # a sliding window's keys
         total += attention_flops(hidden or projection_dims(model.get_submodule(site.roles["q"].path))[0], keys)
     return total

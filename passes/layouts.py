@@ -131,6 +131,8 @@ class AttentionLayout(SiteLayout):
             bias, computed by the first layer); the site converts only when each of them converts too.
         output_gate: "sigmoid" when the attention output is multiplied by sigmoid(gate projection of the
             input) before O (role "gate"; Qwen3-Next), which the mixer reproduces; None: no gate.
+        inner: heads x head_dim where it is not H (heads wider or narrower than the model, as Gemma 4's
+            global layers): Q, K, V then output ``inner`` channels and O maps them to H; None: H.
     """
 
     type: ClassVar[str] = "attention"
@@ -151,6 +153,12 @@ class AttentionLayout(SiteLayout):
     window: int | None = None
     feeds: list[str] = field(default_factory=list)
     output_gate: str | None = None
+    inner: int | None = None
+
+    @property
+    def width(self) -> int:
+        """Channels the attention mixes: ``inner`` where set, else the model width H."""
+        return self.hidden if self.inner is None else self.inner
 
     def keys_seen(self, causal: bool) -> int | None:
         """Keys each query sees under the sliding window (``window`` causal, ``2 * window - 1`` two-sided);

@@ -73,6 +73,12 @@ FAMILIES = {
     # Families beyond the named floor, built the same way; none has code of its own in m2convert.
     "qwen2": (lambda: T.Qwen2Model(T.Qwen2Config(**TEXT, num_key_value_heads=2, **EAGER)), 1),
     "qwen3": (lambda: T.Qwen3Model(T.Qwen3Config(**TEXT, num_key_value_heads=2, head_dim=8, **EAGER)), 1),
+    # Heads wider than the model (heads x head_dim = 2H, as Qwen3-0.6B's 16 x 128 over H = 1024).
+    "qwen3-wide": (lambda: T.Qwen3Model(T.Qwen3Config(**TEXT, num_key_value_heads=2, head_dim=16, **EAGER)), 1),
+    # Gemma 4: sliding layers of head_dim 8, a global layer of head_dim 16 (4 x 16 = 2H channels).
+    "gemma4": (lambda: T.Gemma4TextModel(T.Gemma4TextConfig(
+        **{**TEXT, "num_hidden_layers": 2}, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+        vocab_size_per_layer_input=96, hidden_size_per_layer_input=8, sliding_window=8, **EAGER)), 2),
     "opt": (lambda: T.OPTModel(T.OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                            ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32,
                                            pad_token_id=0, bos_token_id=0, eos_token_id=0, **EAGER)), 1),
@@ -178,7 +184,7 @@ LOCAL_FAMILIES = ("mistral-w512", "mistral-w4096", "gemma2", "gemma3", "cohere2"
 DECODERS = ("gpt2", "llama", "bloom", "mpt", "gemma2", "mistral", "mistral-w512", "gemma3", "cohere2", "gpt-neo",
             "granitemoe", "exaone4", "apertus", "gpt-oss", "falcon-h1", "falcon", "gpt-bigcode", "phi3", "mixtral",
             "qwen2", "qwen3", "opt", "gpt-neox", "gptj", "olmo", "phi", "xglm", "qwen2-moe", "lfm2", "bamba", "jamba",
-            "recurrent-gemma", "nemotron-h", "qwen3-next")
+            "recurrent-gemma", "nemotron-h", "qwen3-next", "qwen3-wide", "gemma4")
 ENCODERS = ("bert", "deberta-v2", "mpnet", "modernbert", "modernbert-w512", "t5", "albert", "roberta", "distilbert", "electra",
             "roformer", "deberta", "bigbird")
 

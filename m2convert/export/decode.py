@@ -95,7 +95,7 @@ def _slots(model: nn.Module) -> list[_Slot]:
         if not is_recurrent(mixer) or module.layer_idx is None:
             plain.append(path)
             continue
-        slots.append(_Slot(path, module.layer_idx, mixer.d_model, mixer.filter.state_size, mixer.short_kernel,
+        slots.append(_Slot(path, module.layer_idx, mixer.d_inner, mixer.filter.state_size, mixer.short_kernel,
                            mixer.residual_filter is not None))
     if plain or not slots:
         raise ConfigError(f"{where} has {'no causal M2 mixer' if not slots else f'mixers at {plain[:3]}'} in "

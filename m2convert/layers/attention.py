@@ -111,13 +111,15 @@ class M2Attention(M2Block):
                  filter_order: int = 128, filter_emb_dim: int = 5, projection_nblocks: int = 0,
                  projection_rank: int = 1, residual: str | None = None, filter_window: int | None = None,
                  window: int | None = None, window_heads=None, window_scale: float | None = None,
-                 output_gate: bool = False, device=None, dtype=None):
+                 output_gate: bool = False, d_inner: int | None = None, device=None, dtype=None):
         super().__init__()
+        # A mixer of other width than the model (wide heads) has no residual convolution of its input.
         self.mixer = M2SequenceMixer(d_model, mode=mode, filter_order=filter_order,
                                      filter_emb_dim=filter_emb_dim, projection_nblocks=projection_nblocks,
                                      projection_rank=projection_rank, filter_window=filter_window,
                                      window=window, window_heads=window_heads, window_scale=window_scale,
-                                     output_gate=output_gate, device=device, dtype=dtype)
+                                     output_gate=output_gate, d_inner=d_inner,
+                                     residual_conv=d_inner in (None, d_model), device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
         self.arg_names = tuple(arg_names)
         self.num_outputs = int(num_outputs)
@@ -231,11 +233,12 @@ class M2PostNormAttention(M2Attention):
                  norm_affine: bool = True, norm_bias: bool = True, projection_nblocks: int = 0,
                  projection_rank: int = 1, filter_window: int | None = None, window: int | None = None,
                  window_heads=None, window_scale: float | None = None, output_gate: bool = False,
-                 device=None, dtype=None):
+                 d_inner: int | None = None, device=None, dtype=None):
         super().__init__(d_model, mode, arg_names, num_outputs, dropout, filter_order, filter_emb_dim,
                          projection_nblocks=projection_nblocks, projection_rank=projection_rank,
                          filter_window=filter_window, window=window, window_heads=window_heads,
-                         window_scale=window_scale, output_gate=output_gate, device=device, dtype=dtype)
+                         window_scale=window_scale, output_gate=output_gate, d_inner=d_inner,
+                         device=device, dtype=dtype)
         self.norm = nn.LayerNorm(d_model, eps=norm_eps, elementwise_affine=norm_affine,
                                  bias=norm_bias, device=device, dtype=dtype)
 

@@ -129,8 +129,8 @@ def _ensure_capacity(mixer, state: DecodeState, needed: int) -> None:
 
 
 def _prompt_inputs(mixer, x: torch.Tensor, mask: torch.Tensor | None):
-    """(z_tail (B, 3H, kernel-1), w (B, H, N), u (B, H, N) or None) of a prompt, padding zeroed."""
-    n, h = x.shape[1], x.shape[2]
+    """(z_tail (B, 3D, kernel-1), w (B, D, N), u (B, H, N) or None) of a prompt, padding zeroed."""
+    n, h = x.shape[1], mixer.d_inner
     keep = None if mask is None else mask.to(x.dtype)[:, None, :]             # (B, 1, N)
     z = mixer.in_proj(x).transpose(1, 2)                                       # (B, 3H, N)
     if keep is not None:
@@ -188,7 +188,7 @@ def decode_step(mixer, x_t: torch.Tensor, state: DecodeState, rope=None) -> torc
     x = x_t if squeeze else x_t[:, 0]                                          # (B, H)
     if x.dim() != 2 or x.shape[-1] != mixer.d_model:
         raise ShapeError(f"decode_step expects x_t of shape (B, 1, {mixer.d_model}), got {tuple(x_t.shape)}")
-    h, t = mixer.d_model, state.length
+    h, t = mixer.d_inner, state.length
     _ensure_capacity(mixer, state, t + 1)
     z = mixer.in_proj(x)                                                       # (B, 3H)
     window = torch.cat([state.z_tail, z[..., None]], dim=-1)                   # (B, 3H, kernel)
@@ -335,7 +335,7 @@ def recurrent_step(mixer, x_t: torch.Tensor, state: RecurrentState, rope=None) -
     x = x_t if squeeze else x_t[:, 0]                                          # (B, H)
     if x.dim() != 2 or x.shape[-1] != mixer.d_model:
         raise ShapeError(f"recurrent_step expects x_t of shape (B, 1, {mixer.d_model}), got {tuple(x_t.shape)}")
-    h = mixer.d_model
+    h = mixer.d_inner
     z = mixer.in_proj(x)                                                       # (B, 3H)
     c = _short_conv_step(mixer.short_conv, state.z_tail, z)                    # (B, 3H)
     # The prefill's layout, so a compiled step sees equal strides.

@@ -114,7 +114,7 @@ class RecurrentFilter(nn.Module):
 
 def state_bytes(mixer: M2SequenceMixer, state_size: int, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of one sequence's recurrent decoding state of ``mixer``: modal states of its filters (S complex
-    per channel each) and the short conv's last kernel - 1 inputs (3H each), in real ``dtype``, and the ring
+    per channel each) and the short conv's last kernel - 1 inputs (3D each), in real ``dtype``, and the ring
     of keys and values of its window attention where it has one.
 
     Example:
@@ -123,7 +123,7 @@ def state_bytes(mixer: M2SequenceMixer, state_size: int, dtype: torch.dtype = to
     """
     size = torch.tensor([], dtype=dtype).element_size()
     filters = 2 if mixer.residual_filter is not None else 1
-    return (filters * mixer.d_model * state_size * 2 * size + 3 * mixer.d_model * (mixer.short_kernel - 1) * size
+    return (filters * mixer.d_inner * state_size * 2 * size + 3 * mixer.d_inner * (mixer.short_kernel - 1) * size
             + _ring_bytes(mixer))
 
 
@@ -145,7 +145,7 @@ def window_state_bytes(mixer: M2SequenceMixer, dtype: torch.dtype = torch.float3
         return None
     size = torch.tensor([], dtype=dtype).element_size()
     filters = 2 if mixer.residual_filter is not None else 1
-    return (filters * mixer.d_model * window * size + 3 * mixer.d_model * (mixer.short_kernel - 1) * size
+    return (filters * mixer.d_inner * window * size + 3 * mixer.d_inner * (mixer.short_kernel - 1) * size
             + _ring_bytes(mixer))
 
 
@@ -291,7 +291,7 @@ def restore_recurrent_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Mo
                               f"{type(model).__name__} ({type(mixer).__name__}); was it saved from another model?")
         for role in ("filter", "residual_filter"):
             if getattr(mixer, role) is not None:
-                setattr(mixer, role, RecurrentFilter.empty(mixer.d_model, sizes["state_size"], sizes["horizon"],
+                setattr(mixer, role, RecurrentFilter.empty(mixer.d_inner, sizes["state_size"], sizes["horizon"],
                                                            dtype=mixer.D.dtype, device=mixer.D.device))
                 getattr(mixer, role).total_error = sizes.get(_ERROR_KEYS[role])   # recorded by recurrent_fits
         mixer._spectrum_cache = None

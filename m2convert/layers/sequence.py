@@ -61,8 +61,11 @@ class M2SequenceMixer(FilterSpectra, M2Block):
             (:class:`~m2convert.layers.window.WindowAttention`, its own Q, K, V projections); None: none.
         window_heads: (heads, kv_heads, head_dim) of that attention, heads * head_dim == d_model; default
             one head per 64 channels. window_scale: its softmax scale (default head_dim ** -0.5).
-        output_gate: multiply the channels by sigmoid(output_gate(x)) (an nn.Linear H -> H) before out_proj,
+        output_gate: multiply the channels by sigmoid(output_gate(x)) (an nn.Linear H -> D) before out_proj,
             as gated attention does (Qwen3-Next); False: no gate.
+        d_inner: the channels D mixed along the sequence (default H): in_proj maps H -> 3D and out_proj
+            D -> H, as attention whose heads are wider or narrower than the model (heads x head_dim != H).
+            The residual long convolution of the input needs D == H.
 
     Shapes: forward(x: (B, N, H), mask: (B, N) with 1 = token, 0 = padding, or None, rope: the (cos, sin)
     rotary embeddings the window attention applies, or None) -> (B, N, H).
@@ -82,30 +85,34 @@ class M2SequenceMixer(FilterSpectra, M2Block):
                  residual_conv: bool = True, projection_nblocks: int = 0, projection_rank: int = 1,
                  filter_window: int | None = None, window: int | None = None,
                  window_heads: tuple[int, int, int] | None = None, window_scale: float | None = None,
-                 output_gate: bool = False, device=None, dtype=None):
+                 output_gate: bool = False, d_inner: int | None = None, device=None, dtype=None):
         super().__init__()
         check_int("d_model", d_model, low=1)
+        d_inner = d_model if d_inner is None else check_int("d_inner", d_inner, low=1)
+        if residual_conv and d_inner != d_model:
+            raise ConfigError(f"residual_conv=True convolves the input (width {d_model}) into the mixer's "
+                              f"{d_inner} channels: pass residual_conv=False where d_inner != d_model")
         check_int("projection_nblocks", projection_nblocks, low=0)
         check_choice("mode", mode, MODES)
         check_int("short_kernel", short_kernel, low=1)
-        self.d_model, self.mode, self.short_kernel = d_model, mode, short_kernel
+        self.d_model, self.d_inner, self.mode, self.short_kernel = d_model, d_inner, mode, short_kernel
         heads = 2 if mode == "bidirectional" else 1
         factory = {"device": device, "dtype": dtype}
-        self.in_proj = _projection(d_model, 3 * d_model, projection_nblocks, projection_rank, factory)
-        self.short_conv = nn.Conv1d(3 * d_model, 3 * d_model, short_kernel, groups=3 * d_model,
+        self.in_proj = _projection(d_model, 3 * d_inner, projection_nblocks, projection_rank, factory)
+        self.short_conv = nn.Conv1d(3 * d_inner, 3 * d_inner, short_kernel, groups=3 * d_inner,
                                     padding=short_kernel - 1, **factory)
         local = {"window": filter_window}                            # a local attention layer's offsets
-        self.filter = ImplicitFilter(d_model, heads, filter_order, filter_emb_dim, filter_scale, **local).to(**factory)
-        self.D = nn.Parameter(torch.ones(d_model, **factory))
+        self.filter = ImplicitFilter(d_inner, heads, filter_order, filter_emb_dim, filter_scale, **local).to(**factory)
+        self.D = nn.Parameter(torch.ones(d_inner, **factory))
         self.residual_filter = None
         if residual_conv:
             self.residual_filter = ImplicitFilter(d_model, heads, filter_order, filter_emb_dim,
                                                   filter_scale, **local).to(**factory)
             self.D_res = nn.Parameter(torch.zeros(d_model, **factory))
-        self.out_proj = _projection(d_model, d_model, projection_nblocks, projection_rank, factory)
+        self.out_proj = _projection(d_inner, d_model, projection_nblocks, projection_rank, factory)
         self.window_attention = None if window is None else _window_attention(
-            d_model, window, window_heads, window_scale, mode != "bidirectional", factory)
-        self.output_gate = nn.Linear(d_model, d_model, **factory) if output_gate else None
+            d_model, d_inner, window, window_heads, window_scale, mode != "bidirectional", factory)
+        self.output_gate = nn.Linear(d_model, d_inner, **factory) if output_gate else None
         self._spectrum_cache = None                                   # (key, (G, H, F) complex)
         with torch.no_grad():
             # Start the short conv as the identity (tap on the current token) so that seeded
@@ -117,21 +124,23 @@ class M2SequenceMixer(FilterSpectra, M2Block):
     def seed_projections(self, q, k, v, o) -> None:
         """Copy pretrained attention weights: Q, K, V -> in_proj (x1, x2, v), O -> out_proj.
 
-        Each argument is a (weight (H, H), bias (H,) or None) pair in nn.Linear convention. MonarchLinear
-        projections get the Frobenius projection of the stacked (3H, H) Q|K|V and of the (H, H) O weight.
+        Each argument is a (weight, bias or None) pair in nn.Linear convention: Q, K, V (D, H) and
+        O (H, D). MonarchLinear projections get the Frobenius projection of the stacked (3D, H) Q|K|V and
+        of the (H, D) O weight.
         """
-        h = self.d_model
+        h, d = self.d_model, self.d_inner
         for name, (w, _) in (("q", q), ("k", k), ("v", v), ("o", o)):
-            if tuple(w.shape) != (h, h):
-                raise ShapeError(f"seed_projections: {name} weight has shape {tuple(w.shape)}, expected {(h, h)}")
+            expected = (h, d) if name == "o" else (d, h)
+            if tuple(w.shape) != expected:
+                raise ShapeError(f"seed_projections: {name} weight has shape {tuple(w.shape)}, expected {expected}")
 
         def bias(w, b):
-            return b if b is not None else torch.zeros(h, dtype=w.dtype, device=w.device)
+            return b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
 
-        w_in = torch.cat([q[0], k[0], v[0]])                                  # (3H, H) rows x1 | x2 | v
-        b_in = torch.cat([bias(*q), bias(*k), bias(*v)])                      # (3H,)
+        w_in = torch.cat([q[0], k[0], v[0]])                                  # (3D, H) rows x1 | x2 | v
+        b_in = torch.cat([bias(*q), bias(*k), bias(*v)])                      # (3D,)
         _load_projection(self.in_proj, w_in, b_in)
-        _load_projection(self.out_proj, o[0], bias(*o))                       # (H, H), (H,)
+        _load_projection(self.out_proj, o[0], bias(*o))                       # (H, D), (H,)
 
     def long_conv(self, u: torch.Tensor, filt: ImplicitFilter, D: torch.Tensor) -> torch.Tensor:
         """Long convolution of u (B, H, N) with the filter's taps and skip D, in this mixer's mode."""
@@ -155,6 +164,7 @@ class M2SequenceMixer(FilterSpectra, M2Block):
 
     def _forward_fast(self, x: torch.Tensor, keep: torch.Tensor | None, windowed=None) -> torch.Tensor:
         b, n, h = x.shape
+        d = self.d_inner
         taps = self.channel_taps(n, x.dtype)
         n_fft = fft_size(n, max(taps))
         proj_in, proj_out = self.in_proj, self.out_proj
@@ -172,9 +182,9 @@ class M2SequenceMixer(FilterSpectra, M2Block):
         residual = self.residual_filter is not None
         monarch_out = isinstance(proj_out, MonarchLinear)
         if monarch_out:
-            yt = torch.empty(h, b, n, dtype=x.dtype, device=x.device).transpose(0, 1)
+            yt = torch.empty(d, b, n, dtype=x.dtype, device=x.device).transpose(0, 1)
         else:
-            yt = torch.empty(b, h, n, dtype=x.dtype, device=x.device)
+            yt = torch.empty(b, d, n, dtype=x.dtype, device=x.device)
         yt = mixer_core(zt, x if residual else None, spectrum, self.D, self.D_res if residual else None,
                         self.short_conv.weight[:, 0], self.short_conv.bias, keep, n_fft, out=yt,
                         z_bias=z_bias)                                        # (B, H, N)
@@ -184,10 +194,10 @@ class M2SequenceMixer(FilterSpectra, M2Block):
             yt *= torch.sigmoid(self.output_gate(x)).transpose(1, 2)
         if type(proj_out) is nn.Linear:
             # y W^T + b with y read through its transpose: BLAS takes the strided operand as is.
-            w = proj_out.weight.t().expand(b, -1, -1)                         # (B, H, H)
+            w = proj_out.weight.t().expand(b, -1, -1)                         # (B, D, H)
             return torch.baddbmm(proj_out.bias.expand(b, n, -1), yt.transpose(1, 2), w)   # (B, N, H)
         if monarch_out:
-            y = proj_out.matmul(yt.transpose(0, 1).reshape(h, b * n), x_channels_first=True)   # (B*N, H)
+            y = proj_out.matmul(yt.transpose(0, 1).reshape(d, b * n), x_channels_first=True)   # (B*N, H)
             return y.view(b, n, -1)
         return proj_out(yt.transpose(1, 2))                                   # (B, N, H)
 
@@ -220,7 +230,7 @@ class M2SequenceMixer(FilterSpectra, M2Block):
         if keep is not None:
             z = z * keep
         z = self.short_conv(z)[..., :n]                                       # (B, 3H, N) causal
-        x1, x2, v = z.split(h, dim=1)                                         # 3 x (B, H, N)
+        x1, x2, v = z.split(self.d_inner, dim=1)                              # 3 x (B, D, N)
         v = v * x1
         if keep is not None:
             v = v * keep
@@ -237,25 +247,26 @@ class M2SequenceMixer(FilterSpectra, M2Block):
         return self.out_proj(y.transpose(1, 2))                               # (B, N, H)
 
     def flops(self, seq_len=None, batch=None) -> sympy.Expr:
-        h = self.d_model
+        h, d = self.d_model, self.d_inner
         bidir = self.mode == "bidirectional"
-        conv = monarch_conv_flops(h) if self.mode == "causal-monarch" else fft_conv_flops(h, bidir)
+        conv = monarch_conv_flops(d) if self.mode == "causal-monarch" else fft_conv_flops(d, bidir)
         convs = 2 if self.residual_filter is not None else 1
         # Projections swapped for other M2 blocks (e.g. MonarchLinear) report their own cost.
-        projections = [p.flops() if isinstance(p, M2Block) else linear_flops(h, f)
-                       for p, f in ((self.in_proj, 3 * h), (self.out_proj, h))]
+        projections = [p.flops() if isinstance(p, M2Block) else linear_flops(i, f)
+                       for p, i, f in ((self.in_proj, h, 3 * d), (self.out_proj, d, h))]
         expr = (sum(projections)
-                + B * N * 3 * h * 2 * self.short_kernel                       # depthwise short conv
-                + B * N * h * 4                                               # gates and skips
+                + B * N * 3 * d * 2 * self.short_kernel                       # depthwise short conv
+                + B * N * d * 4                                               # gates and skips
                 + convs * conv)
         if self.window_attention is not None:
-            expr = expr + self.window_attention.flops() + B * N * h               # its branch and the add
+            expr = expr + self.window_attention.flops() + B * N * d               # its branch and the add
         if self.output_gate is not None:
-            expr = expr + linear_flops(h, h) + B * N * h * 2                      # the gate and its product
+            expr = expr + linear_flops(h, d) + B * N * d * 2                      # the gate and its product
         return substitute(expr, seq_len, batch)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, mode={self.mode!r}, residual_conv={self.residual_filter is not None}"
+        inner = f", d_inner={self.d_inner}" if self.d_inner != self.d_model else ""
+        return f"d_model={self.d_model}{inner}, mode={self.mode!r}, residual_conv={self.residual_filter is not None}"
 
 
 def _rows_of(proj: nn.Linear, x: torch.Tensor):
@@ -272,17 +283,18 @@ def _rows_of(proj: nn.Linear, x: torch.Tensor):
     return rows
 
 
-def _window_attention(d_model: int, window: int, heads, scale, causal: bool, factory: dict) -> WindowAttention:
-    """The window branch of a mixer: ``heads`` = (heads, kv_heads, head_dim) filling d_model channels."""
+def _window_attention(d_model: int, d_inner: int, window: int, heads, scale, causal: bool,
+                      factory: dict) -> WindowAttention:
+    """The window branch of a mixer: ``heads`` = (heads, kv_heads, head_dim) filling its d_inner channels."""
     if heads is None:
-        count = max(1, d_model // 64)
-        while d_model % count:
+        count = max(1, d_inner // 64)
+        while d_inner % count:
             count -= 1
-        heads = (count, count, d_model // count)
+        heads = (count, count, d_inner // count)
     heads, kv_heads, head_dim = (int(v) for v in heads)
-    if heads * head_dim != d_model:
-        raise ConfigError(f"window_heads={heads, kv_heads, head_dim}: heads x head_dim must be the mixer's width "
-                          f"{d_model}, the channels the window attention adds to")
+    if heads * head_dim != d_inner:
+        raise ConfigError(f"window_heads={heads, kv_heads, head_dim}: heads x head_dim must be the mixer's "
+                          f"{d_inner} channels, the ones the window attention adds to")
     return WindowAttention(d_model, window, heads, kv_heads, head_dim, causal, scale, **factory)
 
 

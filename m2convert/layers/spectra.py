@@ -23,7 +23,7 @@ TAP_BYTES = 1 << 20
 
 
 class FilterSpectra:
-    """Filter spectra of a mixer (``_filters()``, ``mode``, ``d_model``, ``D`` and ``_spectrum_cache``).
+    """Filter spectra of a mixer (``_filters()``, ``mode``, ``d_inner``, ``D`` and ``_spectrum_cache``).
 
     Filter cache: in eval mode, under ``torch.no_grad()`` / ``torch.inference_mode()``, the filters'
     spectra for the last sequence length are kept: one (G, H, L/2 + 1) complex tensor, G = 2 with the
@@ -71,7 +71,7 @@ class FilterSpectra:
         each = [f.channel_support(TAIL_TOL[dtype]) if isinstance(f, ImplicitFilter) else None
                 for f in self._filters()]
         if None in each:
-            return [n] * self.d_model
+            return [n] * self.d_inner
         return [min(n, max(ks)) for ks in zip(*each)]
 
     def spectrum_blocks(self, n: int, dtype: torch.dtype, taps: list[int] | None = None):
@@ -84,7 +84,7 @@ class FilterSpectra:
         once, here; taps are made for up to TAP_CHANNELS channels at a time (a GEMM wide enough to run
         at speed, about TAP_BYTES) and transformed block by block, so no (heads, H, N) tensor is built.
         """
-        taps = [n] * self.d_model if taps is None else taps
+        taps = [n] * self.d_inner if taps is None else taps
         longest = max(taps)
         trunks = [(f, f.trunk(longest).to(dtype)) for f in self._filters()]   # (K, order) each
         bidirectional = self.mode == "bidirectional"
@@ -95,7 +95,7 @@ class FilterSpectra:
         def block(start: int, stop: int, size: int | None = None) -> torch.Tensor:
             lo, hi = held["range"]
             if not (lo <= start and stop <= hi):
-                lo, hi = start, min(max(stop, start + width), self.d_model)
+                lo, hi = start, min(max(stop, start + width), self.d_inner)
                 k = max(taps[lo:hi])
                 held["range"], held["taps"] = (lo, hi), [f.taps(t[:k], lo, hi) for f, t in trunks]
             k = max(taps[start:stop])
@@ -117,7 +117,7 @@ class FilterSpectra:
         """
         g, f = len(self._filters()), n_fft // 2 + 1
         cplx = torch.complex128 if dtype == torch.float64 else torch.complex64
-        nbytes = g * self.d_model * f * cplx.itemsize
+        nbytes = g * self.d_inner * f * cplx.itemsize
         key = None
         if not self.training and not torch.is_grad_enabled():
             state = self._filter_state()
@@ -131,10 +131,10 @@ class FilterSpectra:
         block = self.spectrum_blocks(n, dtype, taps)
         if key is None:
             return block
-        spectrum = torch.empty(g, self.d_model, f, dtype=cplx, device=self.D.device)
-        step = block_channels(1, g, n_fft, self.d_model)
-        for start in range(0, self.d_model, step):
-            stop = min(start + step, self.d_model)
+        spectrum = torch.empty(g, self.d_inner, f, dtype=cplx, device=self.D.device)
+        step = block_channels(1, g, n_fft, self.d_inner)
+        for start in range(0, self.d_inner, step):
+            stop = min(start + step, self.d_inner)
             spectrum[:, start:stop] = block(start, stop, n_fft)
         self._spectrum_cache = (key, spectrum)
         _HOLDERS.add(self)

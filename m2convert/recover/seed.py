@@ -141,7 +141,7 @@ def filter_target(sums: torch.Tensor, counts: torch.Tensor, mixer: M2SequenceMix
     """
     heads, width = sums.shape
     longest = (width + 1) // 2
-    h = mixer.d_model
+    h = mixer.d_inner
     if h % heads:
         raise ShapeError(f"seed_filters_from_attention: the teacher has {heads} attention heads, which do "
                          f"not divide the mixer width {h}")
@@ -253,9 +253,9 @@ def _seedable_mixers(student: nn.Module, teacher: nn.Module, open_gates: bool) -
 
 def _open_gates(mixer: M2SequenceMixer) -> None:
     """x1 = x2 = 1 and D = 0: the gated branch becomes conv(v, k) with v = V x."""
-    h = mixer.d_model
+    h = mixer.d_inner
     with torch.no_grad():
-        mixer.in_proj.weight[:2 * h].zero_()                                    # rows x1 | x2 of (3H, H)
+        mixer.in_proj.weight[:2 * h].zero_()                                    # rows x1 | x2 of (3D, H)
         mixer.in_proj.bias[:2 * h].fill_(1.0)
         mixer.D.zero_()
 
