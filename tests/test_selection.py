@@ -82,6 +82,27 @@ def test_kl_keeps_the_only_attention_that_matters():
     assert [s.selection.kv_bytes for s in bytes_plan.sites if s.selection] == [0, 256, 0]
 
 
+def test_kl_scores_only_the_positions_that_predict_labelled_tokens():
+    model = _gpt2()
+    cfg = m2.ConvertConfig(keep_layers=1, dimension=False, selection_steps=0)
+
+    def scores(calibration):
+        plan = m2.plan(model, cfg, calibration=calibration, progress=False)
+        return {s.fqn: s.selection.score for s in plan.sites if s.selection}
+
+    plain = _calibration()
+    labelled = []
+    for batch in plain:
+        labels = torch.full_like(batch["input_ids"], -100)
+        labels[:, [6, 21]] = batch["input_ids"][:, [6, 21]]            # two answers a row: positions 5 and 20
+        labelled.append({**batch, "labels": labels})
+    everywhere, answers = scores(plain), scores(labelled)
+    assert answers["transformer.h.1.attn"] > 0 and answers["transformer.h.0.attn"] == 0.0
+    assert answers["transformer.h.1.attn"] != pytest.approx(everywhere["transformer.h.1.attn"], rel=1e-3)
+    unmarked = [{**b, "labels": torch.full_like(b["labels"], -100)} for b in labelled]
+    assert scores(unmarked) == pytest.approx(everywhere)                 # no answer marked: every token counts
+
+
 def test_converted_hybrid_keeps_the_chosen_attention_and_reloads(tmp_path):
     model = _gpt2()
     student = m2.convert(model, m2.ConvertConfig(keep_layers=1, dimension=False, selection_steps=0),

@@ -9,7 +9,10 @@ site, or at head level one KV group of a site), higher meaning more worth keepin
   whole module, or at head level that KV group's heads beside the aligned mixer) and measure how much the
   student's divergence from the teacher on the held-out quarter drops (KL of the output distributions at
   temperature 1 for models with logits, the relative MSE of the last hidden state for the others, as the
-  ``kd`` stage measures them).
+  ``kd`` stage measures them). Where the calibration batches carry token ``labels`` (B, N), the divergence
+  is measured only at the positions that predict a labelled token (-100: none; a decoder's position t
+  predicts label t + 1): the answers of a task, where a few attention heads matter most and the many
+  other tokens would drown them out. Without token labels every real token counts.
 - ``offset-fit``: the relative error of the best fit of a convolution's taps to the site's average attention
   by key-query offset (``seed_filters_from_attention``): attention that depends most on content, least on
   position, scores highest. At head level every group of a site has the site's score.
@@ -91,7 +94,6 @@ def calibration_batches(calibration, tokenizer=None, limit: int = MAX_BATCHES) -
         count = min(limit, getattr(source, "per_epoch", limit))
         batches = [source.batch(k) for k in range(count)] if hasattr(source, "per_epoch") else \
             list(itertools.islice(source, limit))
-    batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
     if not batches or any("input_ids" not in b and "inputs_embeds" not in b for b in batches):
         raise ConfigError("calibration data gave no batches with input_ids; pass dicts of tensors "
                           "(input_ids (B, N), attention_mask (B, N)) or a text/TSV/JSONL file with tokenizer=")
@@ -104,21 +106,48 @@ def _swap(model: torch.nn.Module, path: str, module: torch.nn.Module) -> torch.n
     return old
 
 
-class _Divergence:
-    """The student's divergence from the teacher on fixed batches; the teacher runs once."""
+def scored_positions(batch: dict, causal: bool) -> torch.Tensor | None:
+    """(B, N) 0/1 of the positions whose outputs the kl score compares: those predicting a token label
+    (label t + 1 for a decoder, label t otherwise) where ``batch`` has token ``labels`` (B, N) marking any,
+    else its ``attention_mask`` (None: every position).
 
-    def __init__(self, teacher, batches: list[dict]):
-        from m2convert.recover.stages import EndToEndObjective, teacher_forward
+    Example:
+        >>> ids = torch.ones(1, 5, dtype=torch.long)
+        >>> scored_positions({"input_ids": ids, "labels": torch.tensor([[-100, -100, 7, -100, 9]])}, causal=True)
+        tensor([[0, 1, 0, 1, 0]])
+    """
+    labels, ids = batch.get("labels"), batch.get("input_ids", batch.get("inputs_embeds"))
+    if labels is None or ids is None or tuple(labels.shape) != tuple(ids.shape[:2]):
+        return batch.get("attention_mask")
+    marked = labels != -100
+    if causal:
+        marked = torch.nn.functional.pad(marked[:, 1:], (0, 1), value=False)
+    return marked.long() if bool(marked.any()) else batch.get("attention_mask")
+
+
+class _Divergence:
+    """The student's divergence from the teacher on fixed batches, at their :func:`scored_positions`;
+    the teacher runs once."""
+
+    def __init__(self, teacher, batches: list[dict], causal: bool):
+        from m2convert.recover.stages import teacher_forward
 
         self.batches = batches
         self.targets = [teacher_forward(teacher, b, hidden=False) for b in batches]
-        self.stage = StageConfig("kd", steps=1, kd_weight=1.0, temperature=1.0)   # only its loss is used
-        self.objective = EndToEndObjective
+        self.masks = [scored_positions(b, causal) for b in batches]
 
     def __call__(self, student) -> float:
-        objective = self.objective(student, self.stage)
-        with torch.no_grad():
-            return sum(float(objective(b, t)) for b, t in zip(self.batches, self.targets)) / len(self.batches)
+        from m2convert.recover.stages import _logits, first_tensor, kd_kl, masked_mse, teacher_forward
+
+        total = 0.0
+        for batch, target, mask in zip(self.batches, self.targets, self.masks):
+            out = teacher_forward(student, batch, hidden=False)
+            s_logits, t_logits = _logits(out), _logits(target)
+            if s_logits is not None and t_logits is not None:
+                total += float(kd_kl(s_logits, t_logits, 1.0, mask if s_logits.dim() == 3 else None))
+            else:
+                total += float(masked_mse(first_tensor(out), first_tensor(target), mask))
+        return total / len(self.batches)
 
 
 @register_scorer("kl", needs_data=True)
@@ -137,7 +166,8 @@ def kl_scores(c: Candidates) -> list[float]:
         distill(student, teacher, train, DistillConfig(stages=[StageConfig("transfer", steps=steps)],
                                                        progress=False))
     student.eval()
-    divergence = _Divergence(teacher.eval(), held_out)
+    causal = any(u.site.causal for u in c.units)
+    divergence = _Divergence(teacher.eval(), held_out, causal)
     base = divergence(student)
     scores = []
     for unit in tqdm(c.units, desc="kl selection", unit="candidate", disable=not c.progress):
@@ -180,7 +210,7 @@ def offset_fit_scores(c: Candidates) -> list[float]:
     from m2convert.recover.seed import seed_filters_from_attention
 
     student = c.plan.apply()
-    batches = calibration_batches(c.calibration, c.tokenizer)
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in calibration_batches(c.calibration, c.tokenizer)]
     report = seed_filters_from_attention(student, c.plan.model, batches, progress=c.progress)
     return [float(report["layers"][u.site.fqn]["fit_error_after"]) for u in c.units]
 
