@@ -366,17 +366,20 @@ def convert(teacher, args, keep: list[int] | None = None, calibration=None, **bu
     return m2.convert(teacher, config, calibration=calibration, progress=False)
 
 
-def calibration_batches(args) -> list[dict]:
-    """Batches from their own seed for the measured selections (no labels: selection sees inputs only)."""
+def calibration_batches(args, answers: bool = False) -> list[dict]:
+    """Batches from their own seed for the measured selections: inputs only, or with ``answers`` the labels
+    that mark the answer tokens too (the kl selection then scores the positions that predict them)."""
     gen = torch.Generator().manual_seed(5)
     data = MQAR(args, seed=5, batch_size=args.student_batch_size)
-    return [{k: v for k, v in data.batch(gen).items() if k != "labels"} for _ in range(args.calibration_batches)]
+    return [{k: v for k, v in data.batch(gen).items() if answers or k != "labels"}
+            for _ in range(args.calibration_batches)]
 
 
 def students(args) -> list[tuple[str, dict]]:
     """(name, budget) of each student: the full conversion, then hybrids at a third of the layers (uniform,
-    offset-fit, kl) and at an eighth of the heads (kl, offset-fit), then the full conversion with a window of
-    exact softmax attention beside each mixer for each of ``--windows``."""
+    offset-fit, kl) and at an eighth of the heads (kl, offset-fit), the kl hybrids again with calibration
+    labels marking the answers ("answers": kl scores only the positions predicting them), then the full
+    conversion with a window of exact softmax attention beside each mixer for each of ``--windows``."""
     layers = max(1, args.n_layer // 3)
     third = f"{layers} of {args.n_layer} layers"
     windows = [(f"full conversion + softmax window {w}", {"softmax_window": w}) for w in _windows(args)]
@@ -386,6 +389,9 @@ def students(args) -> list[tuple[str, dict]]:
             (f"kl hybrid, {third}", {"keep_layers": layers, "selection": "kl"}),
             ("kl head hybrid, 1/8 of the heads", {"keep_heads": 0.125, "selection": "kl"}),
             ("offset-fit head hybrid, 1/8 of the heads", {"keep_heads": 0.125, "selection": "offset-fit"}),
+            (f"kl hybrid on the answers, {third}", {"keep_layers": layers, "selection": "kl", "answers": True}),
+            ("kl head hybrid on the answers, 1/8 of the heads",
+             {"keep_heads": 0.125, "selection": "kl", "answers": True}),
             *windows]
 
 
@@ -412,7 +418,9 @@ def recover(student, teacher, args, name: str) -> list[dict]:
 def student_row(teacher, args, test, name: str, keep: list[int] | None = None, budget: dict | None = None,
                 calibration=None) -> dict:
     clock = Clock()
-    budget = budget or {}
+    budget = dict(budget or {})
+    if budget.pop("answers", False):
+        calibration = calibration_batches(args, answers=True)
     student = convert(teacher, args, keep, calibration if budget.get("selection") in ("kl", "offset-fit") else None,
                       **budget)
     selected = kept_heads(student)
@@ -429,7 +437,9 @@ def student_row(teacher, args, test, name: str, keep: list[int] | None = None, b
     log(f"{name}: recovered accuracy {recovered:.4f}, recurrent (S={args.state_size}) {recurrent_acc:.4f}, "
         f"state {state:,} bytes at {args.seq_len} tokens, {speed:.0f} tokens/s")
     layers = sorted({layer for layer, _ in selected if sum(h[0] == layer for h in selected) == args.n_head})
+    answers = bool(calibration) and "labels" in calibration[0] and budget.get("selection") == "kl"
     return {"name": name, "selection": budget.get("selection", "by hand" if keep else "none"),
+            "kl_positions": "answers" if answers else "all tokens",
             "softmax_window": budget.get("softmax_window", 0),
             "kept_attention_layers": keep if keep is not None else layers, "kept_heads": selected,
             "converted_acc": converted, "recovered_acc": recovered, "recurrent_acc": recurrent_acc,
