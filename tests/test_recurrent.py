@@ -246,3 +246,20 @@ def test_layout_and_weights_restore_the_recurrent_model_bit_equal():
     assert torch.equal(filt.fit_error, report.model.transformer.h[0].attn.mixer.filter.fit_error)
     with pytest.raises(ConfigError, match="'transformer.h.0.attn'"):
         restore_recurrent_layout(fresh, {"transformer.h.0.attn": {"state_size": 8, "horizon": 1024}})
+
+
+def test_a_bf16_decoder_converts_and_becomes_recurrent_in_bf16():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    converted = m2.convert(model, SMALL, inplace=True)
+    report = m2.to_recurrent(converted, state_size=4, horizon=256, inplace=True)
+    assert report.model is model and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 13)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False))
