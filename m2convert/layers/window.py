@@ -192,10 +192,12 @@ class WindowAttention(nn.Module):
         cache.keys.narrow(2, slot, 1).copy_(k)
         cache.values.narrow(2, slot, 1).copy_(v)
         cache.valid.narrow(1, slot, 1).fill_(True)
-        scores = torch.einsum("bhd,bhkd->bhk", q[:, :, 0], self._repeat(cache.keys)) * self.scale
-        scores = scores.masked_fill(~cache.valid[:, None, :], float("-inf"))
-        out = torch.einsum("bhk,bhkd->bhd", torch.softmax(scores, dim=-1), self._repeat(cache.values))
-        return out.reshape(x.shape[0], -1)                                          # (B, heads * d)
+        b = x.shape[0]
+        grouped = q[:, :, 0].view(b, self.kv_heads, -1, self.head_dim)            # (B, kv, heads / kv, d)
+        scores = torch.einsum("bgrd,bgkd->bgrk", grouped, cache.keys) * self.scale  # K read once per group
+        scores = scores.masked_fill(~cache.valid[:, None, None, :], float("-inf"))
+        out = torch.einsum("bgrk,bgkd->bgrd", torch.softmax(scores, dim=-1), cache.values)
+        return out.reshape(b, -1)                                                   # (B, heads * d)
 
     def state_bytes(self, batch: int = 1) -> int:
         """Bytes of the decoding ring: 2 x kv_heads x head_dim x window x batch x itemsize (and its flags)."""
