@@ -296,7 +296,10 @@ def render(doc: dict) -> str:
                 f"{doc['left_padding']['new_tokens']} greedy tokens equal to each prompt alone: "
                 f"{doc['left_padding']['equal']}.",
                 "- Rows marked 'does not fit' were predicted past the memory limit from the measured peaks "
-                "and not run.", ""]
+                "and not run.",
+                "- The original decodes with transformers' DynamicCache (what generate() uses): each step "
+                "appends one token to every layer's keys and values by concatenation, a copy of the whole "
+                "cache, so its throughput falls as the batch grows.", ""]
     if doc.get("distill"):
         out += ["## Distillation", "", where("distill"), "", "```json", json.dumps(doc["distill"], indent=1), "```", ""]
     return "\n".join(out)
