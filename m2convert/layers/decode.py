@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ConfigError, ShapeError
 from .modal import mode_powers
+from .monarch import eager_inference
 from .recurrent import RecurrentFilter
 from .window import WindowCache
 
@@ -369,5 +370,8 @@ def _mode_step(filt: RecurrentFilter, modes: torch.Tensor, w: torch.Tensor, skip
     real = torch.float64 if w.dtype == torch.float64 else torch.float32       # half types: complex64 states
     lam, residue, h0 = filt.modes(real)                                        # (H, S), (H, S), (H,)
     wr = w.to(real)
-    y = torch.addcmul((residue * modes).real.sum(-1), h0 + skip.to(real), wr)  # (B, H)
+    y = torch.addcmul(torch.einsum("bhs,hs->bh", modes, residue).real, h0 + skip.to(real), wr)   # (B, H)
+    if eager_inference(modes, wr, lam, path="mixer"):
+        # In place: a batch of thousands of sequences makes no (B, H, S) temporaries per step.
+        return y.to(w.dtype), modes.mul_(lam).add_(wr[..., None])
     return y.to(w.dtype), lam * modes + wr[..., None]
