@@ -217,13 +217,13 @@ def fit_modal(taps: torch.Tensor, state_size: int = STATE_SIZE) -> ModalFit:
                           f"state_size={state_size}, got {tuple(taps.shape)}; use a longer horizon")
     h = taps.detach().double()
     g = h[:, 1:]                                                                  # (C, L-1), offsets 1..
-    tail = (g ** 2).sum(0).flip(0).cumsum(0).flip(0)                              # energy from offset t on
+    tail = torch.einsum("ct,ct->t", g, g).flip(0).cumsum(0).flip(0)              # energy from offset t on
     live = int((tail > 1e-24 * tail[0]).sum()) if tail[0] > 0 else 0
     m = min(max(live, min_horizon(state_size) - 1), g.shape[-1])
     lams, residues = zip(*(_fit_chunk(g[i:i + CHUNK, :m], state_size) for i in range(0, len(g), CHUNK)))
     lam, residue = torch.cat(lams), torch.cat(residues)
     norm = h.norm(dim=1)
-    fitted = torch.cat([modal_taps(lam[i:i + CHUNK], residue[i:i + CHUNK], h[i:i + CHUNK, 0], h.shape[1])
-                        for i in range(0, len(h), CHUNK)])
-    error = (fitted - h).norm(dim=1) / norm.clamp_min(1e-300)
+    misfit = torch.cat([(modal_taps(lam[i:i + CHUNK], residue[i:i + CHUNK], h[i:i + CHUNK, 0], h.shape[1])
+                         - h[i:i + CHUNK]).norm(dim=1) for i in range(0, len(h), CHUNK)])    # a chunk at a time
+    error = misfit / norm.clamp_min(1e-300)
     return ModalFit(lam, residue, h[:, 0].clone(), torch.where(norm > 0, error, torch.zeros_like(error)), norm)

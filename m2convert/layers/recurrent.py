@@ -194,10 +194,14 @@ def _make_recurrent(name: str, mixer: M2SequenceMixer, state_size: int, horizon:
         filt = getattr(mixer, role)
         if filt is None:
             continue
+        dtype = mixer.D.dtype
         with torch.no_grad():
-            taps = filt(horizon)[0]                                                 # (H, L)
+            # A half-precision filter makes its taps from a float32 copy of its (small) MLP: taps rounded
+            # to bf16 would put that rounding into the fit.
+            exact = copy.deepcopy(filt).float() if dtype in (torch.float16, torch.bfloat16) else filt
+            taps = exact(horizon)[0]                                                # (H, L)
         fit = fit_modal(taps, state_size)
-        setattr(mixer, role, RecurrentFilter(fit, horizon, dtype=taps.dtype, device=taps.device))
+        setattr(mixer, role, RecurrentFilter(fit, horizon, dtype=dtype, device=taps.device))
         getattr(mixer, role).total_error = fit.total_error
         errors[role], worst = fit.total_error, max(worst, float(fit.error.max()))
     mixer._spectrum_cache = None
