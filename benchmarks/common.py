@@ -63,6 +63,29 @@ def machine() -> dict:
             "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
 
 
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` size (``VmHWM``, ``VmRSS``) in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: memory is measured on Linux only")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since the last :func:`reset_peak` (``VmHWM``), MiB."""
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (``VmRSS``), MiB."""
+    return _status_mb("VmRSS")
+
+
+def reset_peak() -> None:
+    """Start a new peak-memory window (writing 5 to clear_refs resets VmHWM)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def count_params(model: torch.nn.Module) -> int:
     """Parameters of ``model``, tied weights counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

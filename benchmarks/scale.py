@@ -4,7 +4,7 @@ Runnable in parts, each merged into ``scale.json`` (the other parts' rows are ke
 
     python benchmarks/scale.py --part convert [--models qwen2.5-0.5b,llama-3.2-1b] [--dtype float32]
     python benchmarks/scale.py --part serving [--context 4096] [--batches 1,8,32,128] [--memory-gb 16]
-    python benchmarks/scale.py --part distill
+    python benchmarks/scale.py --part distill [--distill-rows runs/scale_distill.json]
 
 ``convert``: a model of the named real config with random weights goes through ``m2.plan``,
 ``plan.apply(inplace=True)`` and ``m2.to_recurrent(inplace=True)``; each model runs in a child process,
@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, command_line, count_params, log, machine, markdown_table  # noqa: E402
+from common import (RESULTS, command_line, count_params, log, machine, markdown_table, peak_rss_mb,  # noqa: E402
+                    reset_peak)
 
 # Real configurations (the published config.json values that shape the weights), random weights.
 CONFIGS = {
@@ -49,19 +50,6 @@ CONFIGS = {
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192))),
 }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since the last :func:`reset_peak` (Linux ``VmHWM``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: peak memory is measured on Linux only")
-
-
-def reset_peak() -> None:
-    """Start a new peak-memory window (writing 5 to clear_refs resets VmHWM)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def build(name: str, dtype: torch.dtype):
@@ -100,6 +88,7 @@ def convert_one(name: str, dtype: torch.dtype) -> dict:
 
 
 GIB = 2**30
+NOTE = [None]                   # --note: how this part's run was made, kept beside its rows
 
 
 def serving_model(kind: str, context: int):
@@ -256,6 +245,7 @@ def merge(part: str, updates: dict) -> Path:
     doc["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc["machine"] = machine()
     doc.setdefault("part_machines", {})[part] = doc["machine"]
+    doc.setdefault("notes", {})[part] = NOTE[0]
     path.write_text(json.dumps(doc, indent=2) + "\n")
     (RESULTS / "scale.md").write_text(render(doc))
     return path
@@ -268,8 +258,9 @@ def render(doc: dict) -> str:
 
     def where(part: str) -> str:
         pm = doc.get("part_machines", {}).get(part, m)
+        note = doc.get("notes", {}).get(part)
         return (f"`{doc['commands'][part]}`: {pm['torch_threads']} torch thread(s), load average at the end "
-                f"{pm['load_average_1_5_15min']}")
+                f"{pm['load_average_1_5_15min']}" + (f". {note}" if note else ""))
     if doc.get("models"):
         out += ["## Conversion (plan, apply in place, to_recurrent in place)", "", where("convert"), "",
                 markdown_table(["model", "dtype", "params", "weights MB", "plan s", "apply s", "to_recurrent s",
@@ -301,8 +292,37 @@ def render(doc: dict) -> str:
                 "appends one token to every layer's keys and values by concatenation, a copy of the whole "
                 "cache, so its throughput falls as the batch grows.", ""]
     if doc.get("distill"):
-        out += ["## Distillation", "", where("distill"), "", "```json", json.dumps(doc["distill"], indent=1), "```", ""]
+        rows = [[r["stage"], r.get("rank", 0), r["processes"], r["peak_rss_mb"], r["seconds_per_step"],
+                 r.get("param_bytes_local", 0) / 2**20, r.get("optimizer_bytes_local", 0) / 2**20,
+                 r.get("lora_rank", 0), r.get("train", "")] for r in doc["distill"]]
+        first = doc["distill"][0]
+        out += ["## Distillation at scale (Qwen2.5-0.5B shape, sequence 512)", "", where("distill"), "",
+                markdown_table(["stage", "rank", "processes", "peak RSS MB", "s / step", "parameters held MB",
+                                "optimizer state held MB", "LoRA rank", "trains"], rows), "",
+                f"- Batch {first.get('batch')}, {first.get('data')}, autocast {first.get('autocast')}, gradient "
+                f"checkpointing {first.get('gradient_checkpointing')}; transfer layer-wise "
+                f"({first.get('layerwise')}: one layer's teacher activations at a time); {first.get('keep_layers')} "
+                f"attention layers kept dense (LoRA's targets in kd); {first.get('steps_timed')} timed steps "
+                "after a warm-up.",
+                "- Under FSDP2 each process holds its shard of the parameters and of the AdamW state: "
+                "the 'held' columns against the whole student's "
+                f"{first.get('param_bytes_total', 0) / 2**20:,.0f} MB of parameters.", ""]
     return "\n".join(out)
+
+
+def distill(args) -> None:
+    """Distillation at scale (``scale_distill.py``: transfer and kd in one process, kd under FSDP2 over 2
+    gloo processes with torchrun), or the rows an earlier run of it wrote (``--distill-rows``), merged
+    into ``scale.json``."""
+    script = str(Path(__file__).with_name("scale_distill.py"))
+    path = Path(args.distill_rows) if args.distill_rows else Path(tempfile.mkstemp(suffix=".json")[1])
+    if not args.distill_rows:
+        subprocess.run([sys.executable, script, "--out", str(path)], check=True, env=os.environ)
+        torchrun = Path(sys.executable).with_name("torchrun")
+        subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", script, "--fsdp", "--out", str(path)],
+                       check=True, env=os.environ)
+    rows = json.loads(path.read_text())
+    log(f"wrote {merge('distill', {'distill': rows})}")
 
 
 def serving(args) -> None:
@@ -343,10 +363,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
+    parser.add_argument("--note", default=None, help="how the run was made (e.g. what else ran), kept in the report")
+    parser.add_argument("--distill-rows", default=None, help="merge these scale_distill.py rows instead of running it")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--serve-child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    NOTE[0] = args.note
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -358,6 +381,8 @@ def main() -> None:
                                                           args.steps, args.rounds)))
     elif args.part == "serving":
         serving(args)
+    elif args.part == "distill":
+        distill(args)
     elif args.part == "convert":
         rows = []
         for name in args.models.split(","):

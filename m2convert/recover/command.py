@@ -49,6 +49,14 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     p.add_argument("--on-bad", choices=("skip", "raise"), default="skip", help="bad data rows (default: skip)")
+    p.add_argument("--autocast", choices=("bf16",), default=None,
+                   help="run the forward passes under bf16 autocast (weights and optimizer state stay fp32)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each transformer block's activations in the backward pass")
+    p.add_argument("--layerwise", action="store_true",
+                   help="transfer holding one layer's activations at a time (same gradients, less memory)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="kd / task: LoRA of rank R on the linears the conversion left dense (needs peft; default 0: none)")
     p.add_argument("--config", type=Path, help="a DistillConfig JSON file (overrides the options above)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -84,8 +92,10 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     unknown = set(lrs) - set(names)
     if unknown:
         raise ConfigError(f"--lr names stages {sorted(unknown)} that are not in --stages {names}")
-    stages = [StageConfig(n, steps=args.steps, lr=lrs.get(n), temperature=args.temperature) for n in names]
-    return DistillConfig(stages=stages, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+    stages = [StageConfig(n, steps=args.steps, lr=lrs.get(n), temperature=args.temperature,
+                          layerwise=args.layerwise and n == "transfer",
+                          lora_rank=args.lora_rank if n != "transfer" else 0) for n in names]
+    return DistillConfig(stages=stages, autocast=args.autocast, gradient_checkpointing=args.gradient_checkpointing, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                          block_size=args.block_size, text_column=args.text_column, label_column=args.label_column,
                          checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
                          resume=args.resume, on_bad=args.on_bad, progress=not args.no_progress)

@@ -19,6 +19,7 @@ from .registry import TRAIN_CHOICES, stage_kind, stage_names
 SCHEDULES = ("constant", "linear", "cosine")
 TRANSFER_LOSSES = ("relative-mse", "mse")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+AUTOCAST = ("bf16",)                         # or None: full precision
 
 
 def _check_float(name: str, value, *, low: float = 0.0, strict: bool = False) -> float:
@@ -51,6 +52,15 @@ class StageConfig:
             registered weight, kd 1, task 0).
         hidden_weight: weight of the hidden-state MSE (all layers' hidden states, real tokens only).
         task_weight: weight of the labels' loss in ``task``.
+        layerwise: hold one layer's activations at a time (stages fed the teacher's module inputs,
+            such as ``transfer``): each replaced module runs and back-propagates inside the teacher's
+            forward hook of the module it replaces, so one teacher forward per step and the same
+            gradients as the all-at-once default.
+        lora_rank: rank of a LoRA adapter on every dense ``nn.Linear`` the conversion left (not inside
+            an M2 module, weight not tied to another module); 0: none. The adapters and the modules
+            chosen by ``train`` (default "replaced" when lora_rank > 0) train, the adapted linears'
+            own weights do not, and the adapters are merged back into plain linears when the stage
+            ends. Needs ``peft``. lora_alpha: LoRA scaling numerator (update x alpha / rank).
 
     Example:
         >>> StageConfig("transfer", steps=600).lr
@@ -71,13 +81,17 @@ class StageConfig:
     kd_weight: float | None = None
     hidden_weight: float = 0.0
     task_weight: float = 1.0
+    layerwise: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def __post_init__(self):
         kind = stage_kind(self.name)
         if self.lr is None:
             self.lr = kind.lr
+        check_int(f"{self.name}.lora_rank", self.lora_rank, low=0)
         if self.train is None:
-            self.train = kind.train
+            self.train = "replaced" if self.lora_rank else kind.train
         if self.kd_weight is None:
             self.kd_weight = kind.kd_weight
         _check_float(f"{self.name}.lr", self.lr, strict=True)
@@ -102,6 +116,12 @@ class StageConfig:
         _check_float(f"{self.name}.temperature", self.temperature, strict=True)
         for name in ("kd_weight", "hidden_weight", "task_weight"):
             _check_float(f"{self.name}.{name}", getattr(self, name))
+        _check_float(f"{self.name}.lora_alpha", self.lora_alpha, strict=True)
+        if not isinstance(self.layerwise, bool):
+            raise ConfigError(f"{self.name}.layerwise={self.layerwise!r} must be True or False")
+        if self.layerwise and kind.inputs.layerwise is None:
+            raise ConfigError(f"stage {self.name!r} is fed the teacher's {kind.inputs.name}, which has no "
+                              "layer-at-a-time form; layerwise=True applies to stages such as 'transfer'")
         if kind.validate is not None:
             kind.validate(self)
 
@@ -144,6 +164,13 @@ class DistillConfig:
             torchrun with more than one process; the student ends whole on every rank).
         progress: show a tqdm bar (rank 0) with loss and tokens/s.
         device: "cpu", "cuda", ... (None: the student's device).
+        autocast: "bf16" runs the teacher's and the student's forward passes under
+            ``torch.autocast(device.type, torch.bfloat16)`` (CPU or CUDA); weights, gradients and AdamW
+            state stay fp32. None: full precision.
+        gradient_checkpointing: recompute each transformer block's activations in the backward pass
+            instead of keeping them (Hugging Face models: ``gradient_checkpointing_enable``; others:
+            ``torch.utils.checkpoint`` around each element of their layer lists). Same gradients,
+            less memory, about one more forward pass of time.
 
     Example:
         >>> cfg = DistillConfig(stages=["transfer", "kd"], steps=100)
@@ -167,6 +194,8 @@ class DistillConfig:
     distributed: str = "auto"
     progress: bool = True
     device: str | None = None
+    autocast: str | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         check_int("steps", self.steps, low=1)
@@ -197,10 +226,28 @@ class DistillConfig:
         check_int("checkpoint_every", self.checkpoint_every, low=0)
         check_choice("on_bad", self.on_bad, ("skip", "raise"))
         check_choice("distributed", self.distributed, DISTRIBUTED)
+        if self.autocast is not None:
+            check_choice("autocast", self.autocast, AUTOCAST)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"gradient_checkpointing={self.gradient_checkpointing!r} must be True or False")
+        self._check_scale_options()
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume=True needs checkpoint_dir= (where the checkpoint to continue from lies)")
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = str(self.checkpoint_dir)
+
+    def _check_scale_options(self) -> None:
+        lora = [s.name for s in self.stages if s.lora_rank]
+        if lora and self.checkpoint_every:
+            raise ConfigError(f"stages {lora} use LoRA, whose adapters merge into the weights only when the stage "
+                              "ends; use checkpoint_every=0 (a checkpoint at the end of each stage)")
+        if lora and self.distributed == "fsdp":
+            raise ConfigError(f"stages {lora} use LoRA, which distributed='fsdp' cannot add to an already "
+                              "sharded student; use distributed='ddp' or lora_rank=0")
+        layerwise = [s.name for s in self.stages if s.layerwise]
+        if layerwise and self.distributed == "fsdp":
+            raise ConfigError(f"stages {layerwise} are layerwise, which runs each module outside the FSDP root; "
+                              "use distributed='ddp' or layerwise=False")
 
     def to_dict(self) -> dict:
         """A JSON-able dict (stages as dicts)."""

@@ -28,6 +28,8 @@ from ..wrappers import inner_model, unwrap
 from . import checkpoint as ckpt
 from .config import DistillConfig, StageConfig
 from .fsdp import ShardedStudent
+from .lora import add_lora, merge_lora
+from .memory import autocast, gradient_checkpointing, held_bytes, optimizer_tensors
 from .parallel import Group, setup
 from .registry import stage_kind
 from .stages import replaced_modules
@@ -37,13 +39,17 @@ log = logging.getLogger("m2convert.recover")
 
 @dataclass
 class StageResult:
-    """What one stage did: optimizer steps, real tokens (all ranks), seconds and the per-step losses."""
+    """What one stage did: optimizer steps, real tokens (all ranks), seconds and the per-step losses;
+    the bytes of parameters (of the module that trains) and of AdamW state this process held at the
+    end of the stage (its local shards under fsdp)."""
 
     name: str
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    param_bytes: int = 0
+    optimizer_bytes: int = 0
 
     @property
     def first_loss(self) -> float | None:
@@ -134,6 +140,7 @@ class _Run:
         self.resume_doc, self.resume_path = None, None    # the checkpoint resumed from, until the first stage loads it
         self.sharded: ShardedStudent | None = None      # fsdp: the sharded copy that trains
         self.opt_names: list[str] = []                   # the names of the optimizer's parameters, in order
+        self.lora = None                                 # the current stage's LoRA adapters, until merged
 
     @property
     def model(self) -> nn.Module:
@@ -185,12 +192,20 @@ class _Run:
         # teacher a module at each of their paths) say more than "train= selects nothing" would.
         objective = stage_kind(stage.name).objective(student, self.teacher, stage)
         chosen = set(_trainable(student, stage))
+        if self.lora is not None:
+            chosen = (chosen - self.lora.base_names) | self.lora.adapter_names
         for name, p in student.named_parameters():
             p.requires_grad_(name in chosen)
         trained = [(n, p) for n, p in student.named_parameters() if n in chosen]
         self.opt_names = [n for n, _ in trained]                   # optimizer order, for fsdp's state dicts
         params = [p for _, p in trained]
-        model = self.sharded.bind(objective) if self.sharded is not None else self.group.wrap(objective, self.device)
+        if self.sharded is not None:
+            model = self.sharded.bind(objective)
+        elif stage.layerwise:                     # back-propagates inside the teacher's forward: no DDP hooks
+            model = objective
+            self.group.broadcast(objective)       # rank 0's weights, as DDP would start from
+        else:
+            model = self.group.wrap(objective, self.device)
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
         return objective, model, opt, params
 
@@ -210,7 +225,8 @@ class _Run:
     def _stop_on_non_finite(self, stage: StageConfig, mean_loss: float, opt) -> None:
         if math.isfinite(mean_loss):
             return
-        self.save(opt)
+        if self.lora is None:                      # a LoRA stage checkpoints only once merged, at its end
+            self.save(opt)
         if self.sharded is not None:               # the student keeps the last good weights, as without fsdp
             self.sharded.copy_into(self.student)
         where = f" (last good checkpoint: {self.ckpt_path})" if self.ckpt_path else ""
@@ -223,12 +239,20 @@ class _Run:
         for g in opt.param_groups:
             g["lr"] = stage.lr * stage.lr_factor(self.stage_step)
         ntok = torch.tensor(batch_items(batch))                       # tokens, or images
-        loss = stage_kind(stage.name).inputs.loss(model, objective, self.teacher, batch, stage)
+        inputs = stage_kind(stage.name).inputs
+        opt.zero_grad(set_to_none=True)
+        with autocast(self.config.autocast, self.device):
+            if stage.layerwise:                   # gradients accumulate as the teacher runs
+                loss = inputs.layerwise(objective, self.teacher, batch, stage)
+            else:
+                loss = inputs.loss(model, objective, self.teacher, batch, stage)
         totals = self.group.sum(torch.stack([loss.detach().double().cpu(), ntok.double().cpu()]))
         mean_loss = totals[0].item() / self.group.world
         self._stop_on_non_finite(stage, mean_loss, opt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if stage.layerwise:
+            self.group.average_gradients(params)
+        else:
+            loss.backward()
         if stage.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
         opt.step()
@@ -245,9 +269,10 @@ class _Run:
         try:
             if self.group.fsdp:
                 self.sharded = ShardedStudent(student, self.device, self.group.rank, self.group.world)
-            for i, stage in enumerate(self.config.stages):
-                if i >= self.stage_index:
-                    self.run_stage(stage)
+            with gradient_checkpointing(self.model, self.config.gradient_checkpointing):
+                for i, stage in enumerate(self.config.stages):
+                    if i >= self.stage_index:
+                        self.run_stage(stage)
             if self.sharded is not None:
                 self.sharded.copy_into(student)                 # full weights on every rank
         finally:
@@ -257,6 +282,17 @@ class _Run:
             student.to(self.device)
 
     def run_stage(self, stage: StageConfig) -> StageResult:
+        """One stage; a LoRA stage adds its adapters first and merges them when it ends, however it ends."""
+        if stage.lora_rank:
+            self.lora = add_lora(self.model, stage.lora_rank, stage.lora_alpha)
+        try:
+            return self._train_stage(stage)
+        finally:
+            if self.lora is not None:
+                merge_lora(self.model)
+                self.lora = None
+
+    def _train_stage(self, stage: StageConfig) -> StageResult:
         objective, model, opt, params = self._build(stage)
         result = self.current if self.current is not None else StageResult(stage.name)
         self._restore_optimizer(opt)
@@ -281,6 +317,11 @@ class _Run:
             if self.on_step is not None:
                 self.on_step(stage.name, self.stage_step, mean_loss)
         bar.close()
+        result.param_bytes = held_bytes(self.model.parameters())
+        result.optimizer_bytes = held_bytes(optimizer_tensors(opt))
+        if self.lora is not None:
+            merge_lora(self.model)
+            self.lora = None
         self.results.append(result)
         self.current, self.stage_index, self.stage_step = None, self.stage_index + 1, 0
         self.save(opt)

@@ -42,6 +42,24 @@ class Group:
             dist.all_reduce(values)
         return values
 
+    def broadcast(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers of ``module`` to every rank (what DDP does when it wraps one)."""
+        if not self.active:
+            return
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, 0)
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """Average the gradients of ``params`` over ranks (what DDP does, for modules run outside it)."""
+        if not self.active:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.world)
+
     def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
         """``module`` in DDP on more than one rank (gradients averaged), else as is."""
         if not self.active or not any(p.requires_grad for p in module.parameters()):

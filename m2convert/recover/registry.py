@@ -34,10 +34,15 @@ class TeacherInputs:
     teacher gave. ``objective`` is the unwrapped module, for what the feed reads off it (the module
     paths to record, for instance). The two kinds, :data:`.stages.MODULE_IO` and
     :data:`.stages.TEACHER_OUTPUTS`, live beside the objectives that take them.
+
+    ``layerwise(objective, teacher, batch, stage)``, where a kind has one, is the form that
+    ``StageConfig(layerwise=True)`` runs: it back-propagates as it goes, holding one layer's
+    activations at a time, and returns the loss detached (the loop then calls no ``backward``).
     """
 
     name: str
     loss: Callable[[Callable, nn.Module, nn.Module, dict, Any], torch.Tensor]
+    layerwise: Callable[[nn.Module, nn.Module, dict, Any], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

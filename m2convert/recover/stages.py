@@ -245,9 +245,59 @@ def _feed_outputs(model, objective: nn.Module, teacher: nn.Module, batch: dict, 
     return model(batch, teacher_forward(teacher, batch, hidden=stage.hidden_weight > 0))
 
 
+def transfer_layerwise(objective: TransferObjective, teacher: nn.Module, batch: dict, stage=None) -> torch.Tensor:
+    """The ``transfer`` loss and its gradients, holding one layer's activations at a time.
+
+    In the teacher's forward hook of each replaced module, the student's module at that path runs on
+    the same inputs, its loss is back-propagated at once and its activations are freed; the
+    teacher runs forward once (no grad). Each call's loss is scaled by 1 / (number of calls), so the
+    gradients accumulated in ``objective``'s parameters equal those of ``objective(calls, mask)``
+    after ``backward``. Returns the mean loss, detached. Shapes: batch tensors (B, N).
+
+    Example:
+        >>> teacher = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
+        >>> student = m2.convert(teacher, m2.ConvertConfig(filter_order=8))
+        >>> objective = TransferObjective(layer_pairs(student, teacher))
+        >>> loss = transfer_layerwise(objective, teacher, {"input_ids": torch.randint(0, 100, (2, 7))})
+        >>> loss.requires_grad, objective.layers[0].mixer.in_proj.weight.grad is not None
+        (False, True)
+    """
+    layers = dict(zip(objective.paths, objective.layers))
+    mask = batch.get("attention_mask")
+    expected = len(layers)                             # one call per module, as models call them
+    losses: list[torch.Tensor] = []
+    seen: set[str] = set()
+
+    def hook(_module, args, kwargs, output, path):
+        with torch.enable_grad():
+            pred = first_tensor(layers[path](*args, **kwargs))
+            loss = masked_mse(pred, first_tensor(output), mask, objective.relative)
+            with torch.autocast(pred.device.type, enabled=False):
+                (loss / expected).backward()
+        losses.append(loss.detach())
+        seen.add(path)
+
+    handles = [teacher.get_submodule(path).register_forward_hook(
+        lambda m, a, k, o, path=path: hook(m, a, k, o, path), with_kwargs=True) for path in layers]
+    try:
+        teacher_forward(teacher, batch, hidden=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [p for p in layers if p not in seen]
+    if missing:
+        raise TrainingError(f"transfer: the teacher never called {missing[0]!r} in its forward pass")
+    if len(losses) != expected:                        # a module called more than once: mean over all calls
+        for p in objective.parameters():
+            if p.grad is not None:
+                p.grad.mul_(expected / len(losses))
+    return torch.stack(losses).mean()
+
+
 # The objective's forward(calls, mask) gets the teacher's recorded inputs/outputs of the modules at
 # ``objective.paths``; forward(batch, teacher_out) gets the teacher's end-to-end outputs.
-MODULE_IO = TeacherInputs("module inputs/outputs", _feed_module_io)
+MODULE_IO = TeacherInputs("module inputs/outputs", _feed_module_io, layerwise=transfer_layerwise)
 TEACHER_OUTPUTS = TeacherInputs("end-to-end outputs", _feed_outputs)
 
 
