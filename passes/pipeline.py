@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from m2convert.config import ConvertConfig
 from m2convert.errors import ConfigError
@@ -77,13 +78,15 @@ class PassContext:
         debug(f"{message}: {site.status}{' (' + site.reason + ')' if site.reason else ''}")
 
 
-def run_passes(ctx: PassContext, passes=ANALYSIS_PASSES) -> list[PassResult]:
-    """Run ``passes`` in order on ``ctx``; returns one PassResult per pass."""
+def run_passes(ctx: PassContext, passes=ANALYSIS_PASSES, on_pass=None) -> list[PassResult]:
+    """Run ``passes`` in order on ``ctx``; returns one PassResult per pass (``on_pass(name)`` after each)."""
     for pass_fn in passes:
         start = time.perf_counter()
         matched = pass_fn(ctx)
         ctx.results.append(PassResult(pass_fn.__name__, matched, time.perf_counter() - start))
         debug(f"pass {pass_fn.__name__}: {matched}")
+        if on_pass is not None:
+            on_pass(pass_fn.__name__)
     return ctx.results
 
 
@@ -121,9 +124,12 @@ def plan_model(model, config=None, example_inputs=None) -> RewritePlan:
     """
     check_model(model)
     config = as_config(config)
-    with torch.random.fork_rng(devices=[]):       # planning leaves the caller's RNG as it was
+    with torch.random.fork_rng(devices=[]), tqdm(total=1 + len(ANALYSIS_PASSES), desc="m2convert: planning",
+                                                  disable=None, leave=False) as bar:
+        bar.set_postfix_str("capturing the model")          # torch.export: most of a large model's planning
         ctx = PassContext(capture(model, example_inputs), config)
-        run_passes(ctx)
+        bar.update()
+        run_passes(ctx, on_pass=lambda name: (bar.set_postfix_str(name), bar.update()))
     ctx.sites.sort(key=lambda s: _site_order(ctx, s))
     model_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return RewritePlan(ctx.sites, config, type(model).__name__, model_params=model_params,
