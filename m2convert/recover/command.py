@@ -95,7 +95,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     stages = [StageConfig(n, steps=args.steps, lr=lrs.get(n), temperature=args.temperature,
                           layerwise=args.layerwise and n == "transfer",
                           lora_rank=args.lora_rank if n != "transfer" else 0) for n in names]
-    return DistillConfig(stages=stages, autocast=args.autocast, gradient_checkpointing=args.gradient_checkpointing, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+    return DistillConfig(stages=stages, autocast=args.autocast, gradient_checkpointing=args.gradient_checkpointing,
+                         steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                          block_size=args.block_size, text_column=args.text_column, label_column=args.label_column,
                          checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
                          resume=args.resume, on_bad=args.on_bad, progress=not args.no_progress)

@@ -64,8 +64,9 @@ def layer_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Mo
 
 
 @contextmanager
-def record_module_io(modules: dict[str, nn.Module]):
-    """Record every call of the given modules (forward hooks): ``calls[path]`` = list of (args, kwargs, output).
+def record_module_io(modules: dict[str, nn.Module], on_call=None):
+    """Record every call of the given modules (forward hooks): ``calls[path]`` = list of (args, kwargs, output);
+    with ``on_call(path, args, kwargs, output)`` each call goes to it instead and nothing is kept.
 
     Example:
         >>> teacher = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32,
@@ -81,7 +82,10 @@ def record_module_io(modules: dict[str, nn.Module]):
     handles = []
     for path, module in modules.items():
         def hook(_module, args, kwargs, output, path=path):
-            calls[path].append((args, kwargs, output))
+            if on_call is None:
+                calls[path].append((args, kwargs, output))
+            else:
+                on_call(path, args, kwargs, output)
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         yield calls
@@ -189,6 +193,15 @@ def _logits(out):
     return getattr(out, "logits", None) if not isinstance(out, dict) else out.get("logits")
 
 
+def output_divergence(out, teacher_out, temperature: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """The student's distance to the teacher's outputs: :func:`kd_kl` of the logits where both have them
+    (``mask`` (B, N) of real tokens, for (B, N, V) logits), else :func:`masked_mse` of their main tensors."""
+    s_logits, t_logits = _logits(out), _logits(teacher_out)
+    if s_logits is not None and t_logits is not None:
+        return kd_kl(s_logits, t_logits, temperature, mask)
+    return masked_mse(first_tensor(out), first_tensor(teacher_out), mask)
+
+
 class EndToEndObjective(nn.Module):
     """The ``kd`` / ``task`` loss of the whole student against the teacher's outputs.
 
@@ -222,11 +235,7 @@ class EndToEndObjective(nn.Module):
                                     "labels; use a model with a task head")
             loss = loss + st.task_weight * out.loss
         if st.kd_weight > 0:
-            s_logits, t_logits = _logits(out), _logits(teacher_out)
-            if s_logits is not None and t_logits is not None:
-                loss = loss + st.kd_weight * kd_kl(s_logits, t_logits, st.temperature, mask)
-            else:
-                loss = loss + st.kd_weight * masked_mse(first_tensor(out), first_tensor(teacher_out), mask)
+            loss = loss + st.kd_weight * output_divergence(out, teacher_out, st.temperature, mask)
         if st.hidden_weight > 0:
             hs, ht = out.hidden_states, teacher_out.hidden_states
             terms = [masked_mse(a, b, mask) for a, b in zip(hs[1:], ht[1:])]
@@ -269,7 +278,7 @@ def transfer_layerwise(objective: TransferObjective, teacher: nn.Module, batch: 
     losses: list[torch.Tensor] = []
     seen: set[str] = set()
 
-    def hook(_module, args, kwargs, output, path):
+    def step(path, args, kwargs, output):
         with torch.enable_grad():
             pred = first_tensor(layers[path](*args, **kwargs))
             loss = masked_mse(pred, first_tensor(output), mask, objective.relative)
@@ -278,13 +287,8 @@ def transfer_layerwise(objective: TransferObjective, teacher: nn.Module, batch: 
         losses.append(loss.detach())
         seen.add(path)
 
-    handles = [teacher.get_submodule(path).register_forward_hook(
-        lambda m, a, k, o, path=path: hook(m, a, k, o, path), with_kwargs=True) for path in layers]
-    try:
+    with record_module_io({path: teacher.get_submodule(path) for path in layers}, on_call=step):
         teacher_forward(teacher, batch, hidden=False)
-    finally:
-        for h in handles:
-            h.remove()
     missing = [p for p in layers if p not in seen]
     if missing:
         raise TrainingError(f"transfer: the teacher never called {missing[0]!r} in its forward pass")

@@ -137,16 +137,10 @@ class _Divergence:
         self.masks = [scored_positions(b, causal) for b in batches]
 
     def __call__(self, student) -> float:
-        from m2convert.recover.stages import _logits, first_tensor, kd_kl, masked_mse, teacher_forward
+        from m2convert.recover.stages import output_divergence, teacher_forward
 
-        total = 0.0
-        for batch, target, mask in zip(self.batches, self.targets, self.masks):
-            out = teacher_forward(student, batch, hidden=False)
-            s_logits, t_logits = _logits(out), _logits(target)
-            if s_logits is not None and t_logits is not None:
-                total += float(kd_kl(s_logits, t_logits, 1.0, mask if s_logits.dim() == 3 else None))
-            else:
-                total += float(masked_mse(first_tensor(out), first_tensor(target), mask))
+        total = sum(float(output_divergence(teacher_forward(student, batch, hidden=False), target, 1.0, mask))
+                    for batch, target, mask in zip(self.batches, self.targets, self.masks))
         return total / len(self.batches)
 
 
